@@ -1,0 +1,216 @@
+//! EmailLogService: the email log, newest first, with cursor pagination and a live tail.
+
+use std::pin::Pin;
+
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
+use futures::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{
+    caller,
+    convert::{entry_to_proto, micros, status_from_proto},
+    page_size, ApiContext,
+};
+use crate::{
+    domain::{LogFilter, StoredMessage, Violations},
+    error::ApiError,
+    proto::v1::{self as pb, email_log_service_server::EmailLogService},
+};
+
+/// The EmailLogService implementation.
+#[derive(Debug, Clone)]
+pub struct EmailLogApi {
+    ctx: ApiContext,
+}
+
+impl EmailLogApi {
+    /// A service over the shared context.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+}
+
+/// An opaque page token for a cursor value.
+pub(crate) fn encode_token(cursor: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{cursor}"))
+}
+
+/// The cursor value of a page token; empty token: first page.
+pub(crate) fn decode_token(token: &str) -> Result<Option<String>, ApiError> {
+    if token.is_empty() {
+        return Ok(None);
+    }
+    URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|s| s.strip_prefix("v1:").map(str::to_owned))
+        .map(Some)
+        .ok_or_else(|| ApiError::invalid("page_token", "is not a token this service issued"))
+}
+
+fn filter_from_proto(f: Option<pb::EmailLogFilter>) -> Result<LogFilter, ApiError> {
+    let Some(f) = f else {
+        return Ok(LogFilter::default());
+    };
+    let mut v = Violations::default();
+    let statuses = f
+        .statuses
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| v.check(status_from_proto(*s, &format!("filter.statuses[{i}]"))))
+        .collect();
+    v.finish()?;
+    let opt = |s: String| (!s.is_empty()).then_some(s);
+    Ok(LogFilter {
+        statuses,
+        email_type: opt(f.email_type),
+        source: opt(f.source),
+        profile_id: opt(f.profile_id),
+        template_id: opt(f.template_id),
+        campaign_id: opt(f.campaign_id),
+        recipient: opt(f.recipient.trim().to_ascii_lowercase()),
+        subject_contains: opt(f.subject_contains),
+        start: f.start_time.as_ref().map(micros),
+        end: f.end_time.as_ref().map(micros),
+    })
+}
+
+/// Whether an entry matches a filter (for the live tail).
+fn matches(m: &StoredMessage, f: &LogFilter) -> bool {
+    let eq = |want: &Option<String>, have: Option<&str>| {
+        want.as_deref().is_none_or(|w| Some(w) == have)
+    };
+    (f.statuses.is_empty() || f.statuses.contains(&m.status))
+        && eq(&f.email_type, Some(&m.email_type))
+        && eq(&f.source, Some(&m.source))
+        && eq(&f.profile_id, m.profile_id.as_deref())
+        && eq(&f.template_id, m.template_id.as_deref())
+        && eq(&f.campaign_id, m.campaign_id.as_deref())
+        && f.recipient.as_deref().is_none_or(|r| {
+            m.content
+                .recipients()
+                .any(|x| x.email.as_str().eq_ignore_ascii_case(r))
+        })
+        && f.subject_contains.as_deref().is_none_or(|s| {
+            m.content.subject.to_lowercase().contains(&s.to_lowercase())
+        })
+        && f.start.is_none_or(|s| m.created_at >= s)
+        && f.end.is_none_or(|e| m.created_at < e)
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEmailLogsResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl EmailLogService for EmailLogApi {
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn list_email_logs(
+        &self,
+        request: Request<pb::ListEmailLogsRequest>,
+    ) -> Result<Response<pb::ListEmailLogsResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let req = request.into_inner();
+        let filter = filter_from_proto(req.filter)?;
+        let limit = page_size(req.page_size);
+        let before = decode_token(&req.page_token)?;
+        let mut entries = self
+            .ctx
+            .store
+            .list_messages(&caller.tenant_id, &filter, before.as_deref(), limit + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if entries.len() > limit as usize {
+            entries.truncate(limit as usize);
+            entries.last().map(|m| encode_token(&m.id)).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListEmailLogsResponse {
+            entries: entries.iter().map(|m| entry_to_proto(m, &[])).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn get_email_log(
+        &self,
+        request: Request<pb::GetEmailLogRequest>,
+    ) -> Result<Response<pb::GetEmailLogResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let id = &request.get_ref().id;
+        let store = &self.ctx.store;
+        let message = store
+            .get_message(&caller.tenant_id, id)
+            .await
+            .map_err(ApiError::from)?;
+        let attempts = store
+            .list_attempts(&caller.tenant_id, id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetEmailLogResponse {
+            entry: Some(entry_to_proto(&message, &attempts)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn watch_email_logs(
+        &self,
+        request: Request<pb::WatchEmailLogsRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let caller = caller(request.metadata())?;
+        let filter = filter_from_proto(request.into_inner().filter)?;
+        let mut events = self.ctx.engine.subscribe();
+        let store = self.ctx.store.clone();
+        let stream = async_stream(move |tx| async move {
+            loop {
+                let event = match events.recv().await {
+                    Ok(event) => event,
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Err(Status::resource_exhausted(format!(
+                                "the watcher fell {n} changes behind; list the log with ListEmailLogs and watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                if event.tenant_id != caller.tenant_id {
+                    continue;
+                }
+                let Ok(message) = store.get_message(&caller.tenant_id, &event.message_id).await else {
+                    continue;
+                };
+                // Report the status of the event: the row may have moved on since.
+                let mut message = message;
+                message.status = event.status;
+                if !matches(&message, &filter) {
+                    continue;
+                }
+                let item = pb::WatchEmailLogsResponse {
+                    entry: Some(entry_to_proto(&message, &[])),
+                };
+                if tx.send(Ok(item)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(stream))
+    }
+}
+
+/// A stream fed by a task through a bounded channel (a slow client fills the channel; the
+/// broadcast behind it then reports the lag instead of holding the service back).
+fn async_stream<F, Fut>(producer: F) -> WatchStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::WatchEmailLogsResponse, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    tokio::spawn(producer(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,332 @@
+//! SendService: accepts emails into the durable outbox. No SMTP work on the request path.
+
+use std::collections::BTreeMap;
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{caller, convert::micros, convert::status_to_proto, ApiContext, Caller};
+use crate::{
+    delivery::now_micros,
+    domain::{
+        check_max_len, validate_headers, Attachment, EmailAddress, FieldError, Header, Mailbox,
+        MessageContent, MessageStatus, NewMessage, ProfileReason, ProfileStatus, SmtpProfile,
+        Violations,
+    },
+    error::ApiError,
+    proto::v1::{self as pb, send_service_server::SendService},
+    storage::InsertOutcome,
+};
+
+/// Largest total size of an email's attachments.
+const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+/// Most recipients (to + cc + bcc) of one email.
+const MAX_RECIPIENTS: usize = 100;
+
+/// The SendService implementation.
+#[derive(Debug, Clone)]
+pub struct SendApi {
+    ctx: ApiContext,
+}
+
+fn mailboxes(field: &str, list: &[pb::Mailbox], v: &mut Violations) -> Vec<Mailbox> {
+    list.iter()
+        .enumerate()
+        .filter_map(|(i, m)| v.check(Mailbox::parse(&format!("{field}[{i}]"), &m.email, &m.name)))
+        .collect()
+}
+
+/// Profile headers first, then request headers; a later header replaces an earlier one of
+/// the same name.
+fn merge_headers(layers: &[&[Header]]) -> Vec<Header> {
+    let mut out: Vec<Header> = Vec::new();
+    for layer in layers {
+        for h in *layer {
+            out.retain(|o| !o.name.eq_ignore_ascii_case(&h.name));
+            out.push(h.clone());
+        }
+    }
+    out
+}
+
+fn request_hash(req: &pb::SendEmailRequest) -> String {
+    let bytes = prost::Message::encode_to_vec(req);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl SendApi {
+    /// A service over the shared context.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+
+    /// The profile named in the request: it must exist for this tenant and be ACTIVE.
+    async fn named_profile(&self, caller: &Caller, id: &str) -> Result<SmtpProfile, ApiError> {
+        let profile = self.ctx.store.get_profile(&caller.tenant_id, id).await?;
+        if profile.status != ProfileStatus::Active {
+            return Err(ApiError::FailedPrecondition(format!(
+                "profile {} is INACTIVE: verify and activate it first",
+                profile.name
+            )));
+        }
+        Ok(profile)
+    }
+
+    /// Validates the request and builds the message to store.
+    async fn build(&self, caller: &Caller, req: &pb::SendEmailRequest) -> Result<NewMessage, ApiError> {
+        if !req.template_id.is_empty() {
+            return Err(ApiError::FailedPrecondition(
+                "template_id: templates are not available in this version".into(),
+            ));
+        }
+        if !req.campaign_id.is_empty() {
+            return Err(ApiError::FailedPrecondition(
+                "campaign_id: campaigns are not available in this version".into(),
+            ));
+        }
+        let mut v = Violations::default();
+        let to = mailboxes("to", &req.to, &mut v);
+        let cc = mailboxes("cc", &req.cc, &mut v);
+        let bcc = mailboxes("bcc", &req.bcc, &mut v);
+        if req.to.is_empty() && req.cc.is_empty() && req.bcc.is_empty() {
+            v.add("to", "at least one recipient (to, cc or bcc) is required");
+        }
+        if req.to.len() + req.cc.len() + req.bcc.len() > MAX_RECIPIENTS {
+            v.add("to", format!("at most {MAX_RECIPIENTS} recipients (to, cc and bcc together)"));
+        }
+        if req.subject.trim().is_empty() {
+            v.add("subject", "is required");
+        }
+        v.check(check_max_len("subject", &req.subject, 998));
+        if req.subject.contains(['\r', '\n', '\0']) {
+            v.add("subject", "must not contain CR, LF or NUL");
+        }
+        if req.text_body.is_empty() && req.html_body.is_empty() {
+            v.add("text_body", "text_body or html_body is required");
+        }
+        let from = req
+            .from
+            .as_ref()
+            .and_then(|m| v.check(Mailbox::parse("from", &m.email, &m.name)));
+        let reply_to = (!req.reply_to.is_empty())
+            .then(|| v.check(EmailAddress::parse("reply_to", &req.reply_to)))
+            .flatten();
+        let headers = match validate_headers(
+            "headers",
+            req.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())),
+        ) {
+            Ok(h) => h,
+            Err(errors) => {
+                for e in errors {
+                    v.add(e.field, e.description);
+                }
+                Vec::new()
+            }
+        };
+        let mut attachments = Vec::new();
+        let mut total = 0usize;
+        for (i, a) in req.attachments.iter().enumerate() {
+            let field = format!("attachments[{i}]");
+            if a.filename.trim().is_empty() || a.filename.contains(['\r', '\n', '\0', '/', '\\']) {
+                v.add(format!("{field}.filename"), "is required and must be a plain file name");
+            }
+            let content_type = if a.content_type.is_empty() {
+                "application/octet-stream".to_owned()
+            } else {
+                a.content_type.clone()
+            };
+            if lettre::message::header::ContentType::parse(&content_type).is_err() {
+                v.add(format!("{field}.content_type"), format!("{content_type:?} is not a valid MIME type"));
+            }
+            total += a.content.len();
+            attachments.push(Attachment {
+                filename: a.filename.clone(),
+                content_type,
+                content: a.content.clone(),
+            });
+        }
+        if total > MAX_ATTACHMENT_BYTES {
+            v.add("attachments", format!("attachments may total at most {MAX_ATTACHMENT_BYTES} bytes"));
+        }
+        let email_type = if req.email_type.is_empty() {
+            "notification".to_owned()
+        } else {
+            req.email_type.clone()
+        };
+        if email_type.len() > 64
+            || !email_type
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        {
+            v.add("email_type", "must be at most 64 characters of a-z, 0-9, '_' and '-'");
+        }
+        v.check(check_max_len("idempotency_key", &req.idempotency_key, 255));
+        if req.tags.len() > 32 {
+            v.add("tags", "at most 32 tags");
+        }
+        for (k, val) in &req.tags {
+            if k.is_empty() || k.len() > 64 || val.len() > 256 {
+                v.add(format!("tags[{k}]"), "keys are 1 to 64 characters, values at most 256");
+            }
+        }
+        v.finish()?;
+
+        let (profile, reason) = if req.profile_id.is_empty() {
+            (None, ProfileReason::SystemDefault)
+        } else {
+            (
+                Some(self.named_profile(caller, &req.profile_id).await?),
+                ProfileReason::Request,
+            )
+        };
+        let content = self.compose_content(profile.as_ref(), from, reply_to, to, cc, bcc, headers, attachments, req)?;
+        let send_at = req.send_at.as_ref().map(micros);
+        let id = uuid::Uuid::now_v7().to_string();
+        Ok(NewMessage {
+            message_id_header: format!("{id}@{}", content.from.email.domain()),
+            id,
+            tenant_id: caller.tenant_id.clone(),
+            source: caller.source.clone(),
+            email_type,
+            profile_id: profile.as_ref().map(|p| p.id.clone()),
+            profile_reason: reason,
+            template_id: None,
+            campaign_id: None,
+            content,
+            send_at,
+            idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+            request_hash: request_hash(req),
+            tags: req.tags.clone().into_iter().collect::<BTreeMap<_, _>>(),
+            trace_id: String::new(),
+        })
+    }
+
+    /// Applies the profile's identity, lists and headers, and the relay rule.
+    #[allow(clippy::too_many_arguments)]
+    fn compose_content(
+        &self,
+        profile: Option<&SmtpProfile>,
+        from: Option<Mailbox>,
+        reply_to: Option<EmailAddress>,
+        to: Vec<Mailbox>,
+        mut cc: Vec<Mailbox>,
+        mut bcc: Vec<Mailbox>,
+        headers: Vec<Header>,
+        attachments: Vec<Attachment>,
+        req: &pb::SendEmailRequest,
+    ) -> Result<MessageContent, ApiError> {
+        let text = (!req.text_body.is_empty()).then(|| req.text_body.clone());
+        let html = (!req.html_body.is_empty()).then(|| req.html_body.clone());
+        let Some(profile) = profile else {
+            return Ok(MessageContent {
+                from: from.unwrap_or_else(|| self.ctx.system_sender.clone()),
+                reply_to: reply_to.map(String::from),
+                error_to: None,
+                to,
+                cc,
+                bcc,
+                subject: req.subject.clone(),
+                text,
+                html,
+                headers,
+                attachments,
+            });
+        };
+        let s = &profile.settings;
+        let from = match from {
+            Some(from) => from,
+            None => Mailbox::parse("profile.from_email", &s.from_email, &s.from_name)?,
+        };
+        if !s.has_relay {
+            let domain = from.email.domain();
+            let allowed = s.sender_domains();
+            if !allowed.contains(&domain) {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "from: the domain {domain} is not allowed for profile {} (allowed: {}); set has_relay or allowed_sender_domains",
+                    profile.name,
+                    allowed.join(", ")
+                )));
+            }
+        }
+        let parse = |field: &str, addr: &String| -> Result<Mailbox, FieldError> {
+            Mailbox::parse(field, addr, "")
+        };
+        for (i, a) in s.cc.iter().enumerate() {
+            cc.push(parse(&format!("profile.cc[{i}]"), a)?);
+        }
+        for (i, a) in s.bcc.iter().enumerate() {
+            bcc.push(parse(&format!("profile.bcc[{i}]"), a)?);
+        }
+        let reply_to = reply_to
+            .map(String::from)
+            .or_else(|| (!s.reply_to.is_empty()).then(|| s.reply_to.clone()));
+        Ok(MessageContent {
+            from,
+            reply_to,
+            error_to: (!s.error_to.is_empty()).then(|| s.error_to.clone()),
+            to,
+            cc,
+            bcc,
+            subject: req.subject.clone(),
+            text,
+            html,
+            headers: merge_headers(&[&s.headers, &headers]),
+            attachments,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl SendService for SendApi {
+    #[instrument(skip_all, fields(tenant_id, message_id))]
+    async fn send_email(
+        &self,
+        request: Request<pb::SendEmailRequest>,
+    ) -> Result<Response<pb::SendEmailResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let req = request.into_inner();
+        let message = self.build(&caller, &req).await?;
+        tracing::Span::current().record("message_id", message.id.as_str());
+        let now = now_micros();
+        let outcome = self
+            .ctx
+            .store
+            .insert_message(&message, now)
+            .await
+            .map_err(ApiError::from)?;
+        let (id, status, replayed) = match outcome {
+            InsertOutcome::Created => {
+                let status = match message.send_at {
+                    Some(at) if at > now => MessageStatus::Scheduled,
+                    _ => MessageStatus::Queued,
+                };
+                self.ctx.engine.publish(&caller.tenant_id, &message.id, status);
+                self.ctx.engine.wake();
+                (message.id, status, false)
+            }
+            InsertOutcome::Replayed { id, status } => (id, status, true),
+        };
+        Ok(Response::new(pb::SendEmailResponse {
+            message_id: id,
+            status: status_to_proto(status).into(),
+            replayed,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn later_headers_win() {
+        let h = |n: &str, v: &str| Header {
+            name: n.into(),
+            value: v.into(),
+        };
+        let merged = merge_headers(&[&[h("X-A", "1"), h("X-B", "1")], &[h("x-a", "2")]]);
+        assert_eq!(merged, vec![h("X-B", "1"), h("x-a", "2")]);
+    }
+}

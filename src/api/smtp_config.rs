@@ -1,0 +1,385 @@
+//! SmtpConfigService: profiles, verification and presets.
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::{
+    caller,
+    convert::{duration, profile_to_proto, settings_from_proto},
+    page_size, ApiContext,
+};
+use crate::{
+    delivery::{
+        now_micros, secret_context,
+        smtp::Stage,
+        verify::{StageStatus, VerifyReport},
+    },
+    domain::{
+        check_max_len, EmailAddress, FieldError, ProfileSettings, ProfileStatus, SmtpProfile,
+        Verification, VerificationState,
+    },
+    error::ApiError,
+    proto::v1::{self as pb, smtp_config_service_server::SmtpConfigService},
+};
+
+/// The SmtpConfigService implementation.
+#[derive(Debug, Clone)]
+pub struct SmtpConfigApi {
+    ctx: ApiContext,
+}
+
+impl SmtpConfigApi {
+    /// A service over the shared context.
+    pub fn new(ctx: ApiContext) -> Self {
+        Self { ctx }
+    }
+
+    /// Verifies settings; `secret` is the plain-text password, if any.
+    async fn run_verification(
+        &self,
+        settings: &ProfileSettings,
+        secret: Option<String>,
+        recipient: &str,
+    ) -> Result<VerifyReport, ApiError> {
+        let target = self
+            .ctx
+            .engine
+            .target_from_settings(settings, secret)
+            .map_err(|e| ApiError::FailedPrecondition(e))?;
+        let from = if settings.error_to.is_empty() {
+            &settings.from_email
+        } else {
+            &settings.error_to
+        };
+        let rcpt = if recipient.is_empty() {
+            &settings.from_email
+        } else {
+            recipient
+        };
+        Ok(self.ctx.engine.verify(&target, from, rcpt).await)
+    }
+}
+
+fn stage_to_proto(stage: Stage) -> pb::VerificationStage {
+    match stage {
+        Stage::Dns => pb::VerificationStage::Dns,
+        Stage::Connect => pb::VerificationStage::Connect,
+        Stage::Greeting => pb::VerificationStage::Greeting,
+        Stage::Tls => pb::VerificationStage::Tls,
+        Stage::Auth => pb::VerificationStage::Auth,
+        Stage::MailFrom => pb::VerificationStage::MailFrom,
+        Stage::RcptTo => pb::VerificationStage::RcptTo,
+        Stage::Data => pb::VerificationStage::Data,
+    }
+}
+
+pub(crate) fn report_to_proto(r: &VerifyReport) -> pb::VerificationReport {
+    let us = |d: std::time::Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+    pb::VerificationReport {
+        succeeded: r.succeeded,
+        stages: r
+            .stages
+            .iter()
+            .map(|s| pb::StageResult {
+                stage: stage_to_proto(s.stage).into(),
+                status: match s.status {
+                    StageStatus::Passed => pb::StageStatus::Passed,
+                    StageStatus::Failed => pb::StageStatus::Failed,
+                    StageStatus::Skipped => pb::StageStatus::Skipped,
+                }
+                .into(),
+                duration: Some(duration(us(s.duration))),
+                reply_code: s.reply_code.map(u32::from).unwrap_or(0),
+                detail: s.detail.clone(),
+                hint: s.hint.clone(),
+            })
+            .collect(),
+        duration: Some(duration(us(r.duration))),
+        capabilities: r.capabilities.clone(),
+    }
+}
+
+fn verification_of(report: &VerifyReport) -> Verification {
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status == StageStatus::Failed);
+    Verification {
+        state: if report.succeeded {
+            VerificationState::Verified
+        } else {
+            VerificationState::Failed
+        },
+        verified_at: Some(now_micros()),
+        last_error: failed
+            .map(|s| format!("{:?}: {} ({})", s.stage, s.detail, s.hint))
+            .unwrap_or_default(),
+    }
+}
+
+/// Validates name, settings and password of a profile message under `prefix`.
+fn validated(p: &pb::SmtpProfile, prefix: &str) -> Result<ProfileSettings, ApiError> {
+    let mut errors = Vec::new();
+    let name = p.name.trim();
+    if name.is_empty() {
+        errors.push(FieldError::new(format!("{prefix}.name"), "is required"));
+    }
+    if let Err(e) = check_max_len(&format!("{prefix}.name"), name, 255) {
+        errors.push(e);
+    }
+    if let Err(e) = check_max_len(&format!("{prefix}.password"), &p.password, 255) {
+        errors.push(e);
+    }
+    let (settings, unreadable) = settings_from_proto(p, prefix);
+    errors.extend(unreadable);
+    if let Err(more) = settings.validate(prefix, !p.password.is_empty()) {
+        errors.extend(more);
+    }
+    if errors.is_empty() {
+        Ok(settings)
+    } else {
+        Err(ApiError::InvalidArgument(errors))
+    }
+}
+
+#[tonic::async_trait]
+impl SmtpConfigService for SmtpConfigApi {
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn create_smtp_profile(
+        &self,
+        request: Request<pb::CreateSmtpProfileRequest>,
+    ) -> Result<Response<pb::CreateSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let req = request.into_inner();
+        let p = req
+            .profile
+            .ok_or_else(|| ApiError::invalid("profile", "is required"))?;
+        let settings = validated(&p, "profile")?;
+        let mut verification = Verification::default();
+        let mut report = None;
+        if req.verify {
+            let secret = (!p.password.is_empty()).then(|| p.password.clone());
+            let result = self.run_verification(&settings, secret, "").await?;
+            verification = verification_of(&result);
+            let proto_report = report_to_proto(&result);
+            if !result.succeeded {
+                return Ok(Response::new(pb::CreateSmtpProfileResponse {
+                    profile: None,
+                    verification: Some(proto_report),
+                }));
+            }
+            report = Some(proto_report);
+        }
+        let now = now_micros();
+        let id = uuid::Uuid::now_v7().to_string();
+        let secret_ciphertext = (!p.password.is_empty()).then(|| {
+            self.ctx
+                .secrets
+                .seal(&p.password, &secret_context(&caller.tenant_id, &id))
+        });
+        let profile = SmtpProfile {
+            id,
+            tenant_id: caller.tenant_id.clone(),
+            name: p.name.trim().to_owned(),
+            settings,
+            secret_ciphertext,
+            status: ProfileStatus::Inactive,
+            verification,
+            created_by: caller.source.clone(),
+            created_at: now,
+            updated_at: now,
+            version: 1,
+        };
+        self.ctx
+            .store
+            .create_profile(&profile)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::CreateSmtpProfileResponse {
+            profile: Some(profile_to_proto(&profile)),
+            verification: report,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn get_smtp_profile(
+        &self,
+        request: Request<pb::GetSmtpProfileRequest>,
+    ) -> Result<Response<pb::GetSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let profile = self
+            .ctx
+            .store
+            .get_profile(&caller.tenant_id, &request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetSmtpProfileResponse {
+            profile: Some(profile_to_proto(&profile)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn list_smtp_profiles(
+        &self,
+        request: Request<pb::ListSmtpProfilesRequest>,
+    ) -> Result<Response<pb::ListSmtpProfilesResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
+        let req = request.into_inner();
+        let limit = page_size(req.page_size);
+        let after = super::email_log::decode_token(&req.page_token)?;
+        let mut profiles = self
+            .ctx
+            .store
+            .list_profiles(&caller.tenant_id, after.as_deref(), limit + 1)
+            .await
+            .map_err(ApiError::from)?;
+        let next_page_token = if profiles.len() > limit as usize {
+            profiles.truncate(limit as usize);
+            profiles
+                .last()
+                .map(|p| super::email_log::encode_token(&p.name))
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListSmtpProfilesResponse {
+            profiles: profiles.iter().map(profile_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn activate_smtp_profile(
+        &self,
+        request: Request<pb::ActivateSmtpProfileRequest>,
+    ) -> Result<Response<pb::ActivateSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let store = &self.ctx.store;
+        let profile = store
+            .get_profile(&caller.tenant_id, &request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        if let Err(errors) = profile
+            .settings
+            .validate("profile", profile.secret_ciphertext.is_some())
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "the profile is incomplete: {}",
+                errors
+                    .iter()
+                    .map(|e| format!("{} {}", e.field, e.description))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+            .into());
+        }
+        if profile.verification.state != VerificationState::Verified {
+            return Err(ApiError::FailedPrecondition(
+                "the profile must pass verification (VerifySmtpProfile) before it can be activated"
+                    .into(),
+            )
+            .into());
+        }
+        let profile = store
+            .set_profile_state(
+                &caller.tenant_id,
+                &profile.id,
+                ProfileStatus::Active,
+                &profile.verification,
+                now_micros(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::ActivateSmtpProfileResponse {
+            profile: Some(profile_to_proto(&profile)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn deactivate_smtp_profile(
+        &self,
+        request: Request<pb::DeactivateSmtpProfileRequest>,
+    ) -> Result<Response<pb::DeactivateSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let store = &self.ctx.store;
+        let profile = store
+            .get_profile(&caller.tenant_id, &request.get_ref().id)
+            .await
+            .map_err(ApiError::from)?;
+        let profile = store
+            .set_profile_state(
+                &caller.tenant_id,
+                &profile.id,
+                ProfileStatus::Inactive,
+                &profile.verification,
+                now_micros(),
+            )
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::DeactivateSmtpProfileResponse {
+            profile: Some(profile_to_proto(&profile)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn verify_smtp_profile(
+        &self,
+        request: Request<pb::VerifySmtpProfileRequest>,
+    ) -> Result<Response<pb::VerifySmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        if !req.recipient.is_empty() {
+            EmailAddress::parse("recipient", &req.recipient).map_err(ApiError::from)?;
+        }
+        let report = match req.target {
+            None => return Err(ApiError::invalid("target", "set profile_id or settings").into()),
+            Some(pb::verify_smtp_profile_request::Target::ProfileId(id)) => {
+                let store = &self.ctx.store;
+                let profile = store
+                    .get_profile(&caller.tenant_id, &id)
+                    .await
+                    .map_err(ApiError::from)?;
+                let target = self
+                    .ctx
+                    .engine
+                    .target_for(&profile)
+                    .map_err(ApiError::FailedPrecondition)?;
+                let s = &profile.settings;
+                let from = if s.error_to.is_empty() { &s.from_email } else { &s.error_to };
+                let rcpt = if req.recipient.is_empty() { &s.from_email } else { &req.recipient };
+                let report = self.ctx.engine.verify(&target, from, rcpt).await;
+                store
+                    .set_profile_state(
+                        &caller.tenant_id,
+                        &profile.id,
+                        profile.status,
+                        &verification_of(&report),
+                        now_micros(),
+                    )
+                    .await
+                    .map_err(ApiError::from)?;
+                report
+            }
+            Some(pb::verify_smtp_profile_request::Target::Settings(p)) => {
+                let settings = validated(&p, "settings")?;
+                let secret = (!p.password.is_empty()).then(|| p.password.clone());
+                self.run_verification(&settings, secret, &req.recipient).await?
+            }
+        };
+        Ok(Response::new(pb::VerifySmtpProfileResponse {
+            report: Some(report_to_proto(&report)),
+        }))
+    }
+
+    async fn list_provider_presets(
+        &self,
+        _request: Request<pb::ListProviderPresetsRequest>,
+    ) -> Result<Response<pb::ListProviderPresetsResponse>, Status> {
+        Ok(Response::new(pb::ListProviderPresetsResponse {
+            presets: super::presets::all(),
+        }))
+    }
+}

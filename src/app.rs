@@ -1,0 +1,276 @@
+//! Wiring: [`App::build`] opens storage, binds its own listener (port 0 picks a free port) and
+//! assembles the services; [`App::run`] serves until the shutdown future resolves, then stops
+//! accepting, stops claiming, finishes or releases in-flight deliveries, and returns.
+
+use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::{net::TcpListener, sync::watch};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::{server::HealthReporter, ServingStatus};
+use tracing::{info, warn};
+
+use crate::{
+    api::{ApiContext, CampaignApi, EmailLogApi, SendApi, SmtpConfigApi, TemplateApi},
+    config::Config,
+    crypto::SecretBox,
+    delivery::{
+        guard::Guard, smtp::SmtpTarget, tls::TrustSettings, Engine, EngineSettings, FileDrop,
+        SystemService, Transports,
+    },
+    domain::{AuthMechanism, EmailAddress, Mailbox, Security},
+    proto::{
+        v1::{
+            campaign_service_server::CampaignServiceServer,
+            email_log_service_server::EmailLogServiceServer,
+            send_service_server::SendServiceServer,
+            smtp_config_service_server::SmtpConfigServiceServer,
+            template_service_server::TemplateServiceServer,
+        },
+        FILE_DESCRIPTOR_SET,
+    },
+    storage::{SqlStore, Store},
+};
+
+/// The gRPC service names, for health reporting.
+const SERVICES: [&str; 5] = [
+    "mailgate.v1.SmtpConfigService",
+    "mailgate.v1.TemplateService",
+    "mailgate.v1.CampaignService",
+    "mailgate.v1.SendService",
+    "mailgate.v1.EmailLogService",
+];
+
+/// A built, bound, not yet running mailgate.
+#[derive(Debug)]
+pub struct App {
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    store: Arc<SqlStore>,
+    engine: Arc<Engine>,
+    ctx: ApiContext,
+    config: Config,
+}
+
+fn system_service(config: &Config, roots: &[String]) -> anyhow::Result<SystemService> {
+    let url = config.system_default.smtp_url.expose();
+    if url.is_empty() {
+        return Ok(SystemService::FileDrop(FileDrop::new(config.data_dir.join("outbox"))));
+    }
+    let parsed = url::Url::parse(url).context("system_default.smtp_url is not a valid URL")?;
+    let (security, default_port) = match parsed.scheme() {
+        "smtp" => (Security::None, 25),
+        "smtp+starttls" => (Security::StartTls, 587),
+        "smtps" => (Security::ImplicitTls, 465),
+        other => anyhow::bail!("system_default.smtp_url: unknown scheme {other:?} (smtp, smtp+starttls, smtps)"),
+    };
+    let host = parsed
+        .host_str()
+        .context("system_default.smtp_url has no host")?
+        .to_owned();
+    let auth = (!parsed.username().is_empty()).then(|| crate::delivery::smtp::SmtpAuth {
+        mechanism: AuthMechanism::Auto,
+        username: percent_decode(parsed.username()),
+        secret: percent_decode(parsed.password().unwrap_or_default()),
+    });
+    Ok(SystemService::Smtp(SmtpTarget {
+        host,
+        port: parsed.port().unwrap_or(default_port),
+        security,
+        trust: TrustSettings {
+            extra_roots_pem: roots.to_vec(),
+            verify: true,
+        },
+        helo_name: config.smtp.helo_name.clone(),
+        auth,
+        guarded: false,
+    }))
+}
+
+fn percent_decode(value: &str) -> String {
+    url::form_urlencoded::parse(format!("v={value}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn secrets(config: &Config) -> anyhow::Result<SecretBox> {
+    if config.encryption.key.is_empty() {
+        warn!(
+            "NO ENCRYPTION KEY CONFIGURED: using a development key stored in {}; anyone who can read that directory can decrypt SMTP passwords. Set MAILGATE_ENCRYPTION__KEY (32 bytes, base64) in production.",
+            config.data_dir.display()
+        );
+        Ok(SecretBox::development(&config.data_dir)?)
+    } else {
+        Ok(SecretBox::new(
+            config.encryption.key.expose(),
+            &config.encryption.key_id,
+        )?)
+    }
+}
+
+fn read_roots(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
+    match path {
+        None => Ok(Vec::new()),
+        Some(path) => Ok(vec![std::fs::read_to_string(path).with_context(|| {
+            format!("reading smtp.extra_roots_file {}", path.display())
+        })?]),
+    }
+}
+
+impl App {
+    /// Opens storage (applying migrations), binds the listener and assembles everything.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.data_dir).with_context(|| {
+            format!("creating data directory {}", config.data_dir.display())
+        })?;
+        let store = Arc::new(
+            SqlStore::connect(&config.effective_database_url(), config.database_max_connections)
+                .await
+                .context("opening the database")?,
+        );
+        let secrets = secrets(&config)?;
+        let roots = read_roots(config.smtp.extra_roots_file.as_deref())?;
+        let guard = Guard::new(
+            config.smtp.allowed_ports.clone(),
+            config.smtp.allowed_networks.clone(),
+        );
+        let transports = Arc::new(Transports::new(guard, system_service(&config, &roots)?));
+        let system_sender = Mailbox {
+            email: EmailAddress::parse("system_default.from_email", &config.system_default.from_email)
+                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.description))?,
+            name: config.system_default.from_name.clone(),
+        };
+        let d = &config.delivery;
+        let engine = Arc::new(Engine::new(
+            store.clone() as Arc<dyn Store>,
+            transports,
+            secrets.clone(),
+            EngineSettings {
+                concurrency: d.concurrency,
+                lease: d.lease,
+                poll_interval: d.poll_interval,
+                attempt_timeout: d.attempt_timeout,
+                retry_schedule: d.retry_schedule.clone(),
+                give_up_after: d.give_up_after,
+                shutdown_grace: config.shutdown_grace,
+                system_sender: system_sender.clone(),
+                operator_roots: roots,
+                helo_name: config.smtp.helo_name.clone(),
+            },
+        ));
+        let listener = TcpListener::bind(config.listen_addr)
+            .await
+            .with_context(|| format!("binding {}", config.listen_addr))?;
+        let local_addr = listener.local_addr()?;
+        let ctx = ApiContext {
+            store: store.clone() as Arc<dyn Store>,
+            engine: engine.clone(),
+            secrets,
+            message_id_domain: config.smtp.helo_name.clone(),
+            system_sender,
+        };
+        Ok(Self {
+            listener,
+            local_addr,
+            store,
+            engine,
+            ctx,
+            config,
+        })
+    }
+
+    /// The address the gRPC server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The delivery engine (tests drive it with `run_once` and watch its events).
+    pub fn engine(&self) -> Arc<Engine> {
+        self.engine.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let engine_task = self
+            .config
+            .delivery
+            .enabled
+            .then(|| tokio::spawn(self.engine.clone().run(stop_rx.clone())));
+        let health_task = tokio::spawn(watch_health(
+            self.store.clone(),
+            health.clone(),
+            stop_rx.clone(),
+        ));
+
+        info!(addr = %self.local_addr, database = ?self.store.backend(), "mailgate listening");
+        let ctx = self.ctx.clone();
+        let stop_signal = {
+            let stop_tx = stop_tx.clone();
+            async move {
+                shutdown.await;
+                info!("shutdown requested: no new requests, no new claims");
+                let _ = stop_tx.send(true);
+            }
+        };
+        let served = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(SmtpConfigServiceServer::new(SmtpConfigApi::new(ctx.clone())))
+            .add_service(TemplateServiceServer::new(TemplateApi))
+            .add_service(CampaignServiceServer::new(CampaignApi))
+            .add_service(SendServiceServer::new(SendApi::new(ctx.clone())))
+            .add_service(EmailLogServiceServer::new(EmailLogApi::new(ctx)))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), stop_signal)
+            .await;
+        let _ = stop_tx.send(true);
+        if let Some(task) = engine_task {
+            let _ = task.await;
+        }
+        let _ = health_task.await;
+        self.store.close().await;
+        info!("mailgate stopped");
+        served.context("gRPC server failed")
+    }
+}
+
+/// Reports SERVING while the database answers, NOT_SERVING otherwise.
+async fn watch_health(store: Arc<SqlStore>, health: HealthReporter, mut stop: watch::Receiver<bool>) {
+    let mut last = None;
+    loop {
+        let status = match store.ping().await {
+            Ok(()) => ServingStatus::Serving,
+            Err(e) => {
+                warn!(error = %e, "database ping failed");
+                ServingStatus::NotServing
+            }
+        };
+        if last != Some(status) {
+            health.set_service_status("", status).await;
+            for service in SERVICES {
+                health.set_service_status(service, status).await;
+            }
+            last = Some(status);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.changed() => {
+                health.set_service_status("", ServingStatus::NotServing).await;
+                return;
+            }
+        }
+    }
+}

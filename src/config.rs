@@ -1,0 +1,304 @@
+//! Typed configuration: defaults embedded in the binary, then an optional TOML file, then
+//! `MAILGATE_*` environment variables (nested keys joined with `__`, e.g.
+//! `MAILGATE_DELIVERY__CONCURRENCY=64`).
+
+use std::{fmt, net::SocketAddr, path::PathBuf, time::Duration};
+
+use figment::{
+    providers::{Env, Format, Serialized, Toml},
+    Figment,
+};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one mailgate process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server listens on. Port 0 picks a free port.
+    pub listen_addr: SocketAddr,
+    /// Directory for the SQLite database, the file drop and the development key.
+    pub data_dir: PathBuf,
+    /// Database URL: `sqlite://path` or `postgres://...`. Empty: SQLite under `data_dir`.
+    pub database_url: Secret,
+    /// Largest number of pooled database connections.
+    pub database_max_connections: u32,
+    /// How long graceful shutdown waits for in-flight deliveries.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// The delivery engine.
+    pub delivery: DeliveryConfig,
+    /// Rules for tenant-supplied SMTP servers.
+    pub smtp: SmtpConfig,
+    /// The operator's system default service.
+    pub system_default: SystemDefaultConfig,
+    /// Encryption of stored secrets.
+    pub encryption: EncryptionConfig,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("mailgate-data"),
+            database_url: Secret::default(),
+            database_max_connections: 16,
+            shutdown_grace: Duration::from_secs(25),
+            delivery: DeliveryConfig::default(),
+            smtp: SmtpConfig::default(),
+            system_default: SystemDefaultConfig::default(),
+            encryption: EncryptionConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Settings of the delivery engine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Run the delivery engine in this process.
+    pub enabled: bool,
+    /// Most messages delivered at once by this process.
+    pub concurrency: usize,
+    /// How long a claimed message stays leased to this process before another may take it.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often the engine looks for due messages when nothing wakes it.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Total deadline of one attempt: connect, TLS, AUTH and DATA.
+    #[serde(with = "humantime_serde")]
+    pub attempt_timeout: Duration,
+    /// Delays before the 1st, 2nd, ... retry; the last one repeats.
+    #[serde(with = "duration_list")]
+    pub retry_schedule: Vec<Duration>,
+    /// A message still failing this long after it was accepted is FAILED.
+    #[serde(with = "humantime_serde")]
+    pub give_up_after: Duration,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            concurrency: 64,
+            lease: Duration::from_secs(120),
+            poll_interval: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(60),
+            retry_schedule: [30, 60, 300, 900, 3600, 7200, 14400]
+                .into_iter()
+                .map(Duration::from_secs)
+                .collect(),
+            give_up_after: Duration::from_secs(2 * 24 * 3600),
+        }
+    }
+}
+
+/// Rules for connecting to tenant-supplied SMTP servers (the SSRF guard).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SmtpConfig {
+    /// Ports tenant profiles may use.
+    pub allowed_ports: Vec<u16>,
+    /// Networks tenant profiles may reach although they are not public (e.g. "10.0.0.0/8" for
+    /// an internal relay, "127.0.0.0/8" in tests).
+    pub allowed_networks: Vec<IpNet>,
+    /// PEM file of extra CA certificates trusted for every profile.
+    pub extra_roots_file: Option<PathBuf>,
+    /// Whether a profile may turn certificate verification off.
+    pub allow_insecure_tls: bool,
+    /// Name sent with EHLO when a profile sets none.
+    pub helo_name: String,
+    /// Log the SMTP dialogue (debug level). It contains AUTH lines: tests only.
+    pub wire_log: bool,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            allowed_ports: vec![25, 465, 587, 2525],
+            allowed_networks: Vec::new(),
+            extra_roots_file: None,
+            allow_insecure_tls: false,
+            helo_name: "mailgate.localdomain".to_owned(),
+            wire_log: false,
+        }
+    }
+}
+
+/// The operator's own service, used when a tenant has no usable profile and as fallback.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SystemDefaultConfig {
+    /// SMTP relay URL, e.g. `smtp://relay.internal:25` or `smtps://user:pass@host:465`
+    /// (`smtp+starttls://` for STARTTLS). Empty: the file drop under `data_dir/outbox`.
+    pub smtp_url: Secret,
+    /// From address used by the system default service.
+    pub from_email: String,
+    /// From display name used by the system default service.
+    pub from_name: String,
+}
+
+impl Default for SystemDefaultConfig {
+    fn default() -> Self {
+        Self {
+            smtp_url: Secret::default(),
+            from_email: "mailgate@localhost".to_owned(),
+            from_name: "mailgate".to_owned(),
+        }
+    }
+}
+
+/// Encryption of stored secrets (SMTP passwords and tokens).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// The key: 32 bytes, base64. Empty: a development key is created in `data_dir` (with a
+    /// warning).
+    pub key: Secret,
+    /// The key's id, stored beside every ciphertext so keys can be rotated.
+    pub key_id: String,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `mailgate=debug,info`. `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Pretty,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+/// The log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A configuration value that must never be printed (`Debug` shows `[redacted]`).
+#[derive(Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// Whether no value is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("[redacted]")
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Loads defaults, then `file` (if given), then `MAILGATE_*` environment variables.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
+            }
+            figment = figment.merge(Toml::file(file));
+        }
+        figment = figment.merge(Env::prefixed("MAILGATE_").split("__").ignore(&["CONFIG"]));
+        let config: Config = figment.extract().map_err(|e| ConfigError(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.delivery.concurrency == 0 {
+            return Err(ConfigError("delivery.concurrency must be at least 1".into()));
+        }
+        if self.delivery.retry_schedule.is_empty() {
+            return Err(ConfigError("delivery.retry_schedule must not be empty".into()));
+        }
+        if self.database_max_connections == 0 {
+            return Err(ConfigError("database_max_connections must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The database URL, defaulting to a SQLite file under `data_dir`.
+    pub fn effective_database_url(&self) -> String {
+        if self.database_url.is_empty() {
+            format!("sqlite://{}", self.data_dir.join("mailgate.db").display())
+        } else {
+            self.database_url.expose().to_owned()
+        }
+    }
+}
+
+/// Serde for a list of durations written as humantime strings (`["30s", "5m"]`).
+mod duration_list {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(value: &[Duration], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(
+            value
+                .iter()
+                .map(|d| humantime_serde::re::humantime::format_duration(*d).to_string()),
+        )
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+        let items: Vec<humantime_serde::Serde<Duration>> = Vec::deserialize(d)?;
+        Ok(items.into_iter().map(humantime_serde::Serde::into_inner).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_secret_is_redacted() {
+        let config = Config::default();
+        assert!(config.validate().is_ok());
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "[redacted]");
+        assert!(config.effective_database_url().starts_with("sqlite://"));
+    }
+}

@@ -1,0 +1,587 @@
+//! The delivery engine: claims due messages with a lease, delivers each outside any
+//! transaction, records the attempt and the new state only while it still holds the lease.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{
+    sync::{broadcast, watch, Notify, Semaphore},
+    task::JoinSet,
+    time::Instant,
+};
+use tracing::{info, instrument, warn};
+
+use super::{
+    compose::compose,
+    policy::{allows_fallback, classify, random_jitter, retry_delay, Verdict},
+    smtp::{Accepted, SmtpAuth, SmtpFailure, SmtpTarget},
+    tls::TrustSettings,
+    transport::{Outgoing, Transports},
+    verify::VerifyReport,
+};
+use crate::{
+    crypto::SecretBox,
+    domain::{
+        AttemptOutcome, AttemptRecord, AuthMechanism, FallbackPolicy, Mailbox, MessageStatus,
+        ProfileSettings, SmtpProfile,
+    },
+    storage::{Claimed, Completion, Store},
+};
+
+/// A change of a message's status, for live watchers and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageEvent {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The message.
+    pub message_id: String,
+    /// Its new status.
+    pub status: MessageStatus,
+}
+
+/// What the engine needs besides storage and transports.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    /// Most deliveries at once.
+    pub concurrency: usize,
+    /// Lease length.
+    pub lease: Duration,
+    /// Poll interval when nothing wakes the engine.
+    pub poll_interval: Duration,
+    /// Deadline of one attempt.
+    pub attempt_timeout: Duration,
+    /// Retry schedule.
+    pub retry_schedule: Vec<Duration>,
+    /// Give up after this long since acceptance.
+    pub give_up_after: Duration,
+    /// How long shutdown waits for in-flight deliveries.
+    pub shutdown_grace: Duration,
+    /// The system default service's sender, used on fallback.
+    pub system_sender: Mailbox,
+    /// Extra CA certificates (PEM) trusted for every profile.
+    pub operator_roots: Vec<String>,
+    /// EHLO name when a profile sets none.
+    pub helo_name: String,
+}
+
+/// The delivery engine. Cheap to share: `Arc<Engine>`.
+#[derive(Debug)]
+pub struct Engine {
+    store: Arc<dyn Store>,
+    transports: Arc<Transports>,
+    secrets: SecretBox,
+    settings: EngineSettings,
+    wake: Notify,
+    events: broadcast::Sender<MessageEvent>,
+    in_flight: Mutex<HashMap<String, Claimed>>,
+}
+
+/// The associated data that binds a profile's sealed secret to its row.
+pub fn secret_context(tenant_id: &str, profile_id: &str) -> String {
+    format!("{tenant_id}/{profile_id}")
+}
+
+/// Unix microseconds now.
+pub fn now_micros() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Engine {
+    /// An engine over `store` and `transports`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        transports: Arc<Transports>,
+        secrets: SecretBox,
+        settings: EngineSettings,
+    ) -> Self {
+        let (events, _) = broadcast::channel(4096);
+        Self {
+            store,
+            transports,
+            secrets,
+            settings,
+            wake: Notify::new(),
+            events,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Wakes the engine: new work may be due (called after an email is accepted).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Subscribes to status changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<MessageEvent> {
+        self.events.subscribe()
+    }
+
+    /// Announces a status change.
+    pub fn publish(&self, tenant_id: &str, message_id: &str, status: MessageStatus) {
+        let _ = self.events.send(MessageEvent {
+            tenant_id: tenant_id.to_owned(),
+            message_id: message_id.to_owned(),
+            status,
+        });
+    }
+
+    /// Claims what is due now and delivers it all; returns how many were claimed.
+    pub async fn run_once(self: &Arc<Self>) -> usize {
+        let claimed = self.claim(self.settings.concurrency).await;
+        let count = claimed.len();
+        let mut tasks = JoinSet::new();
+        for c in claimed {
+            let engine = Arc::clone(self);
+            tasks.spawn(async move { engine.deliver(c).await });
+        }
+        while tasks.join_next().await.is_some() {}
+        count
+    }
+
+    async fn claim(&self, limit: usize) -> Vec<Claimed> {
+        let now = now_micros();
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        match self
+            .store
+            .claim_due(now, now + micros(self.settings.lease), limit)
+            .await
+        {
+            Ok(claimed) => {
+                let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                for c in &claimed {
+                    in_flight.insert(c.message.id.clone(), c.clone());
+                }
+                claimed
+            }
+            Err(e) => {
+                warn!(error = %e, "claiming due messages failed");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Runs until `shutdown` turns true: then stops claiming, waits up to the grace period
+    /// for in-flight deliveries, and gives unfinished ones back to the queue.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let mut tasks = JoinSet::new();
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let free = permits.available_permits();
+            let mut claimed_all = false;
+            if free > 0 {
+                let claimed = self.claim(free).await;
+                claimed_all = !claimed.is_empty() && claimed.len() == free;
+                for c in claimed {
+                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+                        break;
+                    };
+                    let engine = Arc::clone(&self);
+                    tasks.spawn(async move {
+                        engine.deliver(c).await;
+                        drop(permit);
+                    });
+                }
+            }
+            if claimed_all {
+                // More may be due: wait only for a free slot.
+                tokio::select! {
+                    _ = tasks.join_next(), if !tasks.is_empty() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = tasks.join_next(), if !tasks.is_empty() => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        info!(in_flight = tasks.len(), "delivery engine stopping");
+        let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tasks.abort_all();
+            while tasks.join_next().await.is_some() {}
+        }
+        let leftover: Vec<Claimed> = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .map(|(_, c)| c)
+            .collect();
+        for c in leftover {
+            if let Err(e) = self.store.release(&c, now_micros()).await {
+                warn!(message_id = %c.message.id, error = %e, "releasing lease failed; it will expire");
+            }
+        }
+        self.transports.close_idle().await;
+        info!("delivery engine stopped");
+    }
+
+    #[instrument(skip_all, fields(tenant_id = %claimed.message.tenant_id, message_id = %claimed.message.id))]
+    async fn deliver(&self, claimed: Claimed) {
+        let (attempts, completion) = self.attempt(&claimed).await;
+        let status = completion.status;
+        let message = &claimed.message;
+        match self
+            .store
+            .complete(&claimed, &attempts, &completion, now_micros())
+            .await
+        {
+            Ok(true) => self.publish(&message.tenant_id, &message.id, status),
+            Ok(false) => warn!("lease lost before completion; another worker owns the message"),
+            Err(e) => warn!(error = %e, "recording the attempt failed; the lease will expire and the message will be retried"),
+        }
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&message.id);
+    }
+
+    /// Makes one attempt (plus a fallback attempt when allowed) and decides the new state.
+    async fn attempt(&self, claimed: &Claimed) -> (Vec<AttemptRecord>, Completion) {
+        let message = &claimed.message;
+        let deadline = Instant::now() + self.settings.attempt_timeout;
+        let first_number = message.attempt_count + 1;
+        let profile = match &message.profile_id {
+            Some(id) => match self.store.get_profile(&message.tenant_id, id).await {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    warn!(profile_id = %id, error = %e, "profile unavailable; using the system default service");
+                    None
+                }
+            },
+            None => None,
+        };
+        let Some(profile) = profile else {
+            let (record, result) = self
+                .send_via_system(claimed, first_number, false, deadline)
+                .await;
+            return (vec![record], self.decide(claimed, result, false, String::new()));
+        };
+        let (record, result) = self
+            .send_via_profile(claimed, &profile, first_number, deadline)
+            .await;
+        let fallback_policy = profile.settings.fallback_policy;
+        match result {
+            Err(failure)
+                if allows_fallback(&failure)
+                    && fallback_policy == FallbackPolicy::OnServerFailure =>
+            {
+                let reason = format!("profile {} failed: {}", profile.name, failure.text);
+                let fallback_deadline = Instant::now() + self.settings.attempt_timeout;
+                let (fb_record, fb_result) = self
+                    .send_via_system(claimed, first_number + 1, true, fallback_deadline)
+                    .await;
+                let completion = self.decide(claimed, fb_result, true, reason);
+                (vec![record, fb_record], completion)
+            }
+            result => (vec![record], self.decide(claimed, result, false, String::new())),
+        }
+    }
+
+    fn decide(
+        &self,
+        claimed: &Claimed,
+        result: Result<Accepted, SmtpFailure>,
+        fallback: bool,
+        fallback_reason: String,
+    ) -> Completion {
+        let message = &claimed.message;
+        match result {
+            Ok(_) => Completion {
+                status: MessageStatus::Sent,
+                retry_at: None,
+                last_error: String::new(),
+                fallback,
+                fallback_reason,
+            },
+            Err(failure) => {
+                let now = now_micros();
+                let expired = now - message.created_at >= micros(self.settings.give_up_after);
+                let (status, retry_at, last_error) = match classify(&failure) {
+                    Verdict::Retry if !expired => {
+                        let delay = retry_delay(
+                            &self.settings.retry_schedule,
+                            message.attempt_count + 1,
+                            random_jitter(),
+                        );
+                        (MessageStatus::Deferred, Some(now + micros(delay)), failure.text)
+                    }
+                    Verdict::Retry => (
+                        MessageStatus::Failed,
+                        None,
+                        format!("gave up after retrying: {}", failure.text),
+                    ),
+                    Verdict::Fail => (MessageStatus::Failed, None, failure.text),
+                };
+                Completion {
+                    status,
+                    retry_at,
+                    last_error,
+                    fallback,
+                    fallback_reason,
+                }
+            }
+        }
+    }
+
+    /// The SMTP target of a stored profile (decrypting its secret).
+    pub fn target_for(&self, profile: &SmtpProfile) -> Result<SmtpTarget, String> {
+        let secret = match &profile.secret_ciphertext {
+            None => None,
+            Some(sealed) => Some(
+                self.secrets
+                    .open(sealed, &secret_context(&profile.tenant_id, &profile.id))
+                    .map_err(|e| format!("the stored password cannot be used: {e}"))?,
+            ),
+        };
+        self.target_from_settings(&profile.settings, secret)
+    }
+
+    /// The SMTP target of settings and a plain-text secret (for unsaved settings).
+    pub fn target_from_settings(
+        &self,
+        s: &ProfileSettings,
+        secret: Option<String>,
+    ) -> Result<SmtpTarget, String> {
+        let auth = match (s.auth_mechanism, secret) {
+            (AuthMechanism::None, _) => None,
+            (_, None) => return Err("the profile has an AUTH mechanism but no password".into()),
+            (mechanism, Some(secret)) => Some(SmtpAuth {
+                mechanism,
+                username: s.username.clone(),
+                secret,
+            }),
+        };
+        let mut roots = self.settings.operator_roots.clone();
+        if !s.trusted_ca_pem.is_empty() {
+            roots.push(s.trusted_ca_pem.clone());
+        }
+        Ok(SmtpTarget {
+            host: s.host.clone(),
+            port: s.port,
+            security: s.security,
+            trust: TrustSettings {
+                extra_roots_pem: roots,
+                verify: s.verify_certificate,
+            },
+            helo_name: if s.helo_name.is_empty() {
+                self.settings.helo_name.clone()
+            } else {
+                s.helo_name.clone()
+            },
+            auth,
+            guarded: true,
+        })
+    }
+
+    /// Verifies settings stage by stage (no email is sent).
+    pub async fn verify(
+        &self,
+        target: &SmtpTarget,
+        envelope_from: &str,
+        recipient: &str,
+    ) -> VerifyReport {
+        super::verify::verify(
+            target,
+            self.transports.guard(),
+            envelope_from,
+            recipient,
+            self.settings.attempt_timeout,
+        )
+        .await
+    }
+
+    async fn send_via_profile(
+        &self,
+        claimed: &Claimed,
+        profile: &SmtpProfile,
+        number: u32,
+        deadline: Instant,
+    ) -> (AttemptRecord, Result<Accepted, SmtpFailure>) {
+        let message = &claimed.message;
+        let started = now_micros();
+        let clock = Instant::now();
+        let result = match self.target_for(profile) {
+            Err(text) => Err(SmtpFailure {
+                stage: super::smtp::Stage::Auth,
+                kind: super::smtp::FailureKind::Auth,
+                code: None,
+                enhanced_code: String::new(),
+                text,
+            }),
+            Ok(target) => {
+                let content = &message.content;
+                match compose(content, &message.message_id_header, &message.id) {
+                    Err(e) => Err(compose_failure(e)),
+                    Ok(body) => {
+                        let recipients = envelope_recipients(content);
+                        let envelope_from = content
+                            .error_to
+                            .clone()
+                            .unwrap_or_else(|| content.from.email.to_string());
+                        let out = Outgoing {
+                            tenant_id: &message.tenant_id,
+                            message_id: &message.id,
+                            envelope_from: &envelope_from,
+                            recipients: &recipients,
+                            body: &body,
+                        };
+                        self.transports
+                            .send_smtp(&profile.id, profile.version, &target, &out, deadline)
+                            .await
+                    }
+                }
+            }
+        };
+        let server = format!("{}:{}", profile.settings.host, profile.settings.port);
+        let record = attempt_record(
+            number,
+            started,
+            clock,
+            server,
+            Some(profile.id.clone()),
+            false,
+            &result,
+        );
+        (record, result)
+    }
+
+    async fn send_via_system(
+        &self,
+        claimed: &Claimed,
+        number: u32,
+        fallback: bool,
+        deadline: Instant,
+    ) -> (AttemptRecord, Result<Accepted, SmtpFailure>) {
+        let message = &claimed.message;
+        let started = now_micros();
+        let clock = Instant::now();
+        let mut content = message.content.clone();
+        if fallback {
+            // Never spoof the tenant's unverified domain: the operator's sender sends, and the
+            // tenant's From becomes the Reply-To unless one is set.
+            if content.reply_to.is_none() {
+                content.reply_to = Some(content.from.email.to_string());
+            }
+            content.from = Mailbox {
+                email: self.settings.system_sender.email.clone(),
+                name: if content.from.name.is_empty() {
+                    self.settings.system_sender.name.clone()
+                } else {
+                    content.from.name.clone()
+                },
+            };
+            content.error_to = None;
+        }
+        let result = match compose(&content, &message.message_id_header, &message.id) {
+            Err(e) => Err(compose_failure(e)),
+            Ok(body) => {
+                let recipients = envelope_recipients(&content);
+                let envelope_from = content
+                    .error_to
+                    .clone()
+                    .unwrap_or_else(|| content.from.email.to_string());
+                let out = Outgoing {
+                    tenant_id: &message.tenant_id,
+                    message_id: &message.id,
+                    envelope_from: &envelope_from,
+                    recipients: &recipients,
+                    body: &body,
+                };
+                self.transports.send_system(&out, deadline).await
+            }
+        };
+        let record = attempt_record(
+            number,
+            started,
+            clock,
+            self.transports.system_server(),
+            None,
+            fallback,
+            &result,
+        );
+        (record, result)
+    }
+}
+
+fn compose_failure(e: super::ComposeError) -> SmtpFailure {
+    SmtpFailure {
+        stage: super::smtp::Stage::Data,
+        kind: super::smtp::FailureKind::Permanent,
+        code: None,
+        enhanced_code: String::new(),
+        text: e.to_string(),
+    }
+}
+
+/// Every recipient once, to, cc and bcc.
+fn envelope_recipients(content: &crate::domain::MessageContent) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    content
+        .recipients()
+        .map(|m| m.email.to_string())
+        .filter(|e| seen.insert(e.to_ascii_lowercase()))
+        .collect()
+}
+
+fn attempt_record(
+    number: u32,
+    started: i64,
+    clock: Instant,
+    server: String,
+    profile_id: Option<String>,
+    fallback: bool,
+    result: &Result<Accepted, SmtpFailure>,
+) -> AttemptRecord {
+    let duration_us = micros(clock.elapsed());
+    match result {
+        Ok(accepted) => AttemptRecord {
+            number,
+            started_at: started,
+            duration_us,
+            server,
+            profile_id,
+            fallback,
+            reply_code: accepted.code,
+            enhanced_code: accepted.enhanced_code.clone(),
+            reply_text: accepted.text.clone(),
+            outcome: AttemptOutcome::Sent,
+            rejected_recipients: accepted.rejected.clone(),
+        },
+        Err(f) => AttemptRecord {
+            number,
+            started_at: started,
+            duration_us,
+            server,
+            profile_id,
+            fallback,
+            reply_code: f.code.unwrap_or(0),
+            enhanced_code: f.enhanced_code.clone(),
+            reply_text: f.text.clone(),
+            outcome: match classify(f) {
+                Verdict::Retry => AttemptOutcome::Deferred,
+                Verdict::Fail => AttemptOutcome::Failed,
+            },
+            rejected_recipients: Vec::new(),
+        },
+    }
+}

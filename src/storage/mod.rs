@@ -1,0 +1,139 @@
+//! Storage: one [`Store`] interface, implemented over SQLite and PostgreSQL by [`SqlStore`].
+//!
+//! The `messages` table is both the email log and the outbox: workers claim due rows with a
+//! lease token in one short statement, send outside any transaction, and complete a row only
+//! while they still hold its lease. Failed messages are never deleted.
+
+mod rows;
+mod sql;
+
+use async_trait::async_trait;
+
+use crate::domain::{
+    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile,
+    StoredMessage, Verification,
+};
+
+pub use sql::SqlStore;
+
+/// Why a storage call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// No such row for this tenant.
+    #[error("{0} not found")]
+    NotFound(&'static str),
+    /// A unique constraint or an idempotency conflict.
+    #[error("{0}")]
+    Conflict(String),
+    /// The database is unreachable.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    /// Anything else.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// The result of storing a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InsertOutcome {
+    /// A new message was stored.
+    Created,
+    /// The idempotency key was used before with the same request: this is that message.
+    Replayed {
+        /// The earlier message's id.
+        id: String,
+        /// Its current status.
+        status: MessageStatus,
+    },
+}
+
+/// How an attempt ended, as the store records it.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    /// The new status: SENT, DEFERRED or FAILED.
+    pub status: MessageStatus,
+    /// For DEFERRED: when to try again (unix microseconds).
+    pub retry_at: Option<i64>,
+    /// The error, empty when sent.
+    pub last_error: String,
+    /// Whether the system default service delivered as a fallback.
+    pub fallback: bool,
+    /// Why fallback happened.
+    pub fallback_reason: String,
+}
+
+/// A claimed message: the row and the lease that lets the worker complete it.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    /// The message.
+    pub message: StoredMessage,
+    /// The lease token.
+    pub lease_token: String,
+}
+
+/// Everything mailgate keeps. Every tenant-facing call is scoped by `tenant_id`.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Checks that the database answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stores a new profile. A duplicate name is [`StoreError::Conflict`].
+    async fn create_profile(&self, profile: &SmtpProfile) -> Result<(), StoreError>;
+    /// One profile of a tenant.
+    async fn get_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError>;
+    /// Sets a profile's status and verification; bumps its version.
+    async fn set_profile_state(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        status: ProfileStatus,
+        verification: &Verification,
+        now: i64,
+    ) -> Result<SmtpProfile, StoreError>;
+    /// Profiles of a tenant ordered by name, after `after_name`.
+    async fn list_profiles(
+        &self,
+        tenant_id: &str,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SmtpProfile>, StoreError>;
+
+    /// Stores a message durably (committed before this returns).
+    async fn insert_message(&self, message: &NewMessage, now: i64)
+        -> Result<InsertOutcome, StoreError>;
+    /// One message of a tenant.
+    async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError>;
+    /// The attempts of a message, oldest first.
+    async fn list_attempts(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+    ) -> Result<Vec<AttemptRecord>, StoreError>;
+    /// Messages of a tenant matching `filter`, newest first, with ids below `before_id`.
+    async fn list_messages(
+        &self,
+        tenant_id: &str,
+        filter: &LogFilter,
+        before_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Leases up to `limit` due messages to the caller until `lease_until`.
+    async fn claim_due(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError>;
+    /// Records the attempts (one, or two with a fallback) and the message's new state, if
+    /// the lease is still held. Returns false when the lease was lost (nothing is written).
+    async fn complete(
+        &self,
+        claimed: &Claimed,
+        attempts: &[AttemptRecord],
+        completion: &Completion,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Gives a leased message back to the queue without an attempt (graceful shutdown).
+    async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError>;
+}

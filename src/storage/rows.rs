@@ -1,0 +1,99 @@
+//! Row <-> domain conversion for the SQL store.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use sqlx::{any::AnyRow, Row};
+
+use crate::domain::{
+    AttemptOutcome, AttemptRecord, MessageContent, MessageStatus, ProfileReason, ProfileStatus,
+    SmtpProfile, StoredMessage,
+};
+
+/// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING.
+pub(super) const MESSAGE_COLUMNS: &str = "id, tenant_id, status, source, email_type, \
+     profile_id, profile_reason, fallback, fallback_reason, template_id, campaign_id, content, \
+     message_id_header, trace_id, tags, attempt_count, last_error, created_at, updated_at, \
+     sent_at, due_at";
+
+/// Columns read by [`profile_from_row`].
+pub(super) const PROFILE_COLUMNS: &str = "id, tenant_id, name, settings, secret_ciphertext, \
+     status, verification, created_by, created_at, updated_at, version";
+
+/// Columns read by [`attempt_from_row`].
+pub(super) const ATTEMPT_COLUMNS: &str = "number, started_at, duration_us, server, profile_id, \
+     fallback, reply_code, enhanced_code, reply_text, outcome, rejected_recipients";
+
+pub(super) fn profile_from_row(row: &AnyRow) -> anyhow::Result<SmtpProfile> {
+    let settings: String = row.try_get("settings")?;
+    let verification: String = row.try_get("verification")?;
+    let status: String = row.try_get("status")?;
+    Ok(SmtpProfile {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        settings: serde_json::from_str(&settings).context("profile settings")?,
+        secret_ciphertext: row.try_get("secret_ciphertext")?,
+        status: ProfileStatus::parse(&status).context("profile status")?,
+        verification: serde_json::from_str(&verification).context("profile verification")?,
+        created_by: row.try_get("created_by")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+    })
+}
+
+pub(super) fn message_from_row(row: &AnyRow) -> anyhow::Result<StoredMessage> {
+    let status: String = row.try_get("status")?;
+    let reason: String = row.try_get("profile_reason")?;
+    let content: String = row.try_get("content")?;
+    let tags: String = row.try_get("tags")?;
+    let status = MessageStatus::parse(&status).context("message status")?;
+    let due_at: Option<i64> = row.try_get("due_at")?;
+    Ok(StoredMessage {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        status,
+        source: row.try_get("source")?,
+        email_type: row.try_get("email_type")?,
+        profile_id: row.try_get("profile_id")?,
+        profile_reason: ProfileReason::parse(&reason).context("profile reason")?,
+        fallback: row.try_get::<i64, _>("fallback")? != 0,
+        fallback_reason: row.try_get("fallback_reason")?,
+        template_id: row.try_get("template_id")?,
+        campaign_id: row.try_get("campaign_id")?,
+        content: serde_json::from_str::<MessageContent>(&content).context("message content")?,
+        message_id_header: row.try_get("message_id_header")?,
+        trace_id: row.try_get("trace_id")?,
+        tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).context("message tags")?,
+        attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
+        last_error: row.try_get("last_error")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        sent_at: row.try_get("sent_at")?,
+        // While SENDING, due_at is the lease end, not a planned attempt.
+        next_attempt_at: if status == MessageStatus::Sending {
+            None
+        } else {
+            due_at
+        },
+    })
+}
+
+pub(super) fn attempt_from_row(row: &AnyRow) -> anyhow::Result<AttemptRecord> {
+    let outcome: String = row.try_get("outcome")?;
+    let rejected: String = row.try_get("rejected_recipients")?;
+    Ok(AttemptRecord {
+        number: u32::try_from(row.try_get::<i64, _>("number")?).unwrap_or(0),
+        started_at: row.try_get("started_at")?,
+        duration_us: row.try_get("duration_us")?,
+        server: row.try_get("server")?,
+        profile_id: row.try_get("profile_id")?,
+        fallback: row.try_get::<i64, _>("fallback")? != 0,
+        reply_code: u16::try_from(row.try_get::<i64, _>("reply_code")?).unwrap_or(0),
+        enhanced_code: row.try_get("enhanced_code")?,
+        reply_text: row.try_get("reply_text")?,
+        outcome: AttemptOutcome::parse(&outcome).context("attempt outcome")?,
+        rejected_recipients: serde_json::from_str(&rejected).context("rejected recipients")?,
+    })
+}

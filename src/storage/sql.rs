@@ -1,0 +1,531 @@
+//! The SQL store over SQLite and PostgreSQL, chosen by the database URL.
+//!
+//! Both backends run the same statements (sqlx's SQLite driver understands `$n` placeholders);
+//! where they differ, [`Backend`] says how.
+
+use std::{str::FromStr, time::Duration};
+
+use anyhow::Context;
+use async_trait::async_trait;
+use sqlx::{
+    any::{AnyConnectOptions, AnyPoolOptions, AnyRow},
+    query::Query,
+    Any, AnyPool, Executor,
+};
+
+use super::{
+    rows::{
+        attempt_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS, MESSAGE_COLUMNS,
+        PROFILE_COLUMNS,
+    },
+    Claimed, Completion, InsertOutcome, Store, StoreError,
+};
+use crate::domain::{
+    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile,
+    StoredMessage, Verification,
+};
+
+/// Which database is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite (one process).
+    Sqlite,
+    /// PostgreSQL (any number of processes).
+    Postgres,
+}
+
+/// The store over a pool of database connections.
+#[derive(Debug, Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// A value bound to a `$n` placeholder of a statement built at run time.
+#[derive(Debug, Clone)]
+enum Bind {
+    Text(String),
+    Int(i64),
+}
+
+fn bind_all<'q>(
+    mut query: Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    binds: &'q [Bind],
+) -> Query<'q, Any, sqlx::any::AnyArguments<'q>> {
+    for b in binds {
+        query = match b {
+            Bind::Text(s) => query.bind(s.as_str()),
+            Bind::Int(i) => query.bind(*i),
+        };
+    }
+    query
+}
+
+fn db_error(err: sqlx::Error) -> StoreError {
+    match &err {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict("already exists".to_owned())
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
+        _ => StoreError::Other(anyhow::Error::new(err)),
+    }
+}
+
+fn decode<T>(result: anyhow::Result<T>) -> Result<T, StoreError> {
+    result.map_err(StoreError::Other)
+}
+
+impl SqlStore {
+    /// Connects to `url` (`sqlite://...` or `postgres://...`) and applies the migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let backend = if url.starts_with("sqlite:") {
+            Backend::Sqlite
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            Backend::Postgres
+        } else {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "database_url must start with sqlite:// or postgres://"
+            )));
+        };
+        let url = match backend {
+            // Create the file on first start.
+            Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
+            _ => url.to_owned(),
+        };
+        let options = AnyConnectOptions::from_str(&url).map_err(db_error)?;
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        // WAL for concurrent readers; synchronous=FULL so that an acknowledged
+                        // send survives power loss; wait for the write lock instead of failing.
+                        conn.execute(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                             PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(db_error)?;
+        let store = Self { pool, backend };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies pending migrations of this backend.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let migrator = match self.backend {
+            Backend::Sqlite => sqlx::migrate!("migrations/sqlite"),
+            Backend::Postgres => sqlx::migrate!("migrations/postgres"),
+        };
+        migrator
+            .run(&self.pool)
+            .await
+            .context("applying database migrations")
+            .map_err(StoreError::Other)
+    }
+
+    /// The backend in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pool (waits for connections to be returned).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    async fn fetch_messages(&self, sql: &str, binds: &[Bind]) -> Result<Vec<StoredMessage>, StoreError> {
+        let rows = bind_all(sqlx::query(sql), binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| decode(message_from_row(r))).collect()
+    }
+}
+
+#[async_trait]
+impl Store for SqlStore {
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn create_profile(&self, p: &SmtpProfile) -> Result<(), StoreError> {
+        let settings = decode(serde_json::to_string(&p.settings).map_err(Into::into))?;
+        let verification = decode(serde_json::to_string(&p.verification).map_err(Into::into))?;
+        sqlx::query(
+            "INSERT INTO smtp_profiles (id, tenant_id, name, settings, secret_ciphertext, status, \
+             verification, created_by, created_at, updated_at, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&p.id)
+        .bind(&p.tenant_id)
+        .bind(&p.name)
+        .bind(settings)
+        .bind(p.secret_ciphertext.as_deref())
+        .bind(p.status.as_str())
+        .bind(verification)
+        .bind(&p.created_by)
+        .bind(p.created_at)
+        .bind(p.updated_at)
+        .bind(p.version)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_error(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a profile named {:?} already exists", p.name))
+            }
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    async fn get_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
+        let sql = format!("SELECT {PROFILE_COLUMNS} FROM smtp_profiles WHERE tenant_id = $1 AND id = $2");
+        let row: Option<AnyRow> = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        match row {
+            Some(row) => decode(profile_from_row(&row)),
+            None => Err(StoreError::NotFound("smtp profile")),
+        }
+    }
+
+    async fn set_profile_state(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        status: ProfileStatus,
+        verification: &Verification,
+        now: i64,
+    ) -> Result<SmtpProfile, StoreError> {
+        let verification = decode(serde_json::to_string(verification).map_err(Into::into))?;
+        let updated = sqlx::query(
+            "UPDATE smtp_profiles SET status = $1, verification = $2, updated_at = $3, \
+             version = version + 1 WHERE tenant_id = $4 AND id = $5",
+        )
+        .bind(status.as_str())
+        .bind(verification)
+        .bind(now)
+        .bind(tenant_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        if updated.rows_affected() == 0 {
+            return Err(StoreError::NotFound("smtp profile"));
+        }
+        self.get_profile(tenant_id, id).await
+    }
+
+    async fn list_profiles(
+        &self,
+        tenant_id: &str,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SmtpProfile>, StoreError> {
+        let sql = format!(
+            "SELECT {PROFILE_COLUMNS} FROM smtp_profiles WHERE tenant_id = $1 AND name > $2 \
+             ORDER BY name LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(after_name.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| decode(profile_from_row(r))).collect()
+    }
+
+    async fn insert_message(&self, m: &NewMessage, now: i64) -> Result<InsertOutcome, StoreError> {
+        let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
+        let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
+        let recipients = format!(
+            " {} ",
+            m.content
+                .recipients()
+                .map(|r| r.email.as_str().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let (status, due_at) = match m.send_at {
+            Some(at) if at > now => (MessageStatus::Scheduled, at),
+            _ => (MessageStatus::Queued, now),
+        };
+        let inserted: Option<AnyRow> = sqlx::query(
+            "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
+             recipients, profile_id, profile_reason, template_id, campaign_id, content, \
+             message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
+             updated_at, send_at, due_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19, $19, $20, $21) \
+             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
+        )
+        .bind(&m.id)
+        .bind(&m.tenant_id)
+        .bind(status.as_str())
+        .bind(&m.source)
+        .bind(&m.email_type)
+        .bind(&m.content.subject)
+        .bind(m.content.from.to_string())
+        .bind(recipients)
+        .bind(m.profile_id.as_deref())
+        .bind(m.profile_reason.as_str())
+        .bind(m.template_id.as_deref())
+        .bind(m.campaign_id.as_deref())
+        .bind(content)
+        .bind(&m.message_id_header)
+        .bind(&m.trace_id)
+        .bind(tags)
+        .bind(m.idempotency_key.as_deref())
+        .bind(&m.request_hash)
+        .bind(now)
+        .bind(m.send_at)
+        .bind(due_at)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        if inserted.is_some() {
+            return Ok(InsertOutcome::Created);
+        }
+        // The idempotency key exists: a replay if the request is the same, else a conflict.
+        let key = m.idempotency_key.as_deref().unwrap_or_default();
+        let row: Option<AnyRow> = sqlx::query(
+            "SELECT id, status, request_hash FROM messages \
+             WHERE tenant_id = $1 AND idempotency_key = $2",
+        )
+        .bind(&m.tenant_id)
+        .bind(key)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let row = row.ok_or_else(|| {
+            StoreError::Other(anyhow::anyhow!("insert returned nothing and no row exists"))
+        })?;
+        use sqlx::Row as _;
+        let hash: String = row.try_get("request_hash").map_err(db_error)?;
+        if hash != m.request_hash {
+            return Err(StoreError::Conflict(format!(
+                "idempotency key {key:?} was already used for a different request"
+            )));
+        }
+        let status: String = row.try_get("status").map_err(db_error)?;
+        Ok(InsertOutcome::Replayed {
+            id: row.try_get("id").map_err(db_error)?,
+            status: decode(MessageStatus::parse(&status).context("message status"))?,
+        })
+    }
+
+    async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {
+        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
+        let binds = [Bind::Text(tenant_id.to_owned()), Bind::Text(id.to_owned())];
+        self.fetch_messages(&sql, &binds)
+            .await?
+            .pop()
+            .ok_or(StoreError::NotFound("email log entry"))
+    }
+
+    async fn list_attempts(
+        &self,
+        tenant_id: &str,
+        message_id: &str,
+    ) -> Result<Vec<AttemptRecord>, StoreError> {
+        let sql = format!(
+            "SELECT {ATTEMPT_COLUMNS} FROM attempts WHERE message_id = $1 AND message_id IN \
+             (SELECT id FROM messages WHERE tenant_id = $2 AND id = $1) ORDER BY number"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(message_id)
+            .bind(tenant_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| decode(attempt_from_row(r))).collect()
+    }
+
+    async fn list_messages(
+        &self,
+        tenant_id: &str,
+        filter: &LogFilter,
+        before_id: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        let mut sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1");
+        let mut binds = vec![Bind::Text(tenant_id.to_owned())];
+        let mut push = |sql: &mut String, clause: &str, bind: Bind| {
+            binds.push(bind);
+            sql.push_str(&clause.replace("$?", &format!("${}", binds.len())));
+        };
+        if !filter.statuses.is_empty() {
+            let list = filter
+                .statuses
+                .iter()
+                .map(|s| format!("'{}'", s.as_str()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            sql.push_str(&format!(" AND status IN ({list})"));
+        }
+        let exact = [
+            ("email_type", &filter.email_type),
+            ("source", &filter.source),
+            ("profile_id", &filter.profile_id),
+            ("template_id", &filter.template_id),
+            ("campaign_id", &filter.campaign_id),
+        ];
+        for (column, value) in exact {
+            if let Some(value) = value {
+                push(&mut sql, &format!(" AND {column} = $?"), Bind::Text(value.clone()));
+            }
+        }
+        if let Some(recipient) = &filter.recipient {
+            let pattern = format!("% {} %", escape_like(&recipient.to_ascii_lowercase()));
+            push(&mut sql, " AND recipients LIKE $? ESCAPE '\\'", Bind::Text(pattern));
+        }
+        if let Some(text) = &filter.subject_contains {
+            let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
+            push(&mut sql, " AND LOWER(subject) LIKE $? ESCAPE '\\'", Bind::Text(pattern));
+        }
+        if let Some(start) = filter.start {
+            push(&mut sql, " AND created_at >= $?", Bind::Int(start));
+        }
+        if let Some(end) = filter.end {
+            push(&mut sql, " AND created_at < $?", Bind::Int(end));
+        }
+        if let Some(before) = before_id {
+            push(&mut sql, " AND id < $?", Bind::Text(before.to_owned()));
+        }
+        push(&mut sql, " ORDER BY id DESC LIMIT $?", Bind::Int(i64::from(limit)));
+        self.fetch_messages(&sql, &binds).await
+    }
+
+    async fn claim_due(
+        &self,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        // One statement: atomic on both backends. PostgreSQL skips rows other replicas are
+        // claiming at the same moment instead of waiting for them.
+        let lock = match self.backend {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
+             updated_at = $3 WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL \
+             AND due_at <= $3 ORDER BY due_at LIMIT $4{lock}) RETURNING {MESSAGE_COLUMNS}"
+        );
+        let binds = [
+            Bind::Text(token.clone()),
+            Bind::Int(lease_until),
+            Bind::Int(now),
+            Bind::Int(i64::from(limit)),
+        ];
+        let messages = self.fetch_messages(&sql, &binds).await?;
+        Ok(messages
+            .into_iter()
+            .map(|message| Claimed {
+                message,
+                lease_token: token.clone(),
+            })
+            .collect())
+    }
+
+    async fn complete(
+        &self,
+        claimed: &Claimed,
+        attempts: &[AttemptRecord],
+        c: &Completion,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let updated = sqlx::query(
+            "UPDATE messages SET status = $1, due_at = $2, lease_token = NULL, \
+             attempt_count = attempt_count + $9, last_error = $3, fallback = $4, \
+             fallback_reason = $5, updated_at = $6, \
+             sent_at = CASE WHEN $1 = 'SENT' THEN $6 ELSE sent_at END \
+             WHERE id = $7 AND lease_token = $8",
+        )
+        .bind(c.status.as_str())
+        .bind(c.retry_at)
+        .bind(&c.last_error)
+        .bind(i64::from(c.fallback))
+        .bind(&c.fallback_reason)
+        .bind(now)
+        .bind(&claimed.message.id)
+        .bind(&claimed.lease_token)
+        .bind(i64::try_from(attempts.len()).unwrap_or(1))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        if updated.rows_affected() == 0 {
+            tx.rollback().await.map_err(db_error)?;
+            return Ok(false);
+        }
+        for a in attempts {
+        let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
+        sqlx::query(
+            "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
+             profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
+             rejected_recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&claimed.message.id)
+        .bind(i64::from(a.number))
+        .bind(a.started_at)
+        .bind(a.duration_us)
+        .bind(&a.server)
+        .bind(a.profile_id.as_deref())
+        .bind(i64::from(a.fallback))
+        .bind(i64::from(a.reply_code))
+        .bind(&a.enhanced_code)
+        .bind(&a.reply_text)
+        .bind(a.outcome.as_str())
+        .bind(rejected)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(true)
+    }
+
+    async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE messages SET status = 'QUEUED', due_at = $1, lease_token = NULL, \
+             updated_at = $1 WHERE id = $2 AND lease_token = $3",
+        )
+        .bind(now)
+        .bind(&claimed.message.id)
+        .bind(&claimed.lease_token)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+}
+
+fn escape_like(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_")
+}
