@@ -122,7 +122,8 @@ pg_trust_localhost() {  # $1 = cluster version; put trust lines first so they wi
 }
 
 # The first cluster Debian creates listens on 5432 (its default listen_addresses is localhost).
-pg_cluster_version() { ls /etc/postgresql 2>/dev/null | head -1; }
+# shellcheck disable=SC2012  # version directories are plain numbers
+pg_cluster_version() { ls /etc/postgresql 2>/dev/null | head -1 || true; }
 
 if ! pg_ready; then
   if ! command -v pg_ctlcluster >/dev/null 2>&1 || [ -z "$(pg_cluster_version)" ]; then

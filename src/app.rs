@@ -56,14 +56,18 @@ pub struct App {
 fn system_service(config: &Config, roots: &[String]) -> anyhow::Result<SystemService> {
     let url = config.system_default.smtp_url.expose();
     if url.is_empty() {
-        return Ok(SystemService::FileDrop(FileDrop::new(config.data_dir.join("outbox"))));
+        return Ok(SystemService::FileDrop(FileDrop::new(
+            config.data_dir.join("outbox"),
+        )));
     }
     let parsed = url::Url::parse(url).context("system_default.smtp_url is not a valid URL")?;
     let (security, default_port) = match parsed.scheme() {
         "smtp" => (Security::None, 25),
         "smtp+starttls" => (Security::StartTls, 587),
         "smtps" => (Security::ImplicitTls, 465),
-        other => anyhow::bail!("system_default.smtp_url: unknown scheme {other:?} (smtp, smtp+starttls, smtps)"),
+        other => anyhow::bail!(
+            "system_default.smtp_url: unknown scheme {other:?} (smtp, smtp+starttls, smtps)"
+        ),
     };
     let host = parsed
         .host_str()
@@ -122,13 +126,15 @@ fn read_roots(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
 impl App {
     /// Opens storage (applying migrations), binds the listener and assembles everything.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("creating data directory {}", config.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let store = Arc::new(
-            SqlStore::connect(&config.effective_database_url(), config.database_max_connections)
-                .await
-                .context("opening the database")?,
+            SqlStore::connect(
+                &config.effective_database_url(),
+                config.database_max_connections,
+            )
+            .await
+            .context("opening the database")?,
         );
         let secrets = secrets(&config)?;
         let roots = read_roots(config.smtp.extra_roots_file.as_deref())?;
@@ -138,8 +144,11 @@ impl App {
         );
         let transports = Arc::new(Transports::new(guard, system_service(&config, &roots)?));
         let system_sender = Mailbox {
-            email: EmailAddress::parse("system_default.from_email", &config.system_default.from_email)
-                .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.description))?,
+            email: EmailAddress::parse(
+                "system_default.from_email",
+                &config.system_default.from_email,
+            )
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.field, e.description))?,
             name: config.system_default.from_name.clone(),
         };
         let d = &config.delivery;
@@ -192,7 +201,10 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         let reflection_v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
@@ -229,7 +241,9 @@ impl App {
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(SmtpConfigServiceServer::new(SmtpConfigApi::new(ctx.clone())))
+            .add_service(SmtpConfigServiceServer::new(SmtpConfigApi::new(
+                ctx.clone(),
+            )))
             .add_service(TemplateServiceServer::new(TemplateApi))
             .add_service(CampaignServiceServer::new(CampaignApi))
             .add_service(SendServiceServer::new(SendApi::new(ctx.clone())))
@@ -248,7 +262,11 @@ impl App {
 }
 
 /// Reports SERVING while the database answers, NOT_SERVING otherwise.
-async fn watch_health(store: Arc<SqlStore>, health: HealthReporter, mut stop: watch::Receiver<bool>) {
+async fn watch_health(
+    store: Arc<SqlStore>,
+    health: HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut last = None;
     loop {
         let status = match store.ping().await {

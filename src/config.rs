@@ -248,13 +248,19 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         if self.delivery.concurrency == 0 {
-            return Err(ConfigError("delivery.concurrency must be at least 1".into()));
+            return Err(ConfigError(
+                "delivery.concurrency must be at least 1".into(),
+            ));
         }
         if self.delivery.retry_schedule.is_empty() {
-            return Err(ConfigError("delivery.retry_schedule must not be empty".into()));
+            return Err(ConfigError(
+                "delivery.retry_schedule must not be empty".into(),
+            ));
         }
         if self.database_max_connections == 0 {
-            return Err(ConfigError("database_max_connections must be at least 1".into()));
+            return Err(ConfigError(
+                "database_max_connections must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -285,7 +291,10 @@ mod duration_list {
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
         let items: Vec<humantime_serde::Serde<Duration>> = Vec::deserialize(d)?;
-        Ok(items.into_iter().map(humantime_serde::Serde::into_inner).collect())
+        Ok(items
+            .into_iter()
+            .map(humantime_serde::Serde::into_inner)
+            .collect())
     }
 }
 

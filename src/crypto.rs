@@ -154,9 +154,15 @@ mod tests {
         assert!(!sealed.contains("hunter2"));
         assert!(sealed.starts_with("v1:k7:"));
         assert_eq!(sb.open(&sealed, "t1/p1").unwrap(), "hunter2");
-        assert!(matches!(sb.open(&sealed, "t2/p1"), Err(CryptoError::Corrupt)));
+        assert!(matches!(
+            sb.open(&sealed, "t2/p1"),
+            Err(CryptoError::Corrupt)
+        ));
         let other = SecretBox::new(&key, "k8").unwrap();
-        assert!(matches!(other.open(&sealed, "t1/p1"), Err(CryptoError::UnknownKey(_))));
+        assert!(matches!(
+            other.open(&sealed, "t1/p1"),
+            Err(CryptoError::UnknownKey(_))
+        ));
         assert!(SecretBox::new("c2hvcnQ=", "k").is_err());
     }
 }

@@ -80,7 +80,9 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
 }
 
 async fn healthcheck(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> {
-    use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+    use tonic_health::pb::{
+        health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest,
+    };
     let check = async {
         let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
             .connect()

@@ -1,6 +1,11 @@
 //! Code generated from `proto/mailgate/v1` and the descriptor set for server reflection.
 
-#![allow(missing_docs, unreachable_pub, clippy::all, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    unreachable_pub,
+    clippy::all,
+    missing_debug_implementations
+)]
 
 /// The `mailgate.v1` package.
 pub mod v1 {

@@ -2,9 +2,9 @@
 
 use crate::{
     domain::{
-        AttemptOutcome, AttemptRecord, AuthMechanism, FallbackPolicy, FieldError, Header,
-        Mailbox, MessageStatus, ProfileReason, ProfileSettings, ProfileStatus, Security,
-        SendingLimits, SmtpProfile, StoredMessage, VerificationState,
+        AttemptOutcome, AttemptRecord, AuthMechanism, FallbackPolicy, FieldError, Header, Mailbox,
+        MessageStatus, ProfileReason, ProfileSettings, ProfileStatus, Security, SendingLimits,
+        SmtpProfile, StoredMessage, VerificationState,
     },
     proto::v1 as pb,
 };
@@ -50,7 +50,10 @@ fn security_to_proto(value: Security) -> pb::SmtpSecurity {
     }
 }
 
-pub(crate) fn auth_from_proto(value: i32, field: &str) -> Result<Option<AuthMechanism>, FieldError> {
+pub(crate) fn auth_from_proto(
+    value: i32,
+    field: &str,
+) -> Result<Option<AuthMechanism>, FieldError> {
     match pb::AuthMechanism::try_from(value) {
         Ok(pb::AuthMechanism::Unspecified) => Ok(None),
         Ok(pb::AuthMechanism::None) => Ok(Some(AuthMechanism::None)),
@@ -58,7 +61,10 @@ pub(crate) fn auth_from_proto(value: i32, field: &str) -> Result<Option<AuthMech
         Ok(pb::AuthMechanism::Plain) => Ok(Some(AuthMechanism::Plain)),
         Ok(pb::AuthMechanism::Login) => Ok(Some(AuthMechanism::Login)),
         Ok(pb::AuthMechanism::Xoauth2) => Ok(Some(AuthMechanism::Xoauth2)),
-        Err(_) => Err(FieldError::new(field, format!("unknown auth mechanism {value}"))),
+        Err(_) => Err(FieldError::new(
+            field,
+            format!("unknown auth mechanism {value}"),
+        )),
     }
 }
 
@@ -77,7 +83,10 @@ fn fallback_from_proto(value: i32, field: &str) -> Result<FallbackPolicy, FieldE
         Ok(pb::FallbackPolicy::Unspecified) => Ok(FallbackPolicy::Inherit),
         Ok(pb::FallbackPolicy::Never) => Ok(FallbackPolicy::Never),
         Ok(pb::FallbackPolicy::OnServerFailure) => Ok(FallbackPolicy::OnServerFailure),
-        Err(_) => Err(FieldError::new(field, format!("unknown fallback policy {value}"))),
+        Err(_) => Err(FieldError::new(
+            field,
+            format!("unknown fallback policy {value}"),
+        )),
     }
 }
 
@@ -92,7 +101,8 @@ fn fallback_to_proto(value: FallbackPolicy) -> pb::FallbackPolicy {
 /// The provider's name as stored, and its default (port, security).
 fn provider(value: i32, field: &str) -> Result<(&'static str, u16, Security), FieldError> {
     use pb::Provider as P;
-    let p = P::try_from(value).map_err(|_| FieldError::new(field, format!("unknown provider {value}")))?;
+    let p = P::try_from(value)
+        .map_err(|_| FieldError::new(field, format!("unknown provider {value}")))?;
     Ok(match p {
         P::Unspecified | P::Custom => ("custom", 587, Security::StartTls),
         P::Gmail => ("gmail", 465, Security::ImplicitTls),
@@ -139,7 +149,10 @@ fn provider_to_proto(name: &str) -> pb::Provider {
 /// Settings from a proto profile: the provider preset fills host, port and security; explicit
 /// fields win. Returns the settings and the fields that could not be read (unknown enum
 /// values); the rest is checked by [`ProfileSettings::validate`].
-pub(crate) fn settings_from_proto(p: &pb::SmtpProfile, prefix: &str) -> (ProfileSettings, Vec<FieldError>) {
+pub(crate) fn settings_from_proto(
+    p: &pb::SmtpProfile,
+    prefix: &str,
+) -> (ProfileSettings, Vec<FieldError>) {
     let f = |name: &str| format!("{prefix}.{name}");
     let mut errors = Vec::new();
     let (provider_name, default_port, default_security) = provider(p.provider, &f("provider"))
@@ -301,7 +314,10 @@ pub(crate) fn status_from_proto(value: i32, field: &str) -> Result<MessageStatus
         Ok(pb::EmailStatus::Deferred) => Ok(MessageStatus::Deferred),
         Ok(pb::EmailStatus::Failed) => Ok(MessageStatus::Failed),
         Ok(pb::EmailStatus::Cancelled) => Ok(MessageStatus::Cancelled),
-        _ => Err(FieldError::new(field, format!("{value} is not a valid email status"))),
+        _ => Err(FieldError::new(
+            field,
+            format!("{value} is not a valid email status"),
+        )),
     }
 }
 

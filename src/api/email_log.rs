@@ -80,9 +80,8 @@ fn filter_from_proto(f: Option<pb::EmailLogFilter>) -> Result<LogFilter, ApiErro
 
 /// Whether an entry matches a filter (for the live tail).
 fn matches(m: &StoredMessage, f: &LogFilter) -> bool {
-    let eq = |want: &Option<String>, have: Option<&str>| {
-        want.as_deref().is_none_or(|w| Some(w) == have)
-    };
+    let eq =
+        |want: &Option<String>, have: Option<&str>| want.as_deref().is_none_or(|w| Some(w) == have);
     (f.statuses.is_empty() || f.statuses.contains(&m.status))
         && eq(&f.email_type, Some(&m.email_type))
         && eq(&f.source, Some(&m.source))
@@ -94,9 +93,9 @@ fn matches(m: &StoredMessage, f: &LogFilter) -> bool {
                 .recipients()
                 .any(|x| x.email.as_str().eq_ignore_ascii_case(r))
         })
-        && f.subject_contains.as_deref().is_none_or(|s| {
-            m.content.subject.to_lowercase().contains(&s.to_lowercase())
-        })
+        && f.subject_contains
+            .as_deref()
+            .is_none_or(|s| m.content.subject.to_lowercase().contains(&s.to_lowercase()))
         && f.start.is_none_or(|s| m.created_at >= s)
         && f.end.is_none_or(|e| m.created_at < e)
 }
@@ -124,7 +123,10 @@ impl EmailLogService for EmailLogApi {
             .map_err(ApiError::from)?;
         let next_page_token = if entries.len() > limit as usize {
             entries.truncate(limit as usize);
-            entries.last().map(|m| encode_token(&m.id)).unwrap_or_default()
+            entries
+                .last()
+                .map(|m| encode_token(&m.id))
+                .unwrap_or_default()
         } else {
             String::new()
         };
@@ -182,7 +184,10 @@ impl EmailLogService for EmailLogApi {
                 if event.tenant_id != caller.tenant_id {
                     continue;
                 }
-                let Ok(message) = store.get_message(&caller.tenant_id, &event.message_id).await else {
+                let Ok(message) = store
+                    .get_message(&caller.tenant_id, &event.message_id)
+                    .await
+                else {
                     continue;
                 };
                 // Report the status of the event: the row may have moved on since.

@@ -74,7 +74,11 @@ impl SendApi {
     }
 
     /// Validates the request and builds the message to store.
-    async fn build(&self, caller: &Caller, req: &pb::SendEmailRequest) -> Result<NewMessage, ApiError> {
+    async fn build(
+        &self,
+        caller: &Caller,
+        req: &pb::SendEmailRequest,
+    ) -> Result<NewMessage, ApiError> {
         if !req.template_id.is_empty() {
             return Err(ApiError::FailedPrecondition(
                 "template_id: templates are not available in this version".into(),
@@ -93,7 +97,10 @@ impl SendApi {
             v.add("to", "at least one recipient (to, cc or bcc) is required");
         }
         if req.to.len() + req.cc.len() + req.bcc.len() > MAX_RECIPIENTS {
-            v.add("to", format!("at most {MAX_RECIPIENTS} recipients (to, cc and bcc together)"));
+            v.add(
+                "to",
+                format!("at most {MAX_RECIPIENTS} recipients (to, cc and bcc together)"),
+            );
         }
         if req.subject.trim().is_empty() {
             v.add("subject", "is required");
@@ -114,7 +121,9 @@ impl SendApi {
             .flatten();
         let headers = match validate_headers(
             "headers",
-            req.headers.iter().map(|h| (h.name.as_str(), h.value.as_str())),
+            req.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_str())),
         ) {
             Ok(h) => h,
             Err(errors) => {
@@ -129,7 +138,10 @@ impl SendApi {
         for (i, a) in req.attachments.iter().enumerate() {
             let field = format!("attachments[{i}]");
             if a.filename.trim().is_empty() || a.filename.contains(['\r', '\n', '\0', '/', '\\']) {
-                v.add(format!("{field}.filename"), "is required and must be a plain file name");
+                v.add(
+                    format!("{field}.filename"),
+                    "is required and must be a plain file name",
+                );
             }
             let content_type = if a.content_type.is_empty() {
                 "application/octet-stream".to_owned()
@@ -137,7 +149,10 @@ impl SendApi {
                 a.content_type.clone()
             };
             if lettre::message::header::ContentType::parse(&content_type).is_err() {
-                v.add(format!("{field}.content_type"), format!("{content_type:?} is not a valid MIME type"));
+                v.add(
+                    format!("{field}.content_type"),
+                    format!("{content_type:?} is not a valid MIME type"),
+                );
             }
             total += a.content.len();
             attachments.push(Attachment {
@@ -147,7 +162,10 @@ impl SendApi {
             });
         }
         if total > MAX_ATTACHMENT_BYTES {
-            v.add("attachments", format!("attachments may total at most {MAX_ATTACHMENT_BYTES} bytes"));
+            v.add(
+                "attachments",
+                format!("attachments may total at most {MAX_ATTACHMENT_BYTES} bytes"),
+            );
         }
         let email_type = if req.email_type.is_empty() {
             "notification".to_owned()
@@ -159,7 +177,10 @@ impl SendApi {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
         {
-            v.add("email_type", "must be at most 64 characters of a-z, 0-9, '_' and '-'");
+            v.add(
+                "email_type",
+                "must be at most 64 characters of a-z, 0-9, '_' and '-'",
+            );
         }
         v.check(check_max_len("idempotency_key", &req.idempotency_key, 255));
         if req.tags.len() > 32 {
@@ -167,7 +188,10 @@ impl SendApi {
         }
         for (k, val) in &req.tags {
             if k.is_empty() || k.len() > 64 || val.len() > 256 {
-                v.add(format!("tags[{k}]"), "keys are 1 to 64 characters, values at most 256");
+                v.add(
+                    format!("tags[{k}]"),
+                    "keys are 1 to 64 characters, values at most 256",
+                );
             }
         }
         v.finish()?;
@@ -180,7 +204,17 @@ impl SendApi {
                 ProfileReason::Request,
             )
         };
-        let content = self.compose_content(profile.as_ref(), from, reply_to, to, cc, bcc, headers, attachments, req)?;
+        let content = self.compose_content(
+            profile.as_ref(),
+            from,
+            reply_to,
+            to,
+            cc,
+            bcc,
+            headers,
+            attachments,
+            req,
+        )?;
         let send_at = req.send_at.as_ref().map(micros);
         let id = uuid::Uuid::now_v7().to_string();
         Ok(NewMessage {
@@ -302,7 +336,9 @@ impl SendService for SendApi {
                     Some(at) if at > now => MessageStatus::Scheduled,
                     _ => MessageStatus::Queued,
                 };
-                self.ctx.engine.publish(&caller.tenant_id, &message.id, status);
+                self.ctx
+                    .engine
+                    .publish(&caller.tenant_id, &message.id, status);
                 self.ctx.engine.wake();
                 (message.id, status, false)
             }

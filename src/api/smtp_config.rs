@@ -45,7 +45,7 @@ impl SmtpConfigApi {
             .ctx
             .engine
             .target_from_settings(settings, secret)
-            .map_err(|e| ApiError::FailedPrecondition(e))?;
+            .map_err(ApiError::FailedPrecondition)?;
         let from = if settings.error_to.is_empty() {
             &settings.from_email
         } else {
@@ -348,8 +348,16 @@ impl SmtpConfigService for SmtpConfigApi {
                     .target_for(&profile)
                     .map_err(ApiError::FailedPrecondition)?;
                 let s = &profile.settings;
-                let from = if s.error_to.is_empty() { &s.from_email } else { &s.error_to };
-                let rcpt = if req.recipient.is_empty() { &s.from_email } else { &req.recipient };
+                let from = if s.error_to.is_empty() {
+                    &s.from_email
+                } else {
+                    &s.error_to
+                };
+                let rcpt = if req.recipient.is_empty() {
+                    &s.from_email
+                } else {
+                    &req.recipient
+                };
                 let report = self.ctx.engine.verify(&target, from, rcpt).await;
                 store
                     .set_profile_state(
@@ -366,7 +374,8 @@ impl SmtpConfigService for SmtpConfigApi {
             Some(pb::verify_smtp_profile_request::Target::Settings(p)) => {
                 let settings = validated(&p, "settings")?;
                 let secret = (!p.password.is_empty()).then(|| p.password.clone());
-                self.run_verification(&settings, secret, &req.recipient).await?
+                self.run_verification(&settings, secret, &req.recipient)
+                    .await?
             }
         };
         Ok(Response::new(pb::VerifySmtpProfileResponse {

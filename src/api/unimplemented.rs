@@ -1,7 +1,9 @@
 //! Services whose RPCs are not built yet: every call answers UNIMPLEMENTED (the generated
 //! default methods).
 
-use crate::proto::v1::{campaign_service_server::CampaignService, template_service_server::TemplateService};
+use crate::proto::v1::{
+    campaign_service_server::CampaignService, template_service_server::TemplateService,
+};
 
 /// TemplateService: templates arrive with the delivery engine's routing work.
 #[derive(Debug, Default)]

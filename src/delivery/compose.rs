@@ -73,9 +73,9 @@ pub fn compose(
     };
     // The envelope is built separately; lettre's needs at least one To, which a Bcc-only
     // message lacks, so its envelope error is not ours.
-    let message = message.or_else(|e| match e {
-        lettre::error::Error::MissingTo => Err(ComposeError("no recipient".into())),
-        other => Err(ComposeError(other.to_string())),
+    let message = message.map_err(|e| match e {
+        lettre::error::Error::MissingTo => ComposeError("no recipient".into()),
+        other => ComposeError(other.to_string()),
     })?;
     Ok(message.formatted())
 }

@@ -247,7 +247,9 @@ impl Engine {
         {
             Ok(true) => self.publish(&message.tenant_id, &message.id, status),
             Ok(false) => warn!("lease lost before completion; another worker owns the message"),
-            Err(e) => warn!(error = %e, "recording the attempt failed; the lease will expire and the message will be retried"),
+            Err(e) => {
+                warn!(error = %e, "recording the attempt failed; the lease will expire and the message will be retried")
+            }
         }
         self.in_flight
             .lock()
@@ -274,7 +276,10 @@ impl Engine {
             let (record, result) = self
                 .send_via_system(claimed, first_number, false, deadline)
                 .await;
-            return (vec![record], self.decide(claimed, result, false, String::new()));
+            return (
+                vec![record],
+                self.decide(claimed, result, false, String::new()),
+            );
         };
         let (record, result) = self
             .send_via_profile(claimed, &profile, first_number, deadline)
@@ -293,7 +298,10 @@ impl Engine {
                 let completion = self.decide(claimed, fb_result, true, reason);
                 (vec![record, fb_record], completion)
             }
-            result => (vec![record], self.decide(claimed, result, false, String::new())),
+            result => (
+                vec![record],
+                self.decide(claimed, result, false, String::new()),
+            ),
         }
     }
 
@@ -323,7 +331,11 @@ impl Engine {
                             message.attempt_count + 1,
                             random_jitter(),
                         );
-                        (MessageStatus::Deferred, Some(now + micros(delay)), failure.text)
+                        (
+                            MessageStatus::Deferred,
+                            Some(now + micros(delay)),
+                            failure.text,
+                        )
                     }
                     Verdict::Retry => (
                         MessageStatus::Failed,

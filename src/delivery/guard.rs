@@ -184,7 +184,10 @@ mod tests {
         assert!(g.is_allowed("127.0.0.1".parse().unwrap()));
         assert!(g.is_allowed("::ffff:127.0.0.1".parse().unwrap()));
         assert!(g.check_port(2525).is_ok());
-        assert!(matches!(g.check_port(22), Err(GuardError::PortNotAllowed(22, _))));
+        assert!(matches!(
+            g.check_port(22),
+            Err(GuardError::PortNotAllowed(22, _))
+        ));
     }
 
     #[tokio::test]

@@ -72,16 +72,40 @@ mod tests {
 
     #[test]
     fn classification() {
-        assert_eq!(classify(&failure(Stage::Data, FailureKind::Permanent)), Verdict::Fail);
-        assert_eq!(classify(&failure(Stage::RcptTo, FailureKind::Transient)), Verdict::Retry);
-        assert_eq!(classify(&failure(Stage::Connect, FailureKind::Network)), Verdict::Retry);
-        assert_eq!(classify(&failure(Stage::Data, FailureKind::Timeout)), Verdict::Retry);
-        assert_eq!(classify(&failure(Stage::Greeting, FailureKind::Permanent)), Verdict::Retry);
-        assert_eq!(classify(&failure(Stage::Dns, FailureKind::Refused)), Verdict::Fail);
+        assert_eq!(
+            classify(&failure(Stage::Data, FailureKind::Permanent)),
+            Verdict::Fail
+        );
+        assert_eq!(
+            classify(&failure(Stage::RcptTo, FailureKind::Transient)),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(&failure(Stage::Connect, FailureKind::Network)),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(&failure(Stage::Data, FailureKind::Timeout)),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(&failure(Stage::Greeting, FailureKind::Permanent)),
+            Verdict::Retry
+        );
+        assert_eq!(
+            classify(&failure(Stage::Dns, FailureKind::Refused)),
+            Verdict::Fail
+        );
         assert!(allows_fallback(&failure(Stage::Auth, FailureKind::Auth)));
         assert!(allows_fallback(&failure(Stage::Tls, FailureKind::Tls)));
-        assert!(!allows_fallback(&failure(Stage::RcptTo, FailureKind::Permanent)));
-        assert!(!allows_fallback(&failure(Stage::Data, FailureKind::Network)));
+        assert!(!allows_fallback(&failure(
+            Stage::RcptTo,
+            FailureKind::Permanent
+        )));
+        assert!(!allows_fallback(&failure(
+            Stage::Data,
+            FailureKind::Network
+        )));
     }
 
     #[test]

@@ -310,14 +310,19 @@ impl Session {
         let addrs = step(deadline, Stage::Dns, resolve(target, guard)).await?;
         progress.passed(Stage::Dns, format!("{} address(es)", addrs.len()));
         let tcp = step(deadline, Stage::Connect, connect(&addrs)).await?;
-        progress.passed(Stage::Connect, tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default());
+        progress.passed(
+            Stage::Connect,
+            tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default(),
+        );
         let helo = ClientId::Domain(target.helo_name.clone());
         let mut conn = match target.security {
             Security::ImplicitTls => {
                 let tls = step(deadline, Stage::Tls, async {
                     handshake(tcp, &target.host, &target.trust)
                         .await
-                        .map_err(|e| SmtpFailure::local(Stage::Tls, FailureKind::Tls, e.to_string()))
+                        .map_err(|e| {
+                            SmtpFailure::local(Stage::Tls, FailureKind::Tls, e.to_string())
+                        })
                 })
                 .await?;
                 progress.passed(Stage::Tls, "implicit TLS established".to_owned());
@@ -370,7 +375,8 @@ impl Session {
                 AuthMechanism::Xoauth2 => &[Mechanism::Xoauth2],
             };
             if !mechanisms.is_empty() {
-                if !conn.is_encrypted() {
+                // Implicit TLS is ours, so lettre cannot see it; STARTTLS succeeded or failed above.
+                if target.security == Security::None {
                     return Err(SmtpFailure::local(
                         Stage::Auth,
                         FailureKind::Auth,
@@ -421,10 +427,18 @@ impl Session {
         progress: &mut Progress,
     ) -> Result<(), SmtpFailure> {
         let from = Address::from_str(envelope_from).map_err(|_| {
-            SmtpFailure::local(Stage::MailFrom, FailureKind::Permanent, "invalid sender address")
+            SmtpFailure::local(
+                Stage::MailFrom,
+                FailureKind::Permanent,
+                "invalid sender address",
+            )
         })?;
         let rcpt = Address::from_str(recipient).map_err(|_| {
-            SmtpFailure::local(Stage::RcptTo, FailureKind::Permanent, "invalid recipient address")
+            SmtpFailure::local(
+                Stage::RcptTo,
+                FailureKind::Permanent,
+                "invalid recipient address",
+            )
         })?;
         let conn = &mut self.conn;
         let reply = step(deadline, Stage::MailFrom, async {
@@ -433,7 +447,10 @@ impl Session {
                 .map_err(|e| SmtpFailure::from_lettre(Stage::MailFrom, &e))
         })
         .await?;
-        progress.passed(Stage::MailFrom, reply.message().collect::<Vec<_>>().join(" "));
+        progress.passed(
+            Stage::MailFrom,
+            reply.message().collect::<Vec<_>>().join(" "),
+        );
         let reply = step(deadline, Stage::RcptTo, async {
             conn.command(Rcpt::new(rcpt, vec![]))
                 .await
@@ -460,10 +477,19 @@ impl Session {
         deadline: Instant,
     ) -> Result<Accepted, SmtpFailure> {
         let from = Address::from_str(envelope_from).map_err(|_| {
-            SmtpFailure::local(Stage::MailFrom, FailureKind::Permanent, "invalid envelope sender")
+            SmtpFailure::local(
+                Stage::MailFrom,
+                FailureKind::Permanent,
+                "invalid envelope sender",
+            )
         })?;
         let mut params = Vec::new();
-        if !body.is_ascii() && self.conn.server_info().supports_feature(Extension::EightBitMime) {
+        if !body.is_ascii()
+            && self
+                .conn
+                .server_info()
+                .supports_feature(Extension::EightBitMime)
+        {
             params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
         }
         let conn = &mut self.conn;
@@ -568,7 +594,11 @@ async fn connect(addrs: &[SocketAddr]) -> Result<TcpStream, SmtpFailure> {
         Some(e) => format!("connection failed: {e}"),
         None => "no address to connect to".to_owned(),
     };
-    Err(SmtpFailure::local(Stage::Connect, FailureKind::Network, text))
+    Err(SmtpFailure::local(
+        Stage::Connect,
+        FailureKind::Network,
+        text,
+    ))
 }
 
 #[cfg(test)]

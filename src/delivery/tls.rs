@@ -71,9 +71,7 @@ impl TrustSettings {
             let mut roots = RootCertStore::empty();
             roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
             for cert in self.certificates()? {
-                roots
-                    .add(cert)
-                    .map_err(|_| TlsSetupError::BadCertificate)?;
+                roots.add(cert).map_err(|_| TlsSetupError::BadCertificate)?;
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         } else {
@@ -89,8 +87,8 @@ impl TrustSettings {
     pub fn lettre_parameters(&self, host: &str) -> Result<TlsParameters, TlsSetupError> {
         let mut builder = TlsParameters::builder(host.to_owned());
         for pem in &self.extra_roots_pem {
-            let cert = Certificate::from_pem(pem.as_bytes())
-                .map_err(|_| TlsSetupError::BadCertificate)?;
+            let cert =
+                Certificate::from_pem(pem.as_bytes()).map_err(|_| TlsSetupError::BadCertificate)?;
             builder = builder.add_root_certificate(cert);
         }
         if !self.verify {
@@ -163,7 +161,10 @@ impl AsyncWrite for TlsSocket {
     ) -> task::Poll<io::Result<usize>> {
         Pin::new(&mut self.stream).poll_write(cx, buf)
     }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut task::Context<'_>) -> task::Poll<io::Result<()>> {
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut task::Context<'_>,
+    ) -> task::Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_flush(cx)
     }
     fn poll_shutdown(

@@ -143,9 +143,7 @@ impl Transports {
         deadline: Instant,
     ) -> Result<Accepted, SmtpFailure> {
         match &self.system {
-            SystemService::Smtp(target) => {
-                self.send_smtp("system", 0, target, out, deadline).await
-            }
+            SystemService::Smtp(target) => self.send_smtp("system", 0, target, out, deadline).await,
             SystemService::FileDrop(drop) => {
                 let path = drop
                     .write(

@@ -149,7 +149,15 @@ fn parse_capabilities(server_info: &str) -> Vec<String> {
         .map(|(_, rest)| {
             rest.trim_matches(|c| c == '{' || c == '}')
                 .split(',')
-                .map(|s| s.trim().to_owned())
+                .map(|s| match s.trim() {
+                    "EightBitMime" => "8BITMIME".to_owned(),
+                    "SmtpUtfEight" => "SMTPUTF8".to_owned(),
+                    "StartTls" => "STARTTLS".to_owned(),
+                    other => match other.strip_prefix("Authentication(") {
+                        Some(m) => format!("AUTH {}", m.trim_end_matches(')').to_ascii_uppercase()),
+                        None => other.to_owned(),
+                    },
+                })
                 .filter(|s| !s.is_empty())
                 .collect()
         })

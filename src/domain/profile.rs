@@ -5,8 +5,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_max_len, check_no_control, validate_headers, EmailAddress, FieldError, Header,
-    Violations,
+    check_max_len, check_no_control, validate_headers, EmailAddress, FieldError, Header, Violations,
 };
 
 /// How the connection to the SMTP server is secured.
@@ -366,7 +365,10 @@ mod tests {
             "profile.from_name",
             "profile.username",
         ] {
-            assert!(fields.contains(&expected), "{expected} missing in {fields:?}");
+            assert!(
+                fields.contains(&expected),
+                "{expected} missing in {fields:?}"
+            );
         }
     }
 

@@ -10,8 +10,8 @@ mod sql;
 use async_trait::async_trait;
 
 use crate::domain::{
-    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile,
-    StoredMessage, Verification,
+    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
+    Verification,
 };
 
 pub use sql::SqlStore;
@@ -99,8 +99,11 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<Vec<SmtpProfile>, StoreError>;
 
     /// Stores a message durably (committed before this returns).
-    async fn insert_message(&self, message: &NewMessage, now: i64)
-        -> Result<InsertOutcome, StoreError>;
+    async fn insert_message(
+        &self,
+        message: &NewMessage,
+        now: i64,
+    ) -> Result<InsertOutcome, StoreError>;
     /// One message of a tenant.
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError>;
     /// The attempts of a message, oldest first.

@@ -21,8 +21,8 @@ use super::{
     Claimed, Completion, InsertOutcome, Store, StoreError,
 };
 use crate::domain::{
-    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile,
-    StoredMessage, Verification,
+    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
+    Verification,
 };
 
 /// Which database is behind the pool.
@@ -145,7 +145,11 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    async fn fetch_messages(&self, sql: &str, binds: &[Bind]) -> Result<Vec<StoredMessage>, StoreError> {
+    async fn fetch_messages(
+        &self,
+        sql: &str,
+        binds: &[Bind],
+    ) -> Result<Vec<StoredMessage>, StoreError> {
         let rows = bind_all(sqlx::query(sql), binds)
             .fetch_all(&self.pool)
             .await
@@ -195,7 +199,8 @@ impl Store for SqlStore {
     }
 
     async fn get_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
-        let sql = format!("SELECT {PROFILE_COLUMNS} FROM smtp_profiles WHERE tenant_id = $1 AND id = $2");
+        let sql =
+            format!("SELECT {PROFILE_COLUMNS} FROM smtp_profiles WHERE tenant_id = $1 AND id = $2");
         let row: Option<AnyRow> = sqlx::query(&sql)
             .bind(tenant_id)
             .bind(id)
@@ -335,7 +340,8 @@ impl Store for SqlStore {
     }
 
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {
-        let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
+        let sql =
+            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
         let binds = [Bind::Text(tenant_id.to_owned()), Bind::Text(id.to_owned())];
         self.fetch_messages(&sql, &binds)
             .await?
@@ -392,16 +398,28 @@ impl Store for SqlStore {
         ];
         for (column, value) in exact {
             if let Some(value) = value {
-                push(&mut sql, &format!(" AND {column} = $?"), Bind::Text(value.clone()));
+                push(
+                    &mut sql,
+                    &format!(" AND {column} = $?"),
+                    Bind::Text(value.clone()),
+                );
             }
         }
         if let Some(recipient) = &filter.recipient {
             let pattern = format!("% {} %", escape_like(&recipient.to_ascii_lowercase()));
-            push(&mut sql, " AND recipients LIKE $? ESCAPE '\\'", Bind::Text(pattern));
+            push(
+                &mut sql,
+                " AND recipients LIKE $? ESCAPE '\\'",
+                Bind::Text(pattern),
+            );
         }
         if let Some(text) = &filter.subject_contains {
             let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
-            push(&mut sql, " AND LOWER(subject) LIKE $? ESCAPE '\\'", Bind::Text(pattern));
+            push(
+                &mut sql,
+                " AND LOWER(subject) LIKE $? ESCAPE '\\'",
+                Bind::Text(pattern),
+            );
         }
         if let Some(start) = filter.start {
             push(&mut sql, " AND created_at >= $?", Bind::Int(start));
@@ -412,7 +430,11 @@ impl Store for SqlStore {
         if let Some(before) = before_id {
             push(&mut sql, " AND id < $?", Bind::Text(before.to_owned()));
         }
-        push(&mut sql, " ORDER BY id DESC LIMIT $?", Bind::Int(i64::from(limit)));
+        push(
+            &mut sql,
+            " ORDER BY id DESC LIMIT $?",
+            Bind::Int(i64::from(limit)),
+        );
         self.fetch_messages(&sql, &binds).await
     }
 
@@ -482,27 +504,28 @@ impl Store for SqlStore {
             return Ok(false);
         }
         for a in attempts {
-        let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
-        sqlx::query(
-            "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
+            let rejected =
+                decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
+            sqlx::query(
+                "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
              profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
              rejected_recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&claimed.message.id)
-        .bind(i64::from(a.number))
-        .bind(a.started_at)
-        .bind(a.duration_us)
-        .bind(&a.server)
-        .bind(a.profile_id.as_deref())
-        .bind(i64::from(a.fallback))
-        .bind(i64::from(a.reply_code))
-        .bind(&a.enhanced_code)
-        .bind(&a.reply_text)
-        .bind(a.outcome.as_str())
-        .bind(rejected)
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
+            )
+            .bind(&claimed.message.id)
+            .bind(i64::from(a.number))
+            .bind(a.started_at)
+            .bind(a.duration_us)
+            .bind(&a.server)
+            .bind(a.profile_id.as_deref())
+            .bind(i64::from(a.fallback))
+            .bind(i64::from(a.reply_code))
+            .bind(&a.enhanced_code)
+            .bind(&a.reply_text)
+            .bind(a.outcome.as_str())
+            .bind(rejected)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
         }
         tx.commit().await.map_err(db_error)?;
         Ok(true)

@@ -1,0 +1,402 @@
+//! SMTP profiles: create, read, list, validation, secrecy, verification and activation.
+
+use mailgate::proto::v1::*;
+use tonic::Code;
+
+use crate::{
+    helpers::{as_tenant, plain_profile, TestApp},
+    smtp_server::{Behavior, TestSmtpServer},
+};
+
+const CANARY: &str = "canary-pw-7f3a9c";
+
+#[tokio::test]
+async fn create_get_list_and_never_return_the_password() {
+    let app = TestApp::spawn().await;
+    let mut client = app.config_client();
+    let mut profile = plain_profile("primary", 2525);
+    profile.host = "smtp.example.com".into();
+    profile.security = SmtpSecurity::Starttls.into();
+    profile.username = "mailer@acme.test".into();
+    profile.password = CANARY.into();
+    profile.auth_mechanism = AuthMechanism::Login.into();
+    let created = client
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(profile.clone()),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let p = created.profile.unwrap();
+    assert!(p.has_password);
+    assert!(p.password.is_empty());
+    assert_eq!(p.status(), ProfileStatus::Inactive);
+    assert_eq!(
+        p.verification.as_ref().unwrap().state(),
+        VerificationState::Unverified
+    );
+    assert_eq!(p.created_by, "test-suite");
+    assert_eq!(p.version, 1);
+    assert!(!format!("{p:?}").contains(CANARY));
+
+    let got = client
+        .get_smtp_profile(as_tenant(
+            "acme",
+            GetSmtpProfileRequest { id: p.id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!format!("{got:?}").contains(CANARY));
+    assert_eq!(got.profile.unwrap().host, "smtp.example.com");
+
+    let dup = client
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(profile.clone()),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+
+    for name in ["b", "c", "d"] {
+        let mut more = plain_profile(name, 2525);
+        more.host = "smtp.example.com".into();
+        client
+            .create_smtp_profile(as_tenant(
+                "acme",
+                CreateSmtpProfileRequest {
+                    profile: Some(more),
+                    verify: false,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+    let mut names = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_smtp_profiles(as_tenant(
+                "acme",
+                ListSmtpProfilesRequest {
+                    page_size: 3,
+                    page_token: token.clone(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        names.extend(page.profiles.into_iter().map(|p| p.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(names, ["b", "c", "d", "primary"]);
+
+    // Other tenants see nothing, and a foreign id looks like a missing one.
+    let foreign = client
+        .get_smtp_profile(as_tenant(
+            "globex",
+            GetSmtpProfileRequest { id: p.id.clone() },
+        ))
+        .await
+        .unwrap_err();
+    let missing = client
+        .get_smtp_profile(as_tenant(
+            "globex",
+            GetSmtpProfileRequest {
+                id: "missing".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (foreign.code(), foreign.message()),
+        (missing.code(), missing.message())
+    );
+    let listed = client
+        .list_smtp_profiles(as_tenant("globex", ListSmtpProfilesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.profiles.is_empty());
+    let activate = client
+        .activate_smtp_profile(as_tenant("globex", ActivateSmtpProfileRequest { id: p.id }))
+        .await
+        .unwrap_err();
+    assert_eq!(activate.code(), Code::NotFound);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn validation_names_each_field() {
+    let app = TestApp::spawn().await;
+    let profile = SmtpProfile {
+        name: String::new(),
+        host: "smtp://mail.example.com".into(),
+        port: 70000,
+        from_email: "not an address".into(),
+        from_name: "x".repeat(256),
+        username: "u".repeat(256),
+        password: "p".repeat(256),
+        ..Default::default()
+    };
+    let err = app
+        .config_client()
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(profile),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    use tonic_types::StatusExt;
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    for f in [
+        "profile.name",
+        "profile.host",
+        "profile.port",
+        "profile.from_email",
+        "profile.from_name",
+        "profile.username",
+        "profile.password",
+    ] {
+        assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn activation_requires_a_successful_verification() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut client = app.config_client();
+    let p = client
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(plain_profile("p", smtp.port)),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let err = client
+        .activate_smtp_profile(as_tenant(
+            "acme",
+            ActivateSmtpProfileRequest { id: p.id.clone() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let report = client
+        .verify_smtp_profile(as_tenant(
+            "acme",
+            VerifySmtpProfileRequest {
+                target: Some(verify_smtp_profile_request::Target::ProfileId(p.id.clone())),
+                recipient: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    assert!(report.succeeded, "{report:#?}");
+    let stages: Vec<_> = report.stages.iter().map(|s| s.stage()).collect();
+    assert_eq!(
+        stages,
+        [
+            VerificationStage::Dns,
+            VerificationStage::Connect,
+            VerificationStage::Greeting,
+            VerificationStage::MailFrom,
+            VerificationStage::RcptTo
+        ]
+    );
+    assert!(smtp.received().is_empty(), "verification sends no email");
+    let active = client
+        .activate_smtp_profile(as_tenant(
+            "acme",
+            ActivateSmtpProfileRequest { id: p.id.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(active.status(), ProfileStatus::Active);
+    assert_eq!(
+        active.verification.unwrap().state(),
+        VerificationState::Verified
+    );
+    let inactive = client
+        .deactivate_smtp_profile(as_tenant("acme", DeactivateSmtpProfileRequest { id: p.id }))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(inactive.status(), ProfileStatus::Inactive);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn verification_explains_failures_and_create_with_verify_saves_nothing() {
+    // A port nobody listens on: bind one, then close it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let app = TestApp::spawn().await;
+    let mut client = app.config_client();
+    let created = client
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(plain_profile("down", port)),
+                verify: true,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        created.profile.is_none(),
+        "not saved when verification fails"
+    );
+    let report = created.verification.unwrap();
+    assert!(!report.succeeded);
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status() == StageStatus::Failed)
+        .unwrap();
+    assert_eq!(failed.stage(), VerificationStage::Connect);
+    assert!(
+        failed.hint.contains("connection refused"),
+        "{}",
+        failed.hint
+    );
+    assert!(report
+        .stages
+        .iter()
+        .any(|s| s.status() == StageStatus::Skipped));
+    let listed = client
+        .list_smtp_profiles(as_tenant("acme", ListSmtpProfilesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.profiles.is_empty());
+
+    let smtp = TestSmtpServer::start(Behavior {
+        reject_rcpt: vec!["noreply@acme.test".into()],
+        ..Behavior::default()
+    })
+    .await;
+    let report = client
+        .verify_smtp_profile(as_tenant(
+            "acme",
+            VerifySmtpProfileRequest {
+                target: Some(verify_smtp_profile_request::Target::Settings(
+                    plain_profile("x", smtp.port),
+                )),
+                recipient: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .report
+        .unwrap();
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status() == StageStatus::Failed)
+        .unwrap();
+    assert_eq!(failed.stage(), VerificationStage::RcptTo);
+    assert_eq!(failed.reply_code, 550);
+    assert!(failed.hint.contains("recipient"), "{}", failed.hint);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn ssrf_guard_refuses_private_destinations_uniformly() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    // No allow-listed network: loopback is refused, with the same answer as any private target.
+    let app = TestApp::spawn_with(|c| c.smtp.allowed_networks.clear()).await;
+    let mut client = app.config_client();
+    let mut details = Vec::new();
+    for host in ["127.0.0.1", "10.0.0.1", "169.254.169.254"] {
+        let mut settings = plain_profile("x", smtp.port);
+        settings.host = host.into();
+        let report = client
+            .verify_smtp_profile(as_tenant(
+                "acme",
+                VerifySmtpProfileRequest {
+                    target: Some(verify_smtp_profile_request::Target::Settings(settings)),
+                    recipient: String::new(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .report
+            .unwrap();
+        let failed = report
+            .stages
+            .iter()
+            .find(|s| s.status() == StageStatus::Failed)
+            .unwrap();
+        assert_eq!(failed.stage(), VerificationStage::Dns);
+        details.push((failed.detail.clone(), failed.hint.clone()));
+    }
+    assert!(details.windows(2).all(|w| w[0] == w[1]), "{details:?}");
+    assert!(!details[0].0.contains("127.0.0.1"));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn provider_presets_are_listed() {
+    let app = TestApp::spawn().await;
+    let presets = app
+        .config_client()
+        .list_provider_presets(as_tenant("acme", ListProviderPresetsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .presets;
+    let m365 = presets
+        .iter()
+        .find(|p| p.provider() == Provider::Microsoft365)
+        .unwrap();
+    assert_eq!((m365.host.as_str(), m365.port), ("smtp.office365.com", 587));
+    let gmail = presets
+        .iter()
+        .find(|p| p.provider() == Provider::Gmail)
+        .unwrap();
+    assert!(gmail.hint.contains("app password"));
+    assert_eq!(presets.len(), 10);
+    app.stop().await.unwrap();
+}

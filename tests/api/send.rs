@@ -1,0 +1,518 @@
+//! SendEmail through the in-process SMTP server and the file drop: statuses, attempts,
+//! headers on the wire, validation and isolation.
+
+use mailgate::{domain::MessageStatus, proto::v1::*};
+use tonic::Code;
+
+use crate::{
+    helpers::{as_tenant, mailbox, plain_profile, simple_email, TestApp},
+    smtp_server::{Behavior, TestSmtpServer},
+};
+
+#[tokio::test]
+async fn sends_through_profile_with_right_headers_and_envelope() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut profile = plain_profile("main", smtp.port);
+    profile.cc = vec!["audit@acme.test".into()];
+    profile.bcc = vec!["archive@acme.test".into()];
+    profile.error_to = "bounces@acme.test".into();
+    profile.headers = vec![Header {
+        name: "X-Profile".into(),
+        value: "p".into(),
+    }];
+    let profile_id = app.active_profile("acme", profile).await;
+
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id.clone();
+    req.cc = vec![mailbox("carol@example.com")];
+    req.bcc = vec![mailbox("secret@example.com")];
+    req.headers = vec![Header {
+        name: "X-Request".into(),
+        value: "r".into(),
+    }];
+    req.tags = [("user_id".to_string(), "42".to_string())].into();
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Sent);
+
+    let received = smtp.received();
+    assert_eq!(received.len(), 1);
+    let m = &received[0];
+    assert_eq!(
+        m.mail_from, "bounces@acme.test",
+        "error_to is the envelope sender"
+    );
+    let mut rcpts = m.rcpt_to.clone();
+    rcpts.sort();
+    assert_eq!(
+        rcpts,
+        [
+            "archive@acme.test",
+            "audit@acme.test",
+            "bob@example.com",
+            "carol@example.com",
+            "secret@example.com"
+        ]
+    );
+    let headers = m.data.split("\r\n\r\n").next().unwrap();
+    assert!(
+        headers.contains("From: Acme <noreply@acme.test>"),
+        "{headers}"
+    );
+    assert!(headers.contains("To: bob@example.com"));
+    assert!(
+        headers.contains("Cc: carol@example.com, audit@acme.test"),
+        "{headers}"
+    );
+    assert!(headers.contains("Subject: Hello"));
+    assert!(headers.contains(&format!("X-Mailgate-Id: {id}")));
+    assert!(headers.contains("X-Profile: p") && headers.contains("X-Request: r"));
+    assert!(headers.contains("Message-ID: <") && headers.contains("Date: "));
+    assert!(!m.data.contains("secret@example.com") && !m.data.contains("archive@acme.test"));
+    assert!(!headers.to_ascii_lowercase().contains("\r\nbcc:"));
+
+    let entry = app.log_entry("acme", &id).await;
+    assert_eq!(entry.status(), EmailStatus::Sent);
+    assert_eq!(entry.profile_id, profile_id);
+    assert_eq!(entry.profile_reason(), ProfileReason::Request);
+    assert_eq!(entry.source, "test-suite");
+    assert_eq!(entry.tags.get("user_id").map(String::as_str), Some("42"));
+    assert_eq!(entry.attempts.len(), 1);
+    let attempt = &entry.attempts[0];
+    assert_eq!(attempt.reply_code, 250);
+    assert_eq!(attempt.enhanced_code, "2.0.0");
+    assert!(attempt.reply_text.contains("queued as TEST"));
+    assert_eq!(attempt.outcome(), AttemptOutcome::Sent);
+    assert!(entry.sent_time.is_some());
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_profile_the_file_drop_delivers() {
+    let app = TestApp::spawn().await;
+    let (id, status) = app
+        .send_and_settle("acme", simple_email("bob@example.com"))
+        .await;
+    assert_eq!(status, MessageStatus::Sent);
+    let eml = std::fs::read_to_string(
+        app.data_dir
+            .join("outbox")
+            .join("acme")
+            .join(format!("{id}.eml")),
+    )
+    .unwrap();
+    assert!(eml.contains("X-Mailgate-Envelope-To: bob@example.com"));
+    assert!(eml.contains("Subject: Hello"));
+    let entry = app.log_entry("acme", &id).await;
+    assert_eq!(entry.profile_reason(), ProfileReason::SystemDefault);
+    assert_eq!(entry.attempts[0].server, "file-drop");
+    app.stop().await.unwrap();
+}
+
+async fn settle_with(behavior: Behavior, to: &[&str]) -> (EmailLogEntry, TestSmtpServer) {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    smtp.set_behavior(behavior);
+    let mut req = simple_email(to[0]);
+    req.to = to.iter().map(|t| mailbox(t)).collect();
+    req.profile_id = profile_id;
+    let (id, _) = app.send_and_settle("acme", req).await;
+    let entry = app.log_entry("acme", &id).await;
+    app.stop().await.unwrap();
+    (entry, smtp)
+}
+
+#[tokio::test]
+async fn permanent_rejection_after_data_fails() {
+    let behavior = Behavior {
+        data_reply: "554 5.7.1 Message rejected as spam".into(),
+        ..Behavior::default()
+    };
+    let (entry, _smtp) = settle_with(behavior, &["bob@example.com"]).await;
+    assert_eq!(entry.status(), EmailStatus::Failed);
+    assert_eq!(entry.attempts[0].reply_code, 554);
+    assert_eq!(entry.attempts[0].enhanced_code, "5.7.1");
+    assert!(entry.last_error.contains("rejected as spam"));
+    assert!(entry.next_attempt_time.is_none());
+}
+
+#[tokio::test]
+async fn temporary_failure_after_data_defers_with_a_retry_time() {
+    let behavior = Behavior {
+        data_reply: "451 4.3.0 Try again later".into(),
+        ..Behavior::default()
+    };
+    let (entry, _smtp) = settle_with(behavior, &["bob@example.com"]).await;
+    assert_eq!(entry.status(), EmailStatus::Deferred);
+    assert_eq!(entry.attempts[0].reply_code, 451);
+    assert_eq!(entry.attempts[0].outcome(), AttemptOutcome::Deferred);
+    let next = entry.next_attempt_time.unwrap().seconds;
+    let created = entry.create_time.unwrap().seconds;
+    // First retry step is 30 s with +-20 % jitter.
+    assert!(
+        (created + 23..=created + 37).contains(&next),
+        "next attempt {next} vs {created}"
+    );
+}
+
+#[tokio::test]
+async fn partial_recipient_rejection_delivers_to_the_others() {
+    let behavior = Behavior {
+        reject_rcpt: vec!["ghost@example.com".into()],
+        ..Behavior::default()
+    };
+    let (entry, smtp) = settle_with(
+        behavior,
+        &["a@example.com", "ghost@example.com", "c@example.com"],
+    )
+    .await;
+    assert_eq!(entry.status(), EmailStatus::Sent);
+    assert_eq!(entry.attempts[0].rejected_recipients, ["ghost@example.com"]);
+    assert_eq!(
+        smtp.received()[0].rcpt_to,
+        ["a@example.com", "c@example.com"]
+    );
+}
+
+#[tokio::test]
+async fn connection_dropped_after_the_final_dot_defers() {
+    let behavior = Behavior {
+        drop_after_dot: true,
+        ..Behavior::default()
+    };
+    let (entry, _smtp) = settle_with(behavior, &["bob@example.com"]).await;
+    assert_eq!(entry.status(), EmailStatus::Deferred);
+    assert_eq!(entry.attempts[0].reply_code, 0);
+}
+
+#[tokio::test]
+async fn a_server_that_never_greets_cannot_hold_a_worker() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app =
+        TestApp::spawn_with(|c| c.delivery.attempt_timeout = std::time::Duration::from_millis(500))
+            .await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        greeting: None,
+        ..Behavior::default()
+    });
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Deferred);
+    let entry = app.log_entry("acme", &id).await;
+    assert!(
+        entry.last_error.contains("deadline"),
+        "{}",
+        entry.last_error
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn greeting_421_falls_back_to_the_system_default_when_allowed() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut profile = plain_profile("main", smtp.port);
+    profile.fallback_policy = FallbackPolicy::OnServerFailure.into();
+    let profile_id = app.active_profile("acme", profile).await;
+    smtp.set_behavior(Behavior {
+        greeting: Some("421 4.3.2 Service not available".into()),
+        ..Behavior::default()
+    });
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Sent);
+    let entry = app.log_entry("acme", &id).await;
+    assert!(entry.fallback);
+    assert!(
+        entry.fallback_reason.contains("421") || entry.fallback_reason.contains("not available"),
+        "{}",
+        entry.fallback_reason
+    );
+    assert_eq!(entry.attempts.len(), 2);
+    assert!(entry.attempts[1].fallback);
+    let eml = std::fs::read_to_string(app.data_dir.join("outbox/acme").join(format!("{id}.eml")))
+        .unwrap();
+    assert!(
+        eml.contains("From: Acme <mailgate@localhost>"),
+        "operator sender on fallback: {eml}"
+    );
+    assert!(eml.contains("Reply-To: noreply@acme.test"));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn recipient_rejection_never_falls_back() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut profile = plain_profile("main", smtp.port);
+    profile.fallback_policy = FallbackPolicy::OnServerFailure.into();
+    let profile_id = app.active_profile("acme", profile).await;
+    smtp.set_behavior(Behavior {
+        reject_rcpt: vec!["bob@example.com".into()],
+        ..Behavior::default()
+    });
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Failed);
+    let entry = app.log_entry("acme", &id).await;
+    assert!(!entry.fallback);
+    assert_eq!(entry.attempts.len(), 1);
+    assert_eq!(entry.attempts[0].reply_code, 550);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_or_conflicts() {
+    let app = TestApp::spawn().await;
+    let mut client = app.send_client();
+    let mut req = simple_email("bob@example.com");
+    req.idempotency_key = "order-17".into();
+    let first = client
+        .send_email(as_tenant("acme", req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .send_email(as_tenant("acme", req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.message_id, again.message_id);
+    assert!(!first.replayed && again.replayed);
+    // Another tenant may use the same key.
+    let other = client
+        .send_email(as_tenant("globex", req.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(other.message_id, first.message_id);
+    req.subject = "Different".into();
+    let err = client.send_email(as_tenant("acme", req)).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_input_names_every_field() {
+    let app = TestApp::spawn().await;
+    let req = SendEmailRequest {
+        to: vec![mailbox("not-an-address")],
+        cc: vec![mailbox("x@y.test\r\nBcc: evil@z.test")],
+        subject: String::new(),
+        headers: vec![
+            Header {
+                name: "Bcc".into(),
+                value: "a@b.c".into(),
+            },
+            Header {
+                name: "X-Ok".into(),
+                value: "a\r\nb".into(),
+            },
+        ],
+        ..Default::default()
+    };
+    let err = app
+        .send_client()
+        .send_email(as_tenant("acme", req))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    use tonic_types::StatusExt;
+    let fields: Vec<String> = err
+        .get_details_bad_request()
+        .unwrap()
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect();
+    for f in [
+        "to[0].email",
+        "cc[0].email",
+        "subject",
+        "text_body",
+        "headers[0].name",
+        "headers[1].value",
+    ] {
+        assert!(fields.iter().any(|x| x == f), "{f} missing from {fields:?}");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tenants_are_isolated_and_required() {
+    let app = TestApp::spawn().await;
+    let (id, _) = app
+        .send_and_settle("acme", simple_email("bob@example.com"))
+        .await;
+    let mut log = app.log_client();
+    let other = log
+        .get_email_log(as_tenant("globex", GetEmailLogRequest { id: id.clone() }))
+        .await
+        .unwrap_err();
+    let missing = log
+        .get_email_log(as_tenant(
+            "globex",
+            GetEmailLogRequest { id: "nope".into() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::NotFound);
+    assert_eq!(
+        other.message(),
+        missing.message(),
+        "another tenant's id looks exactly like a missing one"
+    );
+    let listed = log
+        .list_email_logs(as_tenant("globex", ListEmailLogsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty());
+    let anonymous = log
+        .get_email_log(tonic::Request::new(GetEmailLogRequest { id }))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn list_is_newest_first_with_stable_cursor_pages_and_filters() {
+    let app = TestApp::spawn().await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let mut req = simple_email(&format!("user{i}@example.com"));
+        req.subject = format!("Invoice {i}");
+        req.email_type = if i % 2 == 0 {
+            "invoice".into()
+        } else {
+            "welcome".into()
+        };
+        ids.push(app.send_and_settle("acme", req).await.0);
+    }
+    let mut log = app.log_client();
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = log
+            .list_email_logs(as_tenant(
+                "acme",
+                ListEmailLogsRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        seen.extend(page.entries.into_iter().map(|e| e.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    let filtered = log
+        .list_email_logs(as_tenant(
+            "acme",
+            ListEmailLogsRequest {
+                filter: Some(EmailLogFilter {
+                    email_type: "invoice".into(),
+                    statuses: vec![EmailStatus::Sent.into()],
+                    recipient: "USER2@example.com".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.entries.len(), 1);
+    assert_eq!(filtered.entries[0].subject, "Invoice 2");
+    let by_subject = log
+        .list_email_logs(as_tenant(
+            "acme",
+            ListEmailLogsRequest {
+                filter: Some(EmailLogFilter {
+                    subject_contains: "invoice 4".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_subject.entries.len(), 1);
+    let bad = log
+        .list_email_logs(as_tenant(
+            "acme",
+            ListEmailLogsRequest {
+                page_token: "garbage".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn explicitly_named_inactive_profile_is_a_failed_precondition() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let created = app
+        .config_client()
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(plain_profile("p", smtp.port)),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = created.profile.unwrap().id;
+    let err = app
+        .send_client()
+        .send_email(as_tenant("acme", req))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn relay_rule_refuses_foreign_sender_domains() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    req.from = Some(mailbox("ceo@other-company.test"));
+    let err = app
+        .send_client()
+        .send_email(as_tenant("acme", req))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("other-company.test"));
+    app.stop().await.unwrap();
+}

@@ -1,0 +1,208 @@
+//! An in-process SMTP server for fault injection. It records every message (envelope and raw
+//! bytes) and answers what a test tells it to.
+
+use std::sync::{Arc, Mutex};
+
+use tokio::{
+    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    net::{TcpListener, TcpStream},
+    sync::Notify,
+};
+
+/// How the server behaves.
+#[derive(Clone, Debug)]
+pub struct Behavior {
+    /// The greeting; None: never greet (a server that hangs).
+    pub greeting: Option<String>,
+    /// Recipients refused with 550.
+    pub reject_rcpt: Vec<String>,
+    /// Reply to the end of DATA.
+    pub data_reply: String,
+    /// Close the connection right after the final dot, without replying.
+    pub drop_after_dot: bool,
+    /// Accept AUTH with these credentials (offers AUTH PLAIN LOGIN when set).
+    pub auth: Option<(String, String)>,
+}
+
+impl Default for Behavior {
+    fn default() -> Self {
+        Self {
+            greeting: Some("220 test.smtp ESMTP ready".into()),
+            reject_rcpt: Vec::new(),
+            data_reply: "250 2.0.0 OK queued as TEST".into(),
+            drop_after_dot: false,
+            auth: None,
+        }
+    }
+}
+
+/// One received message.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub mail_from: String,
+    pub rcpt_to: Vec<String>,
+    pub data: String,
+}
+
+#[derive(Default)]
+struct State {
+    received: Mutex<Vec<Received>>,
+    behavior: Mutex<Behavior>,
+    arrived: Notify,
+}
+
+/// A running server; stops when dropped.
+pub struct TestSmtpServer {
+    pub port: u16,
+    state: Arc<State>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestSmtpServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestSmtpServer {
+    pub async fn start(behavior: Behavior) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(State::default());
+        *state.behavior.lock().unwrap() = behavior;
+        let s = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let _ = session(stream, s).await;
+                });
+            }
+        });
+        Self { port, state, task }
+    }
+
+    pub fn set_behavior(&self, behavior: Behavior) {
+        *self.state.behavior.lock().unwrap() = behavior;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.received.lock().unwrap().clone()
+    }
+}
+
+async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
+    let behavior = state.behavior.lock().unwrap().clone();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read);
+    let Some(greeting) = &behavior.greeting else {
+        // Never greet: hold the connection open until the client gives up.
+        let mut sink = String::new();
+        while lines.read_line(&mut sink).await? > 0 {}
+        return Ok(());
+    };
+    write
+        .write_all(format!("{greeting}\r\n").as_bytes())
+        .await?;
+    if !greeting.starts_with('2') {
+        return Ok(());
+    }
+    let mut mail_from = String::new();
+    let mut rcpt_to = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if lines.read_line(&mut line).await? == 0 {
+            return Ok(());
+        }
+        let cmd = line.trim_end().to_owned();
+        let upper = cmd.to_ascii_uppercase();
+        let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            let auth = if behavior.auth.is_some() {
+                "250-AUTH PLAIN LOGIN\r\n"
+            } else {
+                ""
+            };
+            format!("250-test.smtp\r\n{auth}250-8BITMIME\r\n250 SIZE 10485760")
+        } else if upper.starts_with("AUTH PLAIN") {
+            let (user, pass) = behavior.auth.clone().unwrap_or_default();
+            let expected = base64_encode(format!("\0{user}\0{pass}").as_bytes());
+            if cmd.split_whitespace().nth(2) == Some(expected.as_str()) {
+                "235 2.7.0 Authentication successful".into()
+            } else {
+                "535 5.7.8 Authentication credentials invalid".into()
+            }
+        } else if upper.starts_with("MAIL FROM:") {
+            mail_from = addr(&cmd[10..]);
+            rcpt_to.clear();
+            "250 2.1.0 OK".into()
+        } else if upper.starts_with("RCPT TO:") {
+            let rcpt = addr(&cmd[8..]);
+            if behavior
+                .reject_rcpt
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&rcpt))
+            {
+                "550 5.1.1 No such user".into()
+            } else {
+                rcpt_to.push(rcpt);
+                "250 2.1.5 OK".into()
+            }
+        } else if upper == "DATA" {
+            write
+                .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
+                .await?;
+            let mut data = String::new();
+            loop {
+                let mut l = String::new();
+                if lines.read_line(&mut l).await? == 0 {
+                    return Ok(());
+                }
+                if l == ".\r\n" {
+                    break;
+                }
+                data.push_str(
+                    l.strip_prefix('.')
+                        .filter(|_| l.starts_with(".."))
+                        .unwrap_or(&l),
+                );
+            }
+            if behavior.drop_after_dot {
+                return Ok(());
+            }
+            if behavior.data_reply.starts_with('2') {
+                state.received.lock().unwrap().push(Received {
+                    mail_from: mail_from.clone(),
+                    rcpt_to: rcpt_to.clone(),
+                    data,
+                });
+                state.arrived.notify_waiters();
+            }
+            behavior.data_reply.clone()
+        } else if upper == "RSET" || upper == "NOOP" {
+            "250 2.0.0 OK".into()
+        } else if upper == "QUIT" {
+            write.write_all(b"221 2.0.0 Bye\r\n").await?;
+            return Ok(());
+        } else {
+            "502 5.5.2 Command not recognized".into()
+        };
+        write.write_all(format!("{reply}\r\n").as_bytes()).await?;
+    }
+}
+
+fn addr(arg: &str) -> String {
+    let arg = arg.trim();
+    match (arg.find('<'), arg.find('>')) {
+        (Some(start), Some(end)) if end > start => arg[start + 1..end].to_owned(),
+        _ => arg.split_whitespace().next().unwrap_or_default().to_owned(),
+    }
+}
+
+fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}

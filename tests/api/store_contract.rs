@@ -1,0 +1,222 @@
+//! The store contract, run against the backend the suite is on (SQLite or PostgreSQL):
+//! claiming with leases, completing only with the lease, releasing, idempotency.
+
+use std::collections::BTreeMap;
+
+use mailgate::{
+    delivery::now_micros,
+    domain::*,
+    storage::{Completion, InsertOutcome, SqlStore, Store},
+};
+
+use crate::helpers::TestDatabase;
+
+fn message(tenant: &str, key: Option<&str>) -> NewMessage {
+    let mb = |e: &str| Mailbox {
+        email: EmailAddress::parse("x", e).unwrap(),
+        name: String::new(),
+    };
+    NewMessage {
+        id: uuid::Uuid::now_v7().to_string(),
+        tenant_id: tenant.into(),
+        source: "svc".into(),
+        email_type: "notification".into(),
+        profile_id: None,
+        profile_reason: ProfileReason::SystemDefault,
+        template_id: None,
+        campaign_id: None,
+        content: MessageContent {
+            from: mb("from@acme.test"),
+            reply_to: None,
+            error_to: None,
+            to: vec![mb("to@example.com")],
+            cc: vec![],
+            bcc: vec![],
+            subject: "s".into(),
+            text: Some("t".into()),
+            html: None,
+            headers: vec![],
+            attachments: vec![],
+        },
+        send_at: None,
+        idempotency_key: key.map(str::to_owned),
+        request_hash: "h1".into(),
+        tags: BTreeMap::new(),
+        message_id_header: "m@acme.test".into(),
+        trace_id: String::new(),
+    }
+}
+
+fn attempt(number: u32) -> AttemptRecord {
+    AttemptRecord {
+        number,
+        started_at: now_micros(),
+        duration_us: 10,
+        server: "s:25".into(),
+        profile_id: None,
+        fallback: false,
+        reply_code: 250,
+        enhanced_code: "2.0.0".into(),
+        reply_text: "ok".into(),
+        outcome: AttemptOutcome::Sent,
+        rejected_recipients: vec![],
+    }
+}
+
+fn sent() -> Completion {
+    Completion {
+        status: MessageStatus::Sent,
+        retry_at: None,
+        last_error: String::new(),
+        fallback: false,
+        fallback_reason: String::new(),
+    }
+}
+
+async fn store() -> (SqlStore, TestDatabase) {
+    let db = TestDatabase::new().await;
+    let store = SqlStore::connect(&db.url, 4).await.unwrap();
+    (store, db)
+}
+
+#[tokio::test]
+async fn claim_is_exclusive_and_completion_needs_the_lease() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    for _ in 0..3 {
+        store
+            .insert_message(&message("t1", None), now)
+            .await
+            .unwrap();
+    }
+    let first = store.claim_due(now + 1, now + 60_000_000, 2).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let second = store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(second.len(), 1, "leased messages are not claimed twice");
+    assert!(store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // A stale lease cannot complete: after expiry another worker reclaims it.
+    let reclaimed = store
+        .claim_due(now + 61_000_000, now + 120_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(reclaimed.len(), 3, "expired leases are reclaimed");
+    assert!(!store
+        .complete(&first[0], &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    let fresh = reclaimed
+        .iter()
+        .find(|c| c.message.id == first[0].message.id)
+        .unwrap();
+    assert!(store
+        .complete(fresh, &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    let m = store.get_message("t1", &fresh.message.id).await.unwrap();
+    assert_eq!(m.status, MessageStatus::Sent);
+    assert_eq!(m.attempt_count, 1);
+    assert!(m.sent_at.is_some());
+    assert_eq!(store.list_attempts("t1", &m.id).await.unwrap().len(), 1);
+    assert!(store.list_attempts("t2", &m.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn deferred_messages_wait_for_their_time_and_release_requeues() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    store
+        .insert_message(&message("t1", None), now)
+        .await
+        .unwrap();
+    let claimed = store.claim_due(now, now + 1_000_000, 1).await.unwrap();
+    let deferred = Completion {
+        status: MessageStatus::Deferred,
+        retry_at: Some(now + 30_000_000),
+        last_error: "451".into(),
+        fallback: false,
+        fallback_reason: String::new(),
+    };
+    let mut a = attempt(1);
+    a.outcome = AttemptOutcome::Deferred;
+    assert!(store
+        .complete(&claimed[0], &[a], &deferred, now)
+        .await
+        .unwrap());
+    assert!(store
+        .claim_due(now + 29_000_000, now + 40_000_000, 5)
+        .await
+        .unwrap()
+        .is_empty());
+    let again = store
+        .claim_due(now + 30_000_000, now + 40_000_000, 5)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].message.attempt_count, 1);
+    store.release(&again[0], now + 30_000_000).await.unwrap();
+    let m = store.get_message("t1", &again[0].message.id).await.unwrap();
+    assert_eq!(m.status, MessageStatus::Queued);
+    assert_eq!(
+        store
+            .claim_due(now + 30_000_000, now + 40_000_000, 5)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn scheduled_messages_are_not_due_early() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let mut m = message("t1", None);
+    m.send_at = Some(now + 3_600_000_000);
+    store.insert_message(&m, now).await.unwrap();
+    assert_eq!(
+        store.get_message("t1", &m.id).await.unwrap().status,
+        MessageStatus::Scheduled
+    );
+    assert!(store.claim_due(now, now + 1, 5).await.unwrap().is_empty());
+    assert_eq!(
+        store
+            .claim_due(now + 3_600_000_000, now + 3_700_000_000, 5)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn idempotency_is_per_tenant() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let a = message("t1", Some("k"));
+    assert_eq!(
+        store.insert_message(&a, now).await.unwrap(),
+        InsertOutcome::Created
+    );
+    let replay = message("t1", Some("k"));
+    assert!(
+        matches!(store.insert_message(&replay, now).await.unwrap(), InsertOutcome::Replayed { id, .. } if id == a.id)
+    );
+    let mut conflict = message("t1", Some("k"));
+    conflict.request_hash = "other".into();
+    assert!(store.insert_message(&conflict, now).await.is_err());
+    assert_eq!(
+        store
+            .insert_message(&message("t2", Some("k")), now)
+            .await
+            .unwrap(),
+        InsertOutcome::Created
+    );
+}
