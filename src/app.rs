@@ -177,7 +177,7 @@ impl App {
             store: store.clone() as Arc<dyn Store>,
             engine: engine.clone(),
             secrets,
-            message_id_domain: config.smtp.helo_name.clone(),
+            allow_insecure_tls: config.smtp.allow_insecure_tls,
             system_sender,
         };
         Ok(Self {

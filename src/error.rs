@@ -63,6 +63,7 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::NotFound(what) => Self::NotFound(what),
             StoreError::Conflict(what) => Self::AlreadyExists(what),
+            StoreError::WrongState(what) => Self::FailedPrecondition(what),
             StoreError::Unavailable(_) => Self::Unavailable,
             StoreError::Other(e) => Self::Internal(e),
         }

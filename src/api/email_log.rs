@@ -51,7 +51,7 @@ pub(crate) fn decode_token(token: &str) -> Result<Option<String>, ApiError> {
         .ok_or_else(|| ApiError::invalid("page_token", "is not a token this service issued"))
 }
 
-fn filter_from_proto(f: Option<pb::EmailLogFilter>) -> Result<LogFilter, ApiError> {
+pub(crate) fn filter_from_proto(f: Option<pb::EmailLogFilter>) -> Result<LogFilter, ApiError> {
     let Some(f) = f else {
         return Ok(LogFilter::default());
     };

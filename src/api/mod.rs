@@ -4,8 +4,11 @@
 mod convert;
 mod email_log;
 mod presets;
+mod profile_mask;
 mod send;
 mod smtp_config;
+mod tenant_settings;
+mod test_email;
 mod unimplemented;
 
 use std::sync::Arc;
@@ -35,8 +38,8 @@ pub struct ApiContext {
     pub secrets: SecretBox,
     /// The system default service's sender.
     pub system_sender: Mailbox,
-    /// Domain used in generated Message-IDs.
-    pub message_id_domain: String,
+    /// Whether profiles may turn certificate verification off (operator setting).
+    pub allow_insecure_tls: bool,
 }
 
 /// Who is calling: the tenant and the calling service.

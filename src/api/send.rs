@@ -196,15 +196,39 @@ impl SendApi {
         }
         v.finish()?;
 
-        let (profile, reason) = if req.profile_id.is_empty() {
-            (None, ProfileReason::SystemDefault)
-        } else {
+        let tenant = self
+            .ctx
+            .store
+            .get_tenant_settings(&caller.tenant_id)
+            .await?;
+        let (profile, reason) = if !req.profile_id.is_empty() {
             (
                 Some(self.named_profile(caller, &req.profile_id).await?),
                 ProfileReason::Request,
             )
+        } else {
+            // Not named: the tenant's default if it is usable, else the system default.
+            let default = match &tenant.default_profile_id {
+                Some(id) => self
+                    .ctx
+                    .store
+                    .get_profile(&caller.tenant_id, id)
+                    .await
+                    .ok()
+                    .filter(|p| p.status == ProfileStatus::Active),
+                None => None,
+            };
+            match default {
+                Some(p) => (Some(p), ProfileReason::TenantDefault),
+                None => (None, ProfileReason::SystemDefault),
+            }
         };
+        let system_from = tenant
+            .default_from
+            .clone()
+            .unwrap_or_else(|| self.ctx.system_sender.clone());
         let content = self.compose_content(
+            system_from,
             profile.as_ref(),
             from,
             reply_to,
@@ -240,6 +264,7 @@ impl SendApi {
     #[allow(clippy::too_many_arguments)]
     fn compose_content(
         &self,
+        system_from: Mailbox,
         profile: Option<&SmtpProfile>,
         from: Option<Mailbox>,
         reply_to: Option<EmailAddress>,
@@ -254,7 +279,7 @@ impl SendApi {
         let html = (!req.html_body.is_empty()).then(|| req.html_body.clone());
         let Some(profile) = profile else {
             return Ok(MessageContent {
-                from: from.unwrap_or_else(|| self.ctx.system_sender.clone()),
+                from: from.unwrap_or(system_from),
                 reply_to: reply_to.map(String::from),
                 error_to: None,
                 to,
@@ -348,6 +373,64 @@ impl SendService for SendApi {
             message_id: id,
             status: status_to_proto(status).into(),
             replayed,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn cancel_email(
+        &self,
+        request: Request<pb::CancelEmailRequest>,
+    ) -> Result<Response<pb::CancelEmailResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let id = &request.get_ref().message_id;
+        let status = self
+            .ctx
+            .store
+            .cancel_message(&caller.tenant_id, id, now_micros())
+            .await
+            .map_err(ApiError::from)?;
+        self.ctx.engine.publish(&caller.tenant_id, id, status);
+        Ok(Response::new(pb::CancelEmailResponse {
+            status: status_to_proto(status).into(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn retry_email(
+        &self,
+        request: Request<pb::RetryEmailRequest>,
+    ) -> Result<Response<pb::RetryEmailResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let id = &request.get_ref().message_id;
+        let status = self
+            .ctx
+            .store
+            .retry_message(&caller.tenant_id, id, now_micros())
+            .await
+            .map_err(ApiError::from)?;
+        self.ctx.engine.publish(&caller.tenant_id, id, status);
+        self.ctx.engine.wake();
+        Ok(Response::new(pb::RetryEmailResponse {
+            status: status_to_proto(status).into(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn requeue_emails(
+        &self,
+        request: Request<pb::RequeueEmailsRequest>,
+    ) -> Result<Response<pb::RequeueEmailsResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let filter = super::email_log::filter_from_proto(request.into_inner().filter)?;
+        let count = self
+            .ctx
+            .store
+            .requeue_messages(&caller.tenant_id, &filter, now_micros())
+            .await
+            .map_err(ApiError::from)?;
+        self.ctx.engine.wake();
+        Ok(Response::new(pb::RequeueEmailsResponse {
+            requeued_count: i64::try_from(count).unwrap_or(i64::MAX),
         }))
     }
 }

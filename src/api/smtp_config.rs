@@ -6,7 +6,7 @@ use tracing::instrument;
 use super::{
     caller,
     convert::{duration, profile_to_proto, settings_from_proto},
-    page_size, ApiContext,
+    page_size, profile_mask, tenant_settings, test_email, ApiContext,
 };
 use crate::{
     delivery::{
@@ -118,8 +118,18 @@ fn verification_of(report: &VerifyReport) -> Verification {
 }
 
 /// Validates name, settings and password of a profile message under `prefix`.
-fn validated(p: &pb::SmtpProfile, prefix: &str) -> Result<ProfileSettings, ApiError> {
+fn validated(
+    p: &pb::SmtpProfile,
+    prefix: &str,
+    allow_insecure_tls: bool,
+) -> Result<ProfileSettings, ApiError> {
     let mut errors = Vec::new();
+    if p.verify_certificate == Some(false) && !allow_insecure_tls {
+        errors.push(FieldError::new(
+            format!("{prefix}.verify_certificate"),
+            "the operator does not allow turning certificate verification off; add the server's CA to trusted_ca_pem instead",
+        ));
+    }
     let name = p.name.trim();
     if name.is_empty() {
         errors.push(FieldError::new(format!("{prefix}.name"), "is required"));
@@ -155,7 +165,7 @@ impl SmtpConfigService for SmtpConfigApi {
         let p = req
             .profile
             .ok_or_else(|| ApiError::invalid("profile", "is required"))?;
-        let settings = validated(&p, "profile")?;
+        let settings = validated(&p, "profile", self.ctx.allow_insecure_tls)?;
         let mut verification = Verification::default();
         let mut report = None;
         if req.verify {
@@ -372,7 +382,7 @@ impl SmtpConfigService for SmtpConfigApi {
                 report
             }
             Some(pb::verify_smtp_profile_request::Target::Settings(p)) => {
-                let settings = validated(&p, "settings")?;
+                let settings = validated(&p, "settings", self.ctx.allow_insecure_tls)?;
                 let secret = (!p.password.is_empty()).then(|| p.password.clone());
                 self.run_verification(&settings, secret, &req.recipient)
                     .await?
@@ -380,6 +390,231 @@ impl SmtpConfigService for SmtpConfigApi {
         };
         Ok(Response::new(pb::VerifySmtpProfileResponse {
             report: Some(report_to_proto(&report)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn update_smtp_profile(
+        &self,
+        request: Request<pb::UpdateSmtpProfileRequest>,
+    ) -> Result<Response<pb::UpdateSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        let input = req
+            .profile
+            .ok_or_else(|| ApiError::invalid("profile", "is required"))?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let store = &self.ctx.store;
+        let current = store
+            .get_profile(&caller.tenant_id, &input.id)
+            .await
+            .map_err(ApiError::from)?;
+        let update = profile_mask::apply(&current, &input, &paths).map_err(ApiError::from)?;
+        if update.name.is_empty() {
+            return Err(ApiError::invalid("profile.name", "is required").into());
+        }
+        check_max_len("profile.name", &update.name, 255).map_err(ApiError::from)?;
+        if let Some(pw) = &update.password {
+            check_max_len("profile.password", pw, 255).map_err(ApiError::from)?;
+        }
+        if paths.iter().any(|p| p == "verify_certificate")
+            && !update.settings.verify_certificate
+            && !self.ctx.allow_insecure_tls
+        {
+            return Err(ApiError::invalid(
+                "profile.verify_certificate",
+                "the operator does not allow turning certificate verification off",
+            )
+            .into());
+        }
+        let context = secret_context(&caller.tenant_id, &current.id);
+        let plain_secret = match &update.password {
+            Some(pw) if pw.is_empty() => None,
+            Some(pw) => Some(pw.clone()),
+            None => match &current.secret_ciphertext {
+                None => None,
+                Some(sealed) => Some(
+                    self.ctx
+                        .secrets
+                        .open(sealed, &context)
+                        .map_err(|e| ApiError::Internal(e.into()))?,
+                ),
+            },
+        };
+        update
+            .settings
+            .validate("profile", plain_secret.is_some())
+            .map_err(ApiError::from)?;
+        let mut next = current.clone();
+        next.name = update.name.clone();
+        next.settings = update.settings.clone();
+        if let Some(pw) = &update.password {
+            next.secret_ciphertext = (!pw.is_empty()).then(|| self.ctx.secrets.seal(pw, &context));
+        }
+        next.updated_at = now_micros();
+        let mut report = None;
+        if req.verify {
+            let result = self
+                .run_verification(&next.settings, plain_secret.clone(), "")
+                .await?;
+            let proto_report = report_to_proto(&result);
+            if !result.succeeded {
+                return Ok(Response::new(pb::UpdateSmtpProfileResponse {
+                    profile: None,
+                    verification: Some(proto_report),
+                }));
+            }
+            next.verification = verification_of(&result);
+            report = Some(proto_report);
+        } else if update.connection_changed {
+            // New connection settings are unproven: back to unverified, and out of service
+            // until verified and activated again.
+            next.verification = Verification::default();
+            next.status = ProfileStatus::Inactive;
+        }
+        let expected = (req.expected_version != 0).then_some(req.expected_version);
+        let saved = store
+            .update_profile(&next, expected)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::UpdateSmtpProfileResponse {
+            profile: Some(profile_to_proto(&saved)),
+            verification: report,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn delete_smtp_profile(
+        &self,
+        request: Request<pb::DeleteSmtpProfileRequest>,
+    ) -> Result<Response<pb::DeleteSmtpProfileResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        // Templates and campaigns cannot reference profiles yet, so nothing blocks a delete;
+        // `force` is accepted for when they can.
+        let store = &self.ctx.store;
+        store
+            .delete_profile(&caller.tenant_id, &req.id)
+            .await
+            .map_err(ApiError::from)?;
+        let mut settings = store
+            .get_tenant_settings(&caller.tenant_id)
+            .await
+            .map_err(ApiError::from)?;
+        if settings.default_profile_id.as_deref() == Some(req.id.as_str()) {
+            settings.default_profile_id = None;
+            store
+                .put_tenant_settings(&caller.tenant_id, &settings, now_micros())
+                .await
+                .map_err(ApiError::from)?;
+        }
+        Ok(Response::new(pb::DeleteSmtpProfileResponse {}))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn send_test_email(
+        &self,
+        request: Request<pb::SendTestEmailRequest>,
+    ) -> Result<Response<pb::SendTestEmailResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        let to = EmailAddress::parse("to", &req.to).map_err(ApiError::from)?;
+        let (settings, target, profile_id) = match req.target {
+            None => return Err(ApiError::invalid("target", "set profile_id or settings").into()),
+            Some(pb::send_test_email_request::Target::ProfileId(id)) => {
+                let profile = self
+                    .ctx
+                    .store
+                    .get_profile(&caller.tenant_id, &id)
+                    .await
+                    .map_err(ApiError::from)?;
+                let target = self
+                    .ctx
+                    .engine
+                    .target_for(&profile)
+                    .map_err(ApiError::FailedPrecondition)?;
+                (profile.settings, target, Some(profile.id))
+            }
+            Some(pb::send_test_email_request::Target::Settings(p)) => {
+                let settings = validated(&p, "settings", self.ctx.allow_insecure_tls)?;
+                let secret = (!p.password.is_empty()).then(|| p.password.clone());
+                let target = self
+                    .ctx
+                    .engine
+                    .target_from_settings(&settings, secret)
+                    .map_err(ApiError::FailedPrecondition)?;
+                (settings, target, None)
+            }
+        };
+        let message =
+            test_email::message(&caller, &settings, profile_id.clone(), to, &req.subject)?;
+        let store = &self.ctx.store;
+        let now = now_micros();
+        store
+            .insert_message(&message, now)
+            .await
+            .map_err(ApiError::from)?;
+        let claimed = store
+            .lease_message(&caller.tenant_id, &message.id, now, now + 300_000_000)
+            .await
+            .map_err(ApiError::from)?;
+        let report = self
+            .ctx
+            .engine
+            .send_test(claimed, &target, profile_id)
+            .await;
+        Ok(Response::new(pb::SendTestEmailResponse {
+            report: Some(report_to_proto(&report)),
+            message_id: message.id,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn get_tenant_settings(
+        &self,
+        request: Request<pb::GetTenantSettingsRequest>,
+    ) -> Result<Response<pb::GetTenantSettingsResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let settings = self
+            .ctx
+            .store
+            .get_tenant_settings(&caller.tenant_id)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::GetTenantSettingsResponse {
+            settings: Some(tenant_settings::to_proto(&settings)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
+    async fn update_tenant_settings(
+        &self,
+        request: Request<pb::UpdateTenantSettingsRequest>,
+    ) -> Result<Response<pb::UpdateTenantSettingsResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        let store = &self.ctx.store;
+        let current = store
+            .get_tenant_settings(&caller.tenant_id)
+            .await
+            .map_err(ApiError::from)?;
+        let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
+        let mut next = tenant_settings::apply(&current, req.settings.unwrap_or_default(), &paths)?;
+        if let Some(id) = &next.default_profile_id {
+            // The default must be one of the tenant's own profiles (NOT_FOUND otherwise).
+            store
+                .get_profile(&caller.tenant_id, id)
+                .await
+                .map_err(|_| ApiError::invalid("settings.default_profile_id", "no such profile"))?;
+        }
+        let now = now_micros();
+        next.updated_at = Some(now);
+        store
+            .put_tenant_settings(&caller.tenant_id, &next, now)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(pb::UpdateTenantSettingsResponse {
+            settings: Some(tenant_settings::to_proto(&next)),
         }))
     }
 

@@ -17,7 +17,7 @@ use tracing::{info, instrument, warn};
 use super::{
     compose::compose,
     policy::{allows_fallback, classify, random_jitter, retry_delay, Verdict},
-    smtp::{Accepted, SmtpAuth, SmtpFailure, SmtpTarget},
+    smtp::{Accepted, Progress, Session, SmtpAuth, SmtpFailure, SmtpTarget},
     tls::TrustSettings,
     transport::{Outgoing, Transports},
     verify::VerifyReport,
@@ -284,7 +284,15 @@ impl Engine {
         let (record, result) = self
             .send_via_profile(claimed, &profile, first_number, deadline)
             .await;
-        let fallback_policy = profile.settings.fallback_policy;
+        let fallback_policy = match profile.settings.fallback_policy {
+            FallbackPolicy::Inherit => self
+                .store
+                .get_tenant_settings(&message.tenant_id)
+                .await
+                .map(|t| t.fallback_policy)
+                .unwrap_or(FallbackPolicy::Never),
+            own => own,
+        };
         match result {
             Err(failure)
                 if allows_fallback(&failure)
@@ -403,6 +411,92 @@ impl Engine {
             auth,
             guarded: true,
         })
+    }
+
+    /// Sends a claimed test email synchronously through `target` (no retries, no fallback),
+    /// records the attempt and reports stage by stage.
+    pub async fn send_test(
+        &self,
+        claimed: Claimed,
+        target: &SmtpTarget,
+        profile_id: Option<String>,
+    ) -> VerifyReport {
+        let message = &claimed.message;
+        let deadline = Instant::now() + self.settings.attempt_timeout;
+        let mut progress = Progress::default();
+        let mut capabilities = Vec::new();
+        let started = now_micros();
+        let clock = Instant::now();
+        let content = &message.content;
+        let result = match compose(content, &message.message_id_header, &message.id) {
+            Err(e) => Err(compose_failure(e)),
+            Ok(body) => {
+                let recipients = envelope_recipients(content);
+                let envelope_from = content
+                    .error_to
+                    .clone()
+                    .unwrap_or_else(|| content.from.email.to_string());
+                async {
+                    let mut session = Session::open_traced(
+                        target,
+                        self.transports.guard(),
+                        deadline,
+                        &mut progress,
+                    )
+                    .await?;
+                    capabilities = super::verify::capabilities_of(&session.server_info());
+                    let sent = session
+                        .send(&envelope_from, &recipients, &body, deadline)
+                        .await;
+                    session.quit().await;
+                    sent
+                }
+                .await
+            }
+        };
+        if let Ok(accepted) = &result {
+            progress.passed(
+                super::smtp::Stage::Data,
+                format!("{} {}", accepted.code, accepted.text),
+            );
+        }
+        let record = attempt_record(
+            1,
+            started,
+            clock,
+            target.server(),
+            profile_id,
+            false,
+            &result,
+        );
+        let failure = result.as_ref().err().cloned();
+        let completion = match &result {
+            Ok(_) => Completion {
+                status: MessageStatus::Sent,
+                retry_at: None,
+                last_error: String::new(),
+                fallback: false,
+                fallback_reason: String::new(),
+            },
+            // A test email is not retried: the caller hears the outcome now.
+            Err(f) => Completion {
+                status: MessageStatus::Failed,
+                retry_at: None,
+                last_error: f.text.clone(),
+                fallback: false,
+                fallback_reason: String::new(),
+            },
+        };
+        match self
+            .store
+            .complete(&claimed, &[record], &completion, now_micros())
+            .await
+        {
+            Ok(true) => self.publish(&message.tenant_id, &message.id, completion.status),
+            Ok(false) => warn!("test email lease lost"),
+            Err(e) => warn!(error = %e, "recording the test email failed"),
+        }
+        super::verify::report(target, &progress, failure, capabilities)
     }
 
     /// Verifies settings stage by stage (no email is sent).

@@ -236,7 +236,7 @@ impl Default for Progress {
 }
 
 impl Progress {
-    fn passed(&mut self, stage: Stage, detail: String) {
+    pub(super) fn passed(&mut self, stage: Stage, detail: String) {
         let now = Instant::now();
         self.passed.push((stage, now - self.last, detail));
         self.last = now;

@@ -80,7 +80,7 @@ pub async fn verify(
     let mut capabilities = Vec::new();
     let result = async {
         let mut session = Session::open_traced(target, guard, deadline, &mut progress).await?;
-        capabilities = parse_capabilities(&session.server_info());
+        capabilities = capabilities_of(&session.server_info());
         let probe = session
             .probe(envelope_from, recipient, deadline, &mut progress)
             .await;
@@ -142,7 +142,8 @@ pub fn report(
     }
 }
 
-fn parse_capabilities(server_info: &str) -> Vec<String> {
+/// The EHLO keywords of lettre's server description, in SMTP spelling.
+pub(super) fn capabilities_of(server_info: &str) -> Vec<String> {
     // lettre prints "name with {features}"; keep the feature list readable.
     server_info
         .split_once(" with ")

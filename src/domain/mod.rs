@@ -13,7 +13,7 @@ pub use message::{
 };
 pub use profile::{
     AuthMechanism, FallbackPolicy, ProfileSettings, ProfileStatus, Security, SendingLimits,
-    SmtpProfile, Verification, VerificationState,
+    SmtpProfile, TenantSettings, Verification, VerificationState,
 };
 
 /// One invalid input field: which field, and what is wrong with it.

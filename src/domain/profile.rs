@@ -393,3 +393,36 @@ mod tests {
         assert_eq!(p.sender_domains(), vec!["example.com", "mail.example.org"]);
     }
 }
+
+/// Settings of a tenant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TenantSettings {
+    /// Public base URL links in emails point to (available to templates as `gateway_url`).
+    pub gateway_url: String,
+    /// Profile used when nothing else names one.
+    pub default_profile_id: Option<String>,
+    /// Fallback policy for profiles that inherit (Inherit here means Never).
+    pub fallback_policy: FallbackPolicy,
+    /// Sender used when the system default service sends for this tenant.
+    pub default_from: Option<super::Mailbox>,
+    /// Last change, unix microseconds.
+    pub updated_at: Option<i64>,
+}
+
+impl TenantSettings {
+    /// Checks the settings; field names are under `settings`.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut v = Violations::default();
+        if !self.gateway_url.is_empty() {
+            match url::Url::parse(&self.gateway_url) {
+                Ok(u) if (u.scheme() == "https" || u.scheme() == "http") && u.host().is_some() => {}
+                _ => v.add(
+                    "settings.gateway_url",
+                    "must be an absolute http or https URL, e.g. https://gateway.example.com",
+                ),
+            }
+        }
+        v.finish()
+    }
+}

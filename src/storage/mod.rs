@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use crate::domain::{
     AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
-    Verification,
+    TenantSettings, Verification,
 };
 
 pub use sql::SqlStore;
@@ -25,6 +25,9 @@ pub enum StoreError {
     /// A unique constraint or an idempotency conflict.
     #[error("{0}")]
     Conflict(String),
+    /// The row is not in a state that allows the change.
+    #[error("{0}")]
+    WrongState(String),
     /// The database is unreachable.
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
@@ -90,6 +93,54 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         verification: &Verification,
         now: i64,
     ) -> Result<SmtpProfile, StoreError>;
+    /// Replaces a profile's name, settings, secret, status and verification; bumps its
+    /// version. With `expected_version`, only if the stored version still equals it.
+    async fn update_profile(
+        &self,
+        profile: &SmtpProfile,
+        expected_version: Option<i64>,
+    ) -> Result<SmtpProfile, StoreError>;
+    /// Deletes a profile of a tenant.
+    async fn delete_profile(&self, tenant_id: &str, id: &str) -> Result<(), StoreError>;
+    /// A tenant's settings (defaults when never set).
+    async fn get_tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError>;
+    /// Stores a tenant's settings.
+    async fn put_tenant_settings(
+        &self,
+        tenant_id: &str,
+        settings: &TenantSettings,
+        now: i64,
+    ) -> Result<(), StoreError>;
+    /// Leases one message of a tenant that is not final and not leased (for a synchronous
+    /// send such as a test email).
+    async fn lease_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Claimed, StoreError>;
+    /// Cancels a SCHEDULED, QUEUED or DEFERRED message; returns its status afterwards.
+    async fn cancel_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<MessageStatus, StoreError>;
+    /// Queues a FAILED or CANCELLED message again; returns its status afterwards.
+    async fn retry_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<MessageStatus, StoreError>;
+    /// Queues again every FAILED or DEFERRED message of a tenant matching `filter`.
+    async fn requeue_messages(
+        &self,
+        tenant_id: &str,
+        filter: &LogFilter,
+        now: i64,
+    ) -> Result<u64, StoreError>;
     /// Profiles of a tenant ordered by name, after `after_name`.
     async fn list_profiles(
         &self,

@@ -22,7 +22,7 @@ use super::{
 };
 use crate::domain::{
     AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
-    Verification,
+    TenantSettings, Verification,
 };
 
 /// Which database is behind the pool.
@@ -135,6 +135,38 @@ impl SqlStore {
             .map_err(StoreError::Other)
     }
 
+    /// Applies `set` to a message of a tenant if `condition` holds; otherwise NOT_FOUND or
+    /// WRONG_STATE with `refusal`.
+    async fn transition(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+        set: &str,
+        condition: &str,
+        refusal: &str,
+    ) -> Result<MessageStatus, StoreError> {
+        let sql = format!(
+            "UPDATE messages SET {set}, updated_at = $1 WHERE tenant_id = $2 AND id = $3 \
+             AND {condition}"
+        );
+        let done = sqlx::query(&sql)
+            .bind(now)
+            .bind(tenant_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let current = self.get_message(tenant_id, id).await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::WrongState(format!(
+                "{refusal}; this one is {}",
+                current.status.as_str()
+            )));
+        }
+        Ok(current.status)
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -238,6 +270,180 @@ impl Store for SqlStore {
             return Err(StoreError::NotFound("smtp profile"));
         }
         self.get_profile(tenant_id, id).await
+    }
+
+    async fn update_profile(
+        &self,
+        p: &SmtpProfile,
+        expected_version: Option<i64>,
+    ) -> Result<SmtpProfile, StoreError> {
+        let settings = decode(serde_json::to_string(&p.settings).map_err(Into::into))?;
+        let verification = decode(serde_json::to_string(&p.verification).map_err(Into::into))?;
+        let updated = sqlx::query(
+            "UPDATE smtp_profiles SET name = $1, settings = $2, secret_ciphertext = $3, \
+             status = $4, verification = $5, updated_at = $6, version = version + 1 \
+             WHERE tenant_id = $7 AND id = $8 AND ($9 = 0 OR version = $9)",
+        )
+        .bind(&p.name)
+        .bind(settings)
+        .bind(p.secret_ciphertext.as_deref())
+        .bind(p.status.as_str())
+        .bind(verification)
+        .bind(p.updated_at)
+        .bind(&p.tenant_id)
+        .bind(&p.id)
+        .bind(expected_version.unwrap_or(0))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_error(e) {
+            StoreError::Conflict(_) => {
+                StoreError::Conflict(format!("a profile named {:?} already exists", p.name))
+            }
+            other => other,
+        })?;
+        if updated.rows_affected() == 0 {
+            let current = self.get_profile(&p.tenant_id, &p.id).await?;
+            return Err(StoreError::WrongState(format!(
+                "the profile changed meanwhile: version is {}, expected {}",
+                current.version,
+                expected_version.unwrap_or_default()
+            )));
+        }
+        self.get_profile(&p.tenant_id, &p.id).await
+    }
+
+    async fn delete_profile(&self, tenant_id: &str, id: &str) -> Result<(), StoreError> {
+        let deleted = sqlx::query("DELETE FROM smtp_profiles WHERE tenant_id = $1 AND id = $2")
+            .bind(tenant_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        if deleted.rows_affected() == 0 {
+            return Err(StoreError::NotFound("smtp profile"));
+        }
+        Ok(())
+    }
+
+    async fn get_tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError> {
+        let row: Option<AnyRow> =
+            sqlx::query("SELECT settings FROM tenant_settings WHERE tenant_id = $1")
+                .bind(tenant_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_error)?;
+        match row {
+            None => Ok(TenantSettings::default()),
+            Some(row) => {
+                use sqlx::Row as _;
+                let text: String = row.try_get("settings").map_err(db_error)?;
+                decode(serde_json::from_str(&text).context("tenant settings"))
+            }
+        }
+    }
+
+    async fn put_tenant_settings(
+        &self,
+        tenant_id: &str,
+        settings: &TenantSettings,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let text = decode(serde_json::to_string(settings).map_err(Into::into))?;
+        sqlx::query(
+            "INSERT INTO tenant_settings (tenant_id, settings, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (tenant_id) DO UPDATE SET settings = $2, updated_at = $3",
+        )
+        .bind(tenant_id)
+        .bind(text)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
+    async fn lease_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+        lease_until: i64,
+    ) -> Result<Claimed, StoreError> {
+        let token = uuid::Uuid::new_v4().to_string();
+        let sql = format!(
+            "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
+             updated_at = $3 WHERE tenant_id = $4 AND id = $5 AND due_at IS NOT NULL \
+             AND (status <> 'SENDING' OR due_at <= $3) RETURNING {MESSAGE_COLUMNS}"
+        );
+        let binds = [
+            Bind::Text(token.clone()),
+            Bind::Int(lease_until),
+            Bind::Int(now),
+            Bind::Text(tenant_id.to_owned()),
+            Bind::Text(id.to_owned()),
+        ];
+        let message = self
+            .fetch_messages(&sql, &binds)
+            .await?
+            .pop()
+            .ok_or_else(|| StoreError::WrongState("the message is final or leased".into()))?;
+        Ok(Claimed {
+            message,
+            lease_token: token,
+        })
+    }
+
+    async fn cancel_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<MessageStatus, StoreError> {
+        self.transition(
+            tenant_id,
+            id,
+            now,
+            "status = 'CANCELLED', due_at = NULL, lease_token = NULL",
+            "status IN ('SCHEDULED', 'QUEUED', 'DEFERRED')",
+            "only a SCHEDULED, QUEUED or DEFERRED email can be cancelled",
+        )
+        .await
+    }
+
+    async fn retry_message(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        now: i64,
+    ) -> Result<MessageStatus, StoreError> {
+        self.transition(
+            tenant_id,
+            id,
+            now,
+            "status = 'QUEUED', due_at = $1, lease_token = NULL",
+            "status IN ('FAILED', 'CANCELLED')",
+            "only a FAILED or CANCELLED email can be retried",
+        )
+        .await
+    }
+
+    async fn requeue_messages(
+        &self,
+        tenant_id: &str,
+        filter: &LogFilter,
+        now: i64,
+    ) -> Result<u64, StoreError> {
+        let mut binds = vec![Bind::Int(now), Bind::Text(tenant_id.to_owned())];
+        let sql = format!(
+            "UPDATE messages SET status = 'QUEUED', due_at = $1, updated_at = $1, \
+             lease_token = NULL WHERE tenant_id = $2 AND status IN ('FAILED', 'DEFERRED'){}",
+            filter_clauses(filter, &mut binds)
+        );
+        let done = bind_all(sqlx::query(&sql), &binds)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(done.rows_affected())
     }
 
     async fn list_profiles(
@@ -374,67 +580,17 @@ impl Store for SqlStore {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1");
         let mut binds = vec![Bind::Text(tenant_id.to_owned())];
-        let mut push = |sql: &mut String, clause: &str, bind: Bind| {
-            binds.push(bind);
-            sql.push_str(&clause.replace("$?", &format!("${}", binds.len())));
-        };
-        if !filter.statuses.is_empty() {
-            let list = filter
-                .statuses
-                .iter()
-                .map(|s| format!("'{}'", s.as_str()))
-                .collect::<Vec<_>>()
-                .join(", ");
-            sql.push_str(&format!(" AND status IN ({list})"));
-        }
-        let exact = [
-            ("email_type", &filter.email_type),
-            ("source", &filter.source),
-            ("profile_id", &filter.profile_id),
-            ("template_id", &filter.template_id),
-            ("campaign_id", &filter.campaign_id),
-        ];
-        for (column, value) in exact {
-            if let Some(value) = value {
-                push(
-                    &mut sql,
-                    &format!(" AND {column} = $?"),
-                    Bind::Text(value.clone()),
-                );
-            }
-        }
-        if let Some(recipient) = &filter.recipient {
-            let pattern = format!("% {} %", escape_like(&recipient.to_ascii_lowercase()));
-            push(
-                &mut sql,
-                " AND recipients LIKE $? ESCAPE '\\'",
-                Bind::Text(pattern),
-            );
-        }
-        if let Some(text) = &filter.subject_contains {
-            let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
-            push(
-                &mut sql,
-                " AND LOWER(subject) LIKE $? ESCAPE '\\'",
-                Bind::Text(pattern),
-            );
-        }
-        if let Some(start) = filter.start {
-            push(&mut sql, " AND created_at >= $?", Bind::Int(start));
-        }
-        if let Some(end) = filter.end {
-            push(&mut sql, " AND created_at < $?", Bind::Int(end));
-        }
-        if let Some(before) = before_id {
-            push(&mut sql, " AND id < $?", Bind::Text(before.to_owned()));
-        }
-        push(
-            &mut sql,
-            " ORDER BY id DESC LIMIT $?",
-            Bind::Int(i64::from(limit)),
+        let mut sql = format!(
+            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1{}",
+            filter_clauses(filter, &mut binds)
         );
+        if let Some(before) = before_id {
+            binds.push(Bind::Text(before.to_owned()));
+            sql.push_str(&format!(" AND id < ${}", binds.len()));
+        }
+        binds.push(Bind::Int(i64::from(limit)));
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", binds.len()));
         self.fetch_messages(&sql, &binds).await
     }
 
@@ -544,6 +700,64 @@ impl Store for SqlStore {
         .map_err(db_error)?;
         Ok(())
     }
+}
+
+/// The `AND ...` clauses of a log filter; binds are appended to `binds`.
+fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>) -> String {
+    let mut sql = String::new();
+    let mut push = |sql: &mut String, clause: &str, bind: Bind| {
+        binds.push(bind);
+        sql.push_str(&clause.replace("$?", &format!("${}", binds.len())));
+    };
+    if !filter.statuses.is_empty() {
+        // Status names are fixed identifiers from an enum, never caller text.
+        let list = filter
+            .statuses
+            .iter()
+            .map(|s| format!("'{}'", s.as_str()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        sql.push_str(&format!(" AND status IN ({list})"));
+    }
+    let exact = [
+        ("email_type", &filter.email_type),
+        ("source", &filter.source),
+        ("profile_id", &filter.profile_id),
+        ("template_id", &filter.template_id),
+        ("campaign_id", &filter.campaign_id),
+    ];
+    for (column, value) in exact {
+        if let Some(value) = value {
+            push(
+                &mut sql,
+                &format!(" AND {column} = $?"),
+                Bind::Text(value.clone()),
+            );
+        }
+    }
+    if let Some(recipient) = &filter.recipient {
+        let pattern = format!("% {} %", escape_like(&recipient.to_ascii_lowercase()));
+        push(
+            &mut sql,
+            " AND recipients LIKE $? ESCAPE '\\'",
+            Bind::Text(pattern),
+        );
+    }
+    if let Some(text) = &filter.subject_contains {
+        let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
+        push(
+            &mut sql,
+            " AND LOWER(subject) LIKE $? ESCAPE '\\'",
+            Bind::Text(pattern),
+        );
+    }
+    if let Some(start) = filter.start {
+        push(&mut sql, " AND created_at >= $?", Bind::Int(start));
+    }
+    if let Some(end) = filter.end {
+        push(&mut sql, " AND created_at < $?", Bind::Int(end));
+    }
+    sql
 }
 
 fn escape_like(value: &str) -> String {

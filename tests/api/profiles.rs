@@ -148,6 +148,7 @@ async fn validation_names_each_field() {
         from_name: "x".repeat(256),
         username: "u".repeat(256),
         password: "p".repeat(256),
+        verify_certificate: Some(false),
         ..Default::default()
     };
     let err = app
@@ -398,5 +399,317 @@ async fn provider_presets_are_listed() {
         .unwrap();
     assert!(gmail.hint.contains("app password"));
     assert_eq!(presets.len(), 10);
+    app.stop().await.unwrap();
+}
+
+fn mask(paths: &[&str]) -> Option<prost_types::FieldMask> {
+    Some(prost_types::FieldMask {
+        paths: paths.iter().map(|p| p.to_string()).collect(),
+    })
+}
+
+#[tokio::test]
+async fn update_with_field_mask_resets_verification_on_connection_changes() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let id = app
+        .active_profile("acme", plain_profile("p", smtp.port))
+        .await;
+    let mut client = app.config_client();
+
+    // A sender-only change keeps the profile active and verified.
+    let input = SmtpProfile {
+        id: id.clone(),
+        from_name: "Acme Support".into(),
+        host: "ignored.example".into(),
+        ..Default::default()
+    };
+    let p = client
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(input),
+                update_mask: mask(&["from_name"]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(
+        (p.from_name.as_str(), p.host.as_str()),
+        ("Acme Support", "127.0.0.1")
+    );
+    assert_eq!(p.status(), ProfileStatus::Active);
+    assert_eq!(p.version, 3, "create (verified), activate, update");
+
+    // A connection change without verify takes it out of service until verified again.
+    let input = SmtpProfile {
+        id: id.clone(),
+        port: 2525,
+        ..Default::default()
+    };
+    let p = client
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(input.clone()),
+                update_mask: mask(&["port"]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    assert_eq!(p.port, 2525);
+    assert_eq!(p.status(), ProfileStatus::Inactive);
+    assert_eq!(
+        p.verification.unwrap().state(),
+        VerificationState::Unverified
+    );
+
+    // With verify, a failing change is not saved.
+    let bad = SmtpProfile {
+        id: id.clone(),
+        port: 1,
+        ..Default::default()
+    };
+    let answer = client
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(bad),
+                update_mask: mask(&["port"]),
+                verify: true,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.profile.is_none() && !answer.verification.unwrap().succeeded);
+
+    // Optimistic concurrency and bad masks.
+    let stale = client
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(input.clone()),
+                update_mask: mask(&["port"]),
+                expected_version: 1,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    let unknown = client
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(input.clone()),
+                update_mask: mask(&["status"]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    let foreign = client
+        .update_smtp_profile(as_tenant(
+            "globex",
+            UpdateSmtpProfileRequest {
+                profile: Some(input),
+                update_mask: mask(&["port"]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound);
+
+    client
+        .delete_smtp_profile(as_tenant(
+            "acme",
+            DeleteSmtpProfileRequest {
+                id: id.clone(),
+                force: false,
+            },
+        ))
+        .await
+        .unwrap();
+    let gone = client
+        .get_smtp_profile(as_tenant("acme", GetSmtpProfileRequest { id: id.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound);
+    let again = client
+        .delete_smtp_profile(as_tenant(
+            "acme",
+            DeleteSmtpProfileRequest { id, force: false },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::NotFound);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn tenant_settings_route_to_the_default_profile() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut client = app.config_client();
+    let empty = client
+        .get_tenant_settings(as_tenant("acme", GetTenantSettingsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert!(empty.default_profile_id.is_empty());
+
+    let bad = client
+        .update_tenant_settings(as_tenant(
+            "acme",
+            UpdateTenantSettingsRequest {
+                settings: Some(TenantSettings {
+                    gateway_url: "gateway.example.com".into(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["gateway_url"]),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+
+    let id = app
+        .active_profile("acme", plain_profile("default", smtp.port))
+        .await;
+    let saved = client
+        .update_tenant_settings(as_tenant(
+            "acme",
+            UpdateTenantSettingsRequest {
+                settings: Some(TenantSettings {
+                    gateway_url: "https://gw.acme.test".into(),
+                    default_profile_id: id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["gateway_url", "default_profile_id"]),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .settings
+        .unwrap();
+    assert_eq!(saved.gateway_url, "https://gw.acme.test");
+    // Another tenant cannot make acme's profile its default.
+    let foreign = client
+        .update_tenant_settings(as_tenant(
+            "globex",
+            UpdateTenantSettingsRequest {
+                settings: Some(TenantSettings {
+                    default_profile_id: id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["default_profile_id"]),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::InvalidArgument);
+
+    let (msg, status) = app
+        .send_and_settle("acme", crate::helpers::simple_email("bob@example.com"))
+        .await;
+    assert_eq!(status, mailgate::domain::MessageStatus::Sent);
+    let entry = app.log_entry("acme", &msg).await;
+    assert_eq!(entry.profile_reason(), ProfileReason::TenantDefault);
+    assert_eq!(entry.profile_id, id);
+    assert_eq!(smtp.received().len(), 1);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn send_test_email_reports_and_logs() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut client = app.config_client();
+    let answer = client
+        .send_test_email(as_tenant(
+            "acme",
+            SendTestEmailRequest {
+                target: Some(send_test_email_request::Target::Settings(plain_profile(
+                    "t", smtp.port,
+                ))),
+                to: "ops@acme.test".into(),
+                subject: String::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = answer.report.unwrap();
+    assert!(report.succeeded, "{report:#?}");
+    assert_eq!(
+        report.stages.last().unwrap().stage(),
+        VerificationStage::Data
+    );
+    let received = smtp.received();
+    assert_eq!(received.len(), 1);
+    assert!(received[0].data.contains("Subject: mailgate test email"));
+    let entry = app.log_entry("acme", &answer.message_id).await;
+    assert_eq!(entry.email_type, "test");
+    assert_eq!(entry.status(), EmailStatus::Sent);
+
+    smtp.set_behavior(Behavior {
+        data_reply: "554 5.7.1 rejected".into(),
+        ..Behavior::default()
+    });
+    let answer = client
+        .send_test_email(as_tenant(
+            "acme",
+            SendTestEmailRequest {
+                target: Some(send_test_email_request::Target::Settings(plain_profile(
+                    "t", smtp.port,
+                ))),
+                to: "ops@acme.test".into(),
+                subject: "check".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let report = answer.report.unwrap();
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status() == StageStatus::Failed)
+        .unwrap();
+    assert_eq!(
+        (failed.stage(), failed.reply_code),
+        (VerificationStage::Data, 554)
+    );
+    assert_eq!(
+        app.log_entry("acme", &answer.message_id).await.status(),
+        EmailStatus::Failed
+    );
+    let bad = client
+        .send_test_email(as_tenant(
+            "acme",
+            SendTestEmailRequest {
+                target: Some(send_test_email_request::Target::ProfileId("nope".into())),
+                to: "ops@acme.test".into(),
+                subject: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::NotFound);
     app.stop().await.unwrap();
 }

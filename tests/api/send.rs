@@ -516,3 +516,138 @@ async fn relay_rule_refuses_foreign_sender_domains() {
     assert!(err.message().contains("other-company.test"));
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn scheduled_emails_can_be_cancelled_and_failed_ones_retried() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut send = app.send_client();
+    let mut req = simple_email("bob@example.com");
+    req.send_at = Some(prost_types::Timestamp {
+        seconds: 4_102_444_800,
+        nanos: 0,
+    }); // 2100
+    let accepted = send
+        .send_email(as_tenant("acme", req))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(accepted.status(), EmailStatus::Scheduled);
+    let cancelled = send
+        .cancel_email(as_tenant(
+            "acme",
+            CancelEmailRequest {
+                message_id: accepted.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.status(), EmailStatus::Cancelled);
+    let twice = send
+        .cancel_email(as_tenant(
+            "acme",
+            CancelEmailRequest {
+                message_id: accepted.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+    let foreign = send
+        .cancel_email(as_tenant(
+            "globex",
+            CancelEmailRequest {
+                message_id: accepted.message_id.clone(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(foreign.code(), Code::NotFound);
+
+    // A failed email, retried once the server is fixed, is sent.
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_reply: "554 5.7.1 rejected".into(),
+        ..Behavior::default()
+    });
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Failed);
+    smtp.set_behavior(Behavior::default());
+    let mut events = app.events();
+    let retried = send
+        .retry_email(as_tenant(
+            "acme",
+            RetryEmailRequest {
+                message_id: id.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(retried.status(), EmailStatus::Queued);
+    assert_eq!(
+        crate::helpers::wait_settled(&mut events, &id).await,
+        MessageStatus::Sent
+    );
+    let entry = app.log_entry("acme", &id).await;
+    assert_eq!(entry.attempts.len(), 2);
+    let not_failed = send
+        .retry_email(as_tenant("acme", RetryEmailRequest { message_id: id }))
+        .await
+        .unwrap_err();
+    assert_eq!(not_failed.code(), Code::FailedPrecondition);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn requeue_by_filter_requeues_only_matching_failures() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_reply: "554 5.7.1 rejected".into(),
+        ..Behavior::default()
+    });
+    let mut failed = Vec::new();
+    for kind in ["invoice", "invoice", "welcome"] {
+        let mut req = simple_email("bob@example.com");
+        req.profile_id = profile_id.clone();
+        req.email_type = kind.into();
+        failed.push(app.send_and_settle("acme", req).await.0);
+    }
+    smtp.set_behavior(Behavior::default());
+    let mut events = app.events();
+    let answer = app
+        .send_client()
+        .requeue_emails(as_tenant(
+            "acme",
+            RequeueEmailsRequest {
+                filter: Some(EmailLogFilter {
+                    email_type: "invoice".into(),
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.requeued_count, 2);
+    for id in &failed[..2] {
+        assert_eq!(
+            crate::helpers::wait_settled(&mut events, id).await,
+            MessageStatus::Sent
+        );
+    }
+    assert_eq!(
+        app.log_entry("acme", &failed[2]).await.status(),
+        EmailStatus::Failed
+    );
+    app.stop().await.unwrap();
+}

@@ -118,6 +118,8 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
         if lines.read_line(&mut line).await? == 0 {
             return Ok(());
         }
+        // Read the behavior per command, so a change applies to pooled sessions too.
+        let behavior = state.behavior.lock().unwrap().clone();
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
