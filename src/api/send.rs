@@ -20,8 +20,18 @@ use crate::{
 
 /// Largest total size of an email's attachments.
 const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
+/// Most recipients of one SendBatch call.
+const MAX_BATCH: usize = 1000;
 /// Most recipients (to + cc + bcc) of one email.
 const MAX_RECIPIENTS: usize = 100;
+
+/// The profile chosen for a request, and the sender of the system default service.
+#[derive(Debug)]
+struct Route {
+    profile: Option<SmtpProfile>,
+    reason: ProfileReason,
+    system_from: Mailbox,
+}
 
 /// The SendService implementation.
 #[derive(Debug, Clone)]
@@ -49,6 +59,17 @@ fn merge_headers(layers: &[&[Header]]) -> Vec<Header> {
     out
 }
 
+/// The result of a refused batch recipient.
+fn batch_error(index: u32, error: ApiError) -> pb::BatchResult {
+    let status = Status::from(error);
+    pb::BatchResult {
+        index,
+        message_id: String::new(),
+        code: status.code() as i32,
+        error: status.message().to_owned(),
+    }
+}
+
 fn request_hash(req: &pb::SendEmailRequest) -> String {
     let bytes = prost::Message::encode_to_vec(req);
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
@@ -73,11 +94,53 @@ impl SendApi {
         Ok(profile)
     }
 
-    /// Validates the request and builds the message to store.
+    /// Which profile sends for a request naming `profile_id` (maybe empty): the named one
+    /// (it must be ACTIVE), else the tenant's default if usable, else the system default.
+    async fn route(&self, caller: &Caller, profile_id: &str) -> Result<Route, ApiError> {
+        let tenant = self
+            .ctx
+            .store
+            .get_tenant_settings(&caller.tenant_id)
+            .await?;
+        let (profile, reason) = if !profile_id.is_empty() {
+            (
+                Some(self.named_profile(caller, profile_id).await?),
+                ProfileReason::Request,
+            )
+        } else {
+            let default = match &tenant.default_profile_id {
+                Some(id) => self
+                    .ctx
+                    .store
+                    .get_profile(&caller.tenant_id, id)
+                    .await
+                    .ok()
+                    .filter(|p| p.status == ProfileStatus::Active),
+                None => None,
+            };
+            match default {
+                Some(p) => (Some(p), ProfileReason::TenantDefault),
+                None => (None, ProfileReason::SystemDefault),
+            }
+        };
+        let system_from = tenant
+            .default_from
+            .clone()
+            .unwrap_or_else(|| self.ctx.system_sender.clone());
+        Ok(Route {
+            profile,
+            reason,
+            system_from,
+        })
+    }
+
+    /// Validates the request and builds the message to store. Routing happens after
+    /// validation, unless the caller routed already (a batch routes once).
     async fn build(
         &self,
         caller: &Caller,
         req: &pb::SendEmailRequest,
+        routed: Option<&Route>,
     ) -> Result<NewMessage, ApiError> {
         if !req.template_id.is_empty() {
             return Err(ApiError::FailedPrecondition(
@@ -196,39 +259,17 @@ impl SendApi {
         }
         v.finish()?;
 
-        let tenant = self
-            .ctx
-            .store
-            .get_tenant_settings(&caller.tenant_id)
-            .await?;
-        let (profile, reason) = if !req.profile_id.is_empty() {
-            (
-                Some(self.named_profile(caller, &req.profile_id).await?),
-                ProfileReason::Request,
-            )
-        } else {
-            // Not named: the tenant's default if it is usable, else the system default.
-            let default = match &tenant.default_profile_id {
-                Some(id) => self
-                    .ctx
-                    .store
-                    .get_profile(&caller.tenant_id, id)
-                    .await
-                    .ok()
-                    .filter(|p| p.status == ProfileStatus::Active),
-                None => None,
-            };
-            match default {
-                Some(p) => (Some(p), ProfileReason::TenantDefault),
-                None => (None, ProfileReason::SystemDefault),
+        let owned;
+        let route = match routed {
+            Some(route) => route,
+            None => {
+                owned = self.route(caller, &req.profile_id).await?;
+                &owned
             }
         };
-        let system_from = tenant
-            .default_from
-            .clone()
-            .unwrap_or_else(|| self.ctx.system_sender.clone());
+        let (profile, reason) = (&route.profile, route.reason);
         let content = self.compose_content(
-            system_from,
+            route.system_from.clone(),
             profile.as_ref(),
             from,
             reply_to,
@@ -346,7 +387,7 @@ impl SendService for SendApi {
         let caller = caller(request.metadata())?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
-        let message = self.build(&caller, &req).await?;
+        let message = self.build(&caller, &req, None).await?;
         tracing::Span::current().record("message_id", message.id.as_str());
         let now = now_micros();
         let outcome = self
@@ -373,6 +414,87 @@ impl SendService for SendApi {
             message_id: id,
             status: status_to_proto(status).into(),
             replayed,
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id, recipients))]
+    async fn send_batch(
+        &self,
+        request: Request<pb::SendBatchRequest>,
+    ) -> Result<Response<pb::SendBatchResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        tracing::Span::current().record("recipients", req.recipients.len());
+        let base = req
+            .message
+            .ok_or_else(|| ApiError::invalid("message", "is required"))?;
+        if req.recipients.is_empty() {
+            return Err(
+                ApiError::invalid("recipients", "at least one recipient is required").into(),
+            );
+        }
+        if req.recipients.len() > MAX_BATCH {
+            return Err(Status::resource_exhausted(format!(
+                "recipients: at most {MAX_BATCH} per batch; split the batch"
+            )));
+        }
+        // Route once for the whole batch: every email goes through the same profile.
+        let route = self.route(&caller, &base.profile_id).await?;
+        let mut results: Vec<pb::BatchResult> = Vec::with_capacity(req.recipients.len());
+        let mut accepted = Vec::new();
+        for (i, recipient) in req.recipients.into_iter().enumerate() {
+            let mut one = base.clone();
+            one.to = recipient.to.into_iter().collect();
+            one.cc.clear();
+            one.bcc.clear();
+            one.idempotency_key = recipient.idempotency_key;
+            one.tags.extend(recipient.tags);
+            let index = u32::try_from(i).unwrap_or(u32::MAX);
+            match self.build(&caller, &one, Some(&route)).await {
+                Ok(message) => {
+                    results.push(pb::BatchResult {
+                        index,
+                        message_id: message.id.clone(),
+                        code: 0,
+                        error: String::new(),
+                    });
+                    accepted.push((i, message));
+                }
+                Err(e) => results.push(batch_error(index, e)),
+            }
+        }
+        let messages: Vec<NewMessage> = accepted.iter().map(|(_, m)| m.clone()).collect();
+        let outcomes = self
+            .ctx
+            .store
+            .insert_messages(&messages, now_micros())
+            .await
+            .map_err(ApiError::from)?;
+        for ((i, message), outcome) in accepted.iter().zip(outcomes) {
+            match outcome {
+                Ok(InsertOutcome::Created) => {
+                    let status = if message.send_at.is_some_and(|at| at > now_micros()) {
+                        MessageStatus::Scheduled
+                    } else {
+                        MessageStatus::Queued
+                    };
+                    self.ctx
+                        .engine
+                        .publish(&caller.tenant_id, &message.id, status);
+                }
+                Ok(InsertOutcome::Replayed { id, .. }) => results[*i].message_id = id,
+                Err(e) => {
+                    let index = results[*i].index;
+                    results[*i] = batch_error(index, ApiError::from(e));
+                }
+            }
+        }
+        self.ctx.engine.wake();
+        let accepted_count =
+            u32::try_from(results.iter().filter(|r| r.code == 0).count()).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::SendBatchResponse {
+            results,
+            accepted_count,
         }))
     }
 

@@ -155,6 +155,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         message: &NewMessage,
         now: i64,
     ) -> Result<InsertOutcome, StoreError>;
+    /// Stores many messages in one transaction; each gets its own outcome (an idempotency
+    /// conflict affects only its message). Fails as a whole only if storage fails.
+    async fn insert_messages(
+        &self,
+        messages: &[NewMessage],
+        now: i64,
+    ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
     /// One message of a tenant.
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError>;
     /// The attempts of a message, oldest first.

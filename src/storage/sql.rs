@@ -467,82 +467,27 @@ impl Store for SqlStore {
     }
 
     async fn insert_message(&self, m: &NewMessage, now: i64) -> Result<InsertOutcome, StoreError> {
-        let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
-        let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
-        let recipients = format!(
-            " {} ",
-            m.content
-                .recipients()
-                .map(|r| r.email.as_str().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        let (status, due_at) = match m.send_at {
-            Some(at) if at > now => (MessageStatus::Scheduled, at),
-            _ => (MessageStatus::Queued, now),
-        };
-        let inserted: Option<AnyRow> = sqlx::query(
-            "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-             recipients, profile_id, profile_reason, template_id, campaign_id, content, \
-             message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-             updated_at, send_at, due_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19, $19, $20, $21) \
-             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
-        )
-        .bind(&m.id)
-        .bind(&m.tenant_id)
-        .bind(status.as_str())
-        .bind(&m.source)
-        .bind(&m.email_type)
-        .bind(&m.content.subject)
-        .bind(m.content.from.to_string())
-        .bind(recipients)
-        .bind(m.profile_id.as_deref())
-        .bind(m.profile_reason.as_str())
-        .bind(m.template_id.as_deref())
-        .bind(m.campaign_id.as_deref())
-        .bind(content)
-        .bind(&m.message_id_header)
-        .bind(&m.trace_id)
-        .bind(tags)
-        .bind(m.idempotency_key.as_deref())
-        .bind(&m.request_hash)
-        .bind(now)
-        .bind(m.send_at)
-        .bind(due_at)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
-        if inserted.is_some() {
-            return Ok(InsertOutcome::Created);
+        let mut conn = self.pool.acquire().await.map_err(db_error)?;
+        insert_one(&mut conn, m, now).await
+    }
+
+    async fn insert_messages(
+        &self,
+        messages: &[NewMessage],
+        now: i64,
+    ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
+        // One transaction: one commit (one fsync on SQLite) for the whole batch.
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            match insert_one(&mut tx, m, now).await {
+                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
+                Err(StoreError::Other(e)) => return Err(StoreError::Other(e)),
+                result => out.push(result),
+            }
         }
-        // The idempotency key exists: a replay if the request is the same, else a conflict.
-        let key = m.idempotency_key.as_deref().unwrap_or_default();
-        let row: Option<AnyRow> = sqlx::query(
-            "SELECT id, status, request_hash FROM messages \
-             WHERE tenant_id = $1 AND idempotency_key = $2",
-        )
-        .bind(&m.tenant_id)
-        .bind(key)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(db_error)?;
-        let row = row.ok_or_else(|| {
-            StoreError::Other(anyhow::anyhow!("insert returned nothing and no row exists"))
-        })?;
-        use sqlx::Row as _;
-        let hash: String = row.try_get("request_hash").map_err(db_error)?;
-        if hash != m.request_hash {
-            return Err(StoreError::Conflict(format!(
-                "idempotency key {key:?} was already used for a different request"
-            )));
-        }
-        let status: String = row.try_get("status").map_err(db_error)?;
-        Ok(InsertOutcome::Replayed {
-            id: row.try_get("id").map_err(db_error)?,
-            status: decode(MessageStatus::parse(&status).context("message status"))?,
-        })
+        tx.commit().await.map_err(db_error)?;
+        Ok(out)
     }
 
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {
@@ -700,6 +645,89 @@ impl Store for SqlStore {
         .map_err(db_error)?;
         Ok(())
     }
+}
+
+async fn insert_one(
+    conn: &mut sqlx::AnyConnection,
+    m: &NewMessage,
+    now: i64,
+) -> Result<InsertOutcome, StoreError> {
+    let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
+    let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
+    let recipients = format!(
+        " {} ",
+        m.content
+            .recipients()
+            .map(|r| r.email.as_str().to_ascii_lowercase())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let (status, due_at) = match m.send_at {
+        Some(at) if at > now => (MessageStatus::Scheduled, at),
+        _ => (MessageStatus::Queued, now),
+    };
+    let inserted: Option<AnyRow> = sqlx::query(
+        "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
+         recipients, profile_id, profile_reason, template_id, campaign_id, content, \
+         message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
+         updated_at, send_at, due_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+         $18, $19, $19, $20, $21) \
+         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
+    )
+    .bind(&m.id)
+    .bind(&m.tenant_id)
+    .bind(status.as_str())
+    .bind(&m.source)
+    .bind(&m.email_type)
+    .bind(&m.content.subject)
+    .bind(m.content.from.to_string())
+    .bind(recipients)
+    .bind(m.profile_id.as_deref())
+    .bind(m.profile_reason.as_str())
+    .bind(m.template_id.as_deref())
+    .bind(m.campaign_id.as_deref())
+    .bind(content)
+    .bind(&m.message_id_header)
+    .bind(&m.trace_id)
+    .bind(tags)
+    .bind(m.idempotency_key.as_deref())
+    .bind(&m.request_hash)
+    .bind(now)
+    .bind(m.send_at)
+    .bind(due_at)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if inserted.is_some() {
+        return Ok(InsertOutcome::Created);
+    }
+    // The idempotency key exists: a replay if the request is the same, else a conflict.
+    let key = m.idempotency_key.as_deref().unwrap_or_default();
+    let row: Option<AnyRow> = sqlx::query(
+        "SELECT id, status, request_hash FROM messages \
+         WHERE tenant_id = $1 AND idempotency_key = $2",
+    )
+    .bind(&m.tenant_id)
+    .bind(key)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    let row = row.ok_or_else(|| {
+        StoreError::Other(anyhow::anyhow!("insert returned nothing and no row exists"))
+    })?;
+    use sqlx::Row as _;
+    let hash: String = row.try_get("request_hash").map_err(db_error)?;
+    if hash != m.request_hash {
+        return Err(StoreError::Conflict(format!(
+            "idempotency key {key:?} was already used for a different request"
+        )));
+    }
+    let status: String = row.try_get("status").map_err(db_error)?;
+    Ok(InsertOutcome::Replayed {
+        id: row.try_get("id").map_err(db_error)?,
+        status: decode(MessageStatus::parse(&status).context("message status"))?,
+    })
 }
 
 /// The `AND ...` clauses of a log filter; binds are appended to `binds`.

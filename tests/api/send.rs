@@ -651,3 +651,94 @@ async fn requeue_by_filter_requeues_only_matching_failures() {
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn send_batch_accepts_valid_recipients_and_reports_each() {
+    let app = TestApp::spawn_with(|c| c.delivery.enabled = false).await;
+    let recipient = |email: &str, key: &str| BatchRecipient {
+        to: Some(mailbox(email)),
+        idempotency_key: key.into(),
+        ..Default::default()
+    };
+    let base = SendEmailRequest {
+        subject: "Your code".into(),
+        text_body: "1234".into(),
+        email_type: "device_authentication".into(),
+        ..Default::default()
+    };
+    let mut send = app.send_client();
+    let answer = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base.clone()),
+                recipients: vec![
+                    recipient("a@example.com", "k1"),
+                    recipient("broken", ""),
+                    recipient("c@example.com", ""),
+                ],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.accepted_count, 2);
+    assert_eq!(answer.results.len(), 3);
+    assert_eq!(answer.results[1].code, Code::InvalidArgument as i32);
+    assert!(
+        answer.results[1].error.contains("to[0].email"),
+        "{}",
+        answer.results[1].error
+    );
+    assert!(answer.results[1].message_id.is_empty());
+    let first = answer.results[0].message_id.clone();
+    assert_eq!(
+        app.log_entry("acme", &first).await.email_type,
+        "device_authentication"
+    );
+
+    // The same key again replays that recipient's email.
+    let again = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base.clone()),
+                recipients: vec![recipient("a@example.com", "k1")],
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.results[0].message_id, first);
+
+    // A thousand recipients are accepted in one call; more are refused as a whole.
+    let many: Vec<_> = (0..1000)
+        .map(|i| recipient(&format!("user{i}@example.com"), ""))
+        .collect();
+    let big = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base.clone()),
+                recipients: many.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(big.accepted_count, 1000);
+    let mut too_many = many;
+    too_many.push(recipient("one-more@example.com", ""));
+    let err = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base),
+                recipients: too_many,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    app.stop().await.unwrap();
+}
