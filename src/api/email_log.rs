@@ -159,6 +159,71 @@ impl EmailLogService for EmailLogApi {
     }
 
     #[instrument(skip_all, fields(tenant_id))]
+    async fn get_email_stats(
+        &self,
+        request: Request<pb::GetEmailStatsRequest>,
+    ) -> Result<Response<pb::GetEmailStatsResponse>, Status> {
+        let caller = caller(request.metadata())?;
+        let req = request.into_inner();
+        let start = req
+            .start_time
+            .as_ref()
+            .map(micros)
+            .ok_or_else(|| ApiError::invalid("start_time", "is required"))?;
+        let end = req
+            .end_time
+            .as_ref()
+            .map(micros)
+            .unwrap_or_else(crate::delivery::now_micros);
+        if end <= start {
+            return Err(ApiError::invalid("end_time", "must be after start_time").into());
+        }
+        let width = match pb::StatsBucketWidth::try_from(req.bucket_width) {
+            Ok(pb::StatsBucketWidth::Unspecified) => None,
+            Ok(pb::StatsBucketWidth::Hour) => Some(3_600_000_000),
+            Ok(pb::StatsBucketWidth::Day) => Some(86_400_000_000),
+            Err(_) => return Err(ApiError::invalid("bucket_width", "unknown bucket width").into()),
+        };
+        if let Some(w) = width {
+            if (end - start) / w > MAX_BUCKETS {
+                return Err(ApiError::invalid(
+                    "bucket_width",
+                    format!("the window holds more than {MAX_BUCKETS} buckets: use a wider bucket or a shorter window"),
+                )
+                .into());
+            }
+        }
+        let stats = self
+            .ctx
+            .store
+            .email_stats(&caller.tenant_id, start, end, width)
+            .await
+            .map_err(ApiError::from)?;
+        let counts = |list: &[(String, i64)]| -> Vec<pb::StatsCount> {
+            list.iter()
+                .map(|(key, count)| pb::StatsCount {
+                    key: key.clone(),
+                    count: *count,
+                })
+                .collect()
+        };
+        Ok(Response::new(pb::GetEmailStatsResponse {
+            total: stats.total,
+            by_status: counts(&stats.by_status),
+            by_type: counts(&stats.by_type),
+            by_profile: counts(&stats.by_profile),
+            buckets: stats
+                .buckets
+                .iter()
+                .map(|(at, list)| pb::StatsBucket {
+                    start_time: Some(super::convert::timestamp(*at)),
+                    by_status: counts(list),
+                })
+                .collect(),
+        }))
+    }
+
+    #[instrument(skip_all, fields(tenant_id))]
     async fn watch_email_logs(
         &self,
         request: Request<pb::WatchEmailLogsRequest>,
@@ -207,6 +272,9 @@ impl EmailLogService for EmailLogApi {
         Ok(Response::new(stream))
     }
 }
+
+/// Most buckets one GetEmailStats call may ask for.
+const MAX_BUCKETS: i64 = 2000;
 
 /// A stream fed by a task through a bounded channel (a slow client fills the channel; the
 /// broadcast behind it then reports the lag instead of holding the service back).

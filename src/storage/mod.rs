@@ -65,6 +65,21 @@ pub struct Completion {
     pub fallback_reason: String,
 }
 
+/// Counts of a tenant's log entries over a time window.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EmailStats {
+    /// All entries.
+    pub total: i64,
+    /// (status, count).
+    pub by_status: Vec<(String, i64)>,
+    /// (email type, count).
+    pub by_type: Vec<(String, i64)>,
+    /// (profile id or "", count).
+    pub by_profile: Vec<(String, i64)>,
+    /// (bucket start in unix microseconds, [(status, count)]), oldest first.
+    pub buckets: Vec<(i64, Vec<(String, i64)>)>,
+}
+
 /// A claimed message: the row and the lease that lets the worker complete it.
 #[derive(Debug, Clone)]
 pub struct Claimed {
@@ -178,6 +193,16 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError>;
+
+    /// Counts entries created in [start, end), optionally in buckets of `bucket` microseconds
+    /// aligned to the Unix epoch (UTC hours and days).
+    async fn email_stats(
+        &self,
+        tenant_id: &str,
+        start: i64,
+        end: i64,
+        bucket: Option<i64>,
+    ) -> Result<EmailStats, StoreError>;
 
     /// Leases up to `limit` due messages to the caller until `lease_until`.
     async fn claim_due(

@@ -18,7 +18,7 @@ use super::{
         attempt_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS, MESSAGE_COLUMNS,
         PROFILE_COLUMNS,
     },
-    Claimed, Completion, InsertOutcome, Store, StoreError,
+    Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
 use crate::domain::{
     AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
@@ -537,6 +537,67 @@ impl Store for SqlStore {
         binds.push(Bind::Int(i64::from(limit)));
         sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", binds.len()));
         self.fetch_messages(&sql, &binds).await
+    }
+
+    async fn email_stats(
+        &self,
+        tenant_id: &str,
+        start: i64,
+        end: i64,
+        bucket: Option<i64>,
+    ) -> Result<EmailStats, StoreError> {
+        use sqlx::Row as _;
+        let window = "FROM messages WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3";
+        let mut stats = EmailStats::default();
+        for (column, target) in [
+            ("status", &mut stats.by_status),
+            ("email_type", &mut stats.by_type),
+            ("COALESCE(profile_id, '')", &mut stats.by_profile),
+        ] {
+            let sql = format!(
+                "SELECT {column} AS k, COUNT(*) AS n {window} GROUP BY {column} ORDER BY n DESC, k"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(tenant_id)
+                .bind(start)
+                .bind(end)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            for row in rows {
+                target.push((
+                    row.try_get("k").map_err(db_error)?,
+                    row.try_get("n").map_err(db_error)?,
+                ));
+            }
+        }
+        stats.total = stats.by_status.iter().map(|(_, n)| n).sum();
+        if let Some(width) = bucket {
+            let sql = format!(
+                "SELECT created_at / $4 AS b, status AS k, COUNT(*) AS n {window} \
+                 GROUP BY created_at / $4, status ORDER BY b, k"
+            );
+            let rows = sqlx::query(&sql)
+                .bind(tenant_id)
+                .bind(start)
+                .bind(end)
+                .bind(width)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_error)?;
+            for row in rows {
+                let b: i64 = row.try_get("b").map_err(db_error)?;
+                let entry = (
+                    row.try_get("k").map_err(db_error)?,
+                    row.try_get("n").map_err(db_error)?,
+                );
+                match stats.buckets.last_mut() {
+                    Some((at, counts)) if *at == b * width => counts.push(entry),
+                    _ => stats.buckets.push((b * width, vec![entry])),
+                }
+            }
+        }
+        Ok(stats)
     }
 
     async fn claim_due(

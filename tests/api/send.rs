@@ -742,3 +742,91 @@ async fn send_batch_accepts_valid_recipients_and_reports_each() {
     assert_eq!(err.code(), Code::ResourceExhausted);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn email_stats_count_by_status_type_profile_and_bucket() {
+    let app = TestApp::spawn().await;
+    for _ in 0..3 {
+        app.send_and_settle("acme", simple_email("bob@example.com"))
+            .await;
+    }
+    let mut later = simple_email("bob@example.com");
+    later.email_type = "welcome".into();
+    later.send_at = Some(prost_types::Timestamp {
+        seconds: 4_102_444_800,
+        nanos: 0,
+    });
+    let scheduled = app
+        .send_client()
+        .send_email(as_tenant("acme", later))
+        .await
+        .unwrap()
+        .into_inner();
+    app.send_client()
+        .cancel_email(as_tenant(
+            "acme",
+            CancelEmailRequest {
+                message_id: scheduled.message_id,
+            },
+        ))
+        .await
+        .unwrap();
+    app.send_and_settle("globex", simple_email("x@example.com"))
+        .await;
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let stats = app
+        .log_client()
+        .get_email_stats(as_tenant(
+            "acme",
+            GetEmailStatsRequest {
+                start_time: Some(prost_types::Timestamp {
+                    seconds: now - 86_400,
+                    nanos: 0,
+                }),
+                end_time: Some(prost_types::Timestamp {
+                    seconds: now + 60,
+                    nanos: 0,
+                }),
+                bucket_width: StatsBucketWidth::Hour.into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.total, 4, "other tenants are not counted");
+    let get = |list: &[StatsCount], key: &str| list.iter().find(|c| c.key == key).map(|c| c.count);
+    assert_eq!(get(&stats.by_status, "SENT"), Some(3));
+    assert_eq!(get(&stats.by_status, "CANCELLED"), Some(1));
+    assert_eq!(get(&stats.by_type, "notification"), Some(3));
+    assert_eq!(get(&stats.by_type, "welcome"), Some(1));
+    assert_eq!(get(&stats.by_profile, ""), Some(4));
+    let bucketed: i64 = stats
+        .buckets
+        .iter()
+        .flat_map(|b| &b.by_status)
+        .map(|c| c.count)
+        .sum();
+    assert_eq!(bucketed, 4);
+    assert!(stats
+        .buckets
+        .iter()
+        .all(|b| b.start_time.as_ref().unwrap().seconds % 3600 == 0));
+
+    let err = app
+        .log_client()
+        .get_email_stats(as_tenant(
+            "acme",
+            GetEmailStatsRequest {
+                start_time: None,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    app.stop().await.unwrap();
+}
