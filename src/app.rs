@@ -99,7 +99,19 @@ fn percent_decode(value: &str) -> String {
         .unwrap_or_default()
 }
 
-fn secrets(config: &Config) -> anyhow::Result<SecretBox> {
+/// The secret box of the configuration: the current key (or the development key) and the
+/// previous keys that may still open older secrets.
+pub fn secrets(config: &Config) -> anyhow::Result<SecretBox> {
+    let mut sb = current_secrets(config)?;
+    for previous in &config.encryption.previous_keys {
+        sb = sb
+            .with_previous(previous.key.expose(), &previous.id)
+            .with_context(|| format!("encryption.previous_keys: key {:?}", previous.id))?;
+    }
+    Ok(sb)
+}
+
+fn current_secrets(config: &Config) -> anyhow::Result<SecretBox> {
     if config.encryption.key.is_empty() {
         warn!(
             "NO ENCRYPTION KEY CONFIGURED: using a development key stored in {}; anyone who can read that directory can decrypt SMTP passwords. Set MAILGATE_ENCRYPTION__KEY (32 bytes, base64) in production.",
@@ -121,6 +133,33 @@ fn read_roots(path: Option<&Path>) -> anyhow::Result<Vec<String>> {
             format!("reading smtp.extra_roots_file {}", path.display())
         })?]),
     }
+}
+
+/// Re-encrypts every stored secret that is not sealed with the current key. Returns how many
+/// were re-encrypted.
+pub async fn rekey(config: &Config) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let store = SqlStore::connect(&config.effective_database_url(), 2).await?;
+    let secrets = secrets(config)?;
+    let mut count = 0;
+    for (tenant_id, profile_id, sealed) in store.all_profile_secrets().await? {
+        if secrets.is_current(&sealed) {
+            continue;
+        }
+        let context = crate::delivery::secret_context(&tenant_id, &profile_id);
+        let plain = secrets
+            .open(&sealed, &context)
+            .with_context(|| format!("profile {profile_id} of tenant {tenant_id}"))?;
+        let resealed = secrets.seal(&plain, &context);
+        if store
+            .replace_profile_secret(&tenant_id, &profile_id, &sealed, &resealed)
+            .await?
+        {
+            count += 1;
+        }
+    }
+    store.close().await;
+    Ok(count)
 }
 
 impl App {

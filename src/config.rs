@@ -161,6 +161,19 @@ pub struct EncryptionConfig {
     pub key: Secret,
     /// The key's id, stored beside every ciphertext so keys can be rotated.
     pub key_id: String,
+    /// Older keys, still able to decrypt (for rotation: add the old key here, set the new
+    /// one as `key`, run `mailgate rekey`, then remove the old key).
+    pub previous_keys: Vec<PreviousKey>,
+}
+
+/// A retired encryption key that can still decrypt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreviousKey {
+    /// Its id.
+    pub id: String,
+    /// The key: 32 bytes, base64.
+    pub key: Secret,
 }
 
 /// Logging settings.

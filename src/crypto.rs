@@ -35,6 +35,8 @@ pub enum CryptoError {
 pub struct SecretBox {
     key_id: String,
     cipher: XChaCha20Poly1305,
+    /// Retired keys by id: they open old ciphertexts but never seal.
+    previous: Vec<(String, XChaCha20Poly1305)>,
 }
 
 impl fmt::Debug for SecretBox {
@@ -48,18 +50,31 @@ impl fmt::Debug for SecretBox {
 impl SecretBox {
     /// A box from a base64 key and its id.
     pub fn new(key_b64: &str, key_id: &str) -> Result<Self, CryptoError> {
-        let key = STANDARD
-            .decode(key_b64.trim())
-            .map_err(|_| CryptoError::BadKey)?;
-        if key.len() != 32 {
-            return Err(CryptoError::BadKey);
-        }
-        let cipher = XChaCha20Poly1305::new_from_slice(&key).map_err(|_| CryptoError::BadKey)?;
         let key_id = if key_id.is_empty() { "k1" } else { key_id };
         Ok(Self {
             key_id: key_id.to_owned(),
-            cipher,
+            cipher: cipher(key_b64)?,
+            previous: Vec::new(),
         })
+    }
+
+    /// Adds a retired key that can still open what it sealed.
+    pub fn with_previous(mut self, key_b64: &str, key_id: &str) -> Result<Self, CryptoError> {
+        self.previous.push((key_id.to_owned(), cipher(key_b64)?));
+        Ok(self)
+    }
+
+    /// The id of the key that seals.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Whether `sealed` was made with the current key.
+    pub fn is_current(&self, sealed: &str) -> bool {
+        sealed
+            .strip_prefix("v1:")
+            .and_then(|rest| rest.split_once(':'))
+            .is_some_and(|(id, _)| id == self.key_id)
     }
 
     /// The development key in `data_dir/secret.key`, created on first use. Only for local use:
@@ -105,9 +120,15 @@ impl SecretBox {
         else {
             return Err(CryptoError::Corrupt);
         };
-        if key_id != self.key_id {
-            return Err(CryptoError::UnknownKey(key_id.to_owned()));
-        }
+        let cipher = if key_id == self.key_id {
+            &self.cipher
+        } else {
+            self.previous
+                .iter()
+                .find(|(id, _)| id == key_id)
+                .map(|(_, c)| c)
+                .ok_or_else(|| CryptoError::UnknownKey(key_id.to_owned()))?
+        };
         let data = STANDARD.decode(data).map_err(|_| CryptoError::Corrupt)?;
         if data.len() < 24 {
             return Err(CryptoError::Corrupt);
@@ -117,12 +138,21 @@ impl SecretBox {
             msg: ciphertext,
             aad: context.as_bytes(),
         };
-        let plain = self
-            .cipher
+        let plain = cipher
             .decrypt(XNonce::from_slice(nonce), payload)
             .map_err(|_| CryptoError::Corrupt)?;
         String::from_utf8(plain).map_err(|_| CryptoError::Corrupt)
     }
+}
+
+fn cipher(key_b64: &str) -> Result<XChaCha20Poly1305, CryptoError> {
+    let key = STANDARD
+        .decode(key_b64.trim())
+        .map_err(|_| CryptoError::BadKey)?;
+    if key.len() != 32 {
+        return Err(CryptoError::BadKey);
+    }
+    XChaCha20Poly1305::new_from_slice(&key).map_err(|_| CryptoError::BadKey)
 }
 
 #[cfg(unix)]
@@ -164,5 +194,21 @@ mod tests {
             Err(CryptoError::UnknownKey(_))
         ));
         assert!(SecretBox::new("c2hvcnQ=", "k").is_err());
+    }
+
+    #[test]
+    fn previous_keys_open_but_never_seal() {
+        let old_key = STANDARD.encode([1u8; 32]);
+        let new_key = STANDARD.encode([2u8; 32]);
+        let old = SecretBox::new(&old_key, "old").unwrap();
+        let sealed_old = old.seal("pw", "ctx");
+        let rotated = SecretBox::new(&new_key, "new")
+            .unwrap()
+            .with_previous(&old_key, "old")
+            .unwrap();
+        assert_eq!(rotated.open(&sealed_old, "ctx").unwrap(), "pw");
+        assert!(!rotated.is_current(&sealed_old));
+        let resealed = rotated.seal("pw", "ctx");
+        assert!(rotated.is_current(&resealed) && resealed.starts_with("v1:new:"));
     }
 }

@@ -23,6 +23,9 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Re-encrypt every stored secret with the current key (after moving the old key to
+    /// encryption.previous_keys).
+    Rekey,
     /// Ask a running server's gRPC health service; exit 0 when SERVING.
     Healthcheck {
         /// The server address; default: the configured listen address.
@@ -52,6 +55,12 @@ async fn main() -> ExitCode {
     let result = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
+        Command::Rekey => mailgate::app::rekey(&config).await.map(|n| {
+            println!(
+                "re-encrypted {n} secret(s) with key {:?}",
+                config.encryption.key_id
+            );
+        }),
         Command::Healthcheck { addr, timeout } => {
             healthcheck(addr.unwrap_or(config.listen_addr), timeout).await
         }

@@ -167,6 +167,50 @@ impl SqlStore {
         Ok(current.status)
     }
 
+    /// Every stored profile secret: (tenant id, profile id, ciphertext). For key rotation.
+    pub async fn all_profile_secrets(&self) -> Result<Vec<(String, String, String)>, StoreError> {
+        use sqlx::Row as _;
+        let rows = sqlx::query(
+            "SELECT tenant_id, id, secret_ciphertext FROM smtp_profiles \
+             WHERE secret_ciphertext IS NOT NULL ORDER BY tenant_id, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get("tenant_id").map_err(db_error)?,
+                    r.try_get("id").map_err(db_error)?,
+                    r.try_get("secret_ciphertext").map_err(db_error)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Replaces a profile's ciphertext if it is still `old` (no version bump: the secret
+    /// itself is unchanged). Returns whether it was replaced.
+    pub async fn replace_profile_secret(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        old: &str,
+        new: &str,
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE smtp_profiles SET secret_ciphertext = $1 \
+             WHERE tenant_id = $2 AND id = $3 AND secret_ciphertext = $4",
+        )
+        .bind(new)
+        .bind(tenant_id)
+        .bind(id)
+        .bind(old)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(done.rows_affected() == 1)
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend

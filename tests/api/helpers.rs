@@ -126,6 +126,20 @@ impl TestApp {
         let db = TestDatabase::new().await;
         let mut config = test_config(&db);
         adjust(&mut config);
+        Self::start(db, config).await
+    }
+
+    /// An app on an existing database (which the caller keeps).
+    pub async fn spawn_on(db: &TestDatabase, config: Config) -> Self {
+        let shared = TestDatabase {
+            url: db.url.clone(),
+            pg_name: None,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        Self::start(shared, config).await
+    }
+
+    async fn start(db: TestDatabase, config: Config) -> Self {
         let data_dir = config.data_dir.clone();
         let app = App::build(config).await.expect("app builds");
         let addr = app.local_addr();

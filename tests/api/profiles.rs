@@ -713,3 +713,63 @@ async fn send_test_email_reports_and_logs() {
     assert_eq!(bad.code(), Code::NotFound);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn rekey_moves_every_secret_to_the_new_key() {
+    use base64::Engine as _;
+    let key = |b: u8| {
+        mailgate::config::Secret::new(base64::engine::general_purpose::STANDARD.encode([b; 32]))
+    };
+    let db = crate::helpers::TestDatabase::new().await;
+    let mut config = crate::helpers::test_config(&db);
+    config.encryption.key = key(1);
+    config.encryption.key_id = "old".into();
+    let app = TestApp::spawn_on(&db, config.clone()).await;
+    let mut profile = plain_profile("p", 2525);
+    profile.host = "smtp.example.com".into();
+    profile.security = SmtpSecurity::Starttls.into();
+    profile.username = "u@acme.test".into();
+    profile.password = CANARY.into();
+    app.config_client()
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(profile),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap();
+    app.stop().await.unwrap();
+
+    config.encryption.key = key(2);
+    config.encryption.key_id = "new".into();
+    // Without the old key the secret cannot be opened: rekey refuses rather than losing it.
+    assert!(mailgate::app::rekey(&config).await.is_err());
+    config.encryption.previous_keys = vec![mailgate::config::PreviousKey {
+        id: "old".into(),
+        key: key(1),
+    }];
+    assert_eq!(mailgate::app::rekey(&config).await.unwrap(), 1);
+    assert_eq!(
+        mailgate::app::rekey(&config).await.unwrap(),
+        0,
+        "idempotent"
+    );
+
+    let store = mailgate::storage::SqlStore::connect(&db.url, 1)
+        .await
+        .unwrap();
+    let secrets = store.all_profile_secrets().await.unwrap();
+    assert_eq!(secrets.len(), 1);
+    let (tenant, id, sealed) = &secrets[0];
+    assert!(sealed.starts_with("v1:new:") && !sealed.contains(CANARY));
+    config.encryption.previous_keys.clear();
+    let only_new = mailgate::app::secrets(&config).unwrap();
+    assert_eq!(
+        only_new
+            .open(sealed, &mailgate::delivery::secret_context(tenant, id))
+            .unwrap(),
+        CANARY
+    );
+}
