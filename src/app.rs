@@ -45,6 +45,7 @@ const SERVICES: [&str; 5] = [
 /// A built, bound, not yet running mailgate.
 #[derive(Debug)]
 pub struct App {
+    stop: (watch::Sender<bool>, watch::Receiver<bool>),
     listener: TcpListener,
     local_addr: SocketAddr,
     store: Arc<SqlStore>,
@@ -212,7 +213,9 @@ impl App {
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
         let local_addr = listener.local_addr()?;
+        let stop = watch::channel(false);
         let ctx = ApiContext {
+            shutdown: stop.1.clone(),
             store: store.clone() as Arc<dyn Store>,
             engine: engine.clone(),
             secrets,
@@ -220,6 +223,7 @@ impl App {
             system_sender,
         };
         Ok(Self {
+            stop,
             listener,
             local_addr,
             store,
@@ -254,7 +258,7 @@ impl App {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
 
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = self.stop.clone();
         let engine_task = self
             .config
             .delivery
@@ -316,6 +320,11 @@ async fn watch_health(
             }
         };
         if last != Some(status) {
+            // "liveness" answers SERVING while the process runs, whatever the database does, so
+            // a database outage does not get every replica restarted at once.
+            health
+                .set_service_status("liveness", ServingStatus::Serving)
+                .await;
             health.set_service_status("", status).await;
             for service in SERVICES {
                 health.set_service_status(service, status).await;

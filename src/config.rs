@@ -112,8 +112,6 @@ pub struct SmtpConfig {
     pub allow_insecure_tls: bool,
     /// Name sent with EHLO when a profile sets none.
     pub helo_name: String,
-    /// Log the SMTP dialogue (debug level). It contains AUTH lines: tests only.
-    pub wire_log: bool,
 }
 
 impl Default for SmtpConfig {
@@ -124,7 +122,6 @@ impl Default for SmtpConfig {
             extra_roots_file: None,
             allow_insecure_tls: false,
             helo_name: "mailgate.localdomain".to_owned(),
-            wire_log: false,
         }
     }
 }

@@ -232,9 +232,15 @@ impl EmailLogService for EmailLogApi {
         let filter = filter_from_proto(request.into_inner().filter)?;
         let mut events = self.ctx.engine.subscribe();
         let store = self.ctx.store.clone();
+        let mut shutdown = self.ctx.shutdown.clone();
         let stream = async_stream(move |tx| async move {
             loop {
-                let event = match events.recv().await {
+                let received = tokio::select! {
+                    received = events.recv() => received,
+                    // The server is shutting down: end the stream so shutdown is not held up.
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                };
+                let event = match received {
                     Ok(event) => event,
                     Err(RecvError::Lagged(n)) => {
                         let _ = tx

@@ -38,6 +38,8 @@ pub struct ApiContext {
     pub secrets: SecretBox,
     /// The system default service's sender.
     pub system_sender: Mailbox,
+    /// Turns true when the server shuts down: live streams end so shutdown is not held up.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Whether profiles may turn certificate verification off (operator setting).
     pub allow_insecure_tls: bool,
 }

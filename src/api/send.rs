@@ -84,7 +84,11 @@ impl SendApi {
 
     /// The profile named in the request: it must exist for this tenant and be ACTIVE.
     async fn named_profile(&self, caller: &Caller, id: &str) -> Result<SmtpProfile, ApiError> {
-        let profile = self.ctx.store.get_profile(&caller.tenant_id, id).await?;
+        let profile = self
+            .ctx
+            .store
+            .get_usable_profile(&caller.tenant_id, id)
+            .await?;
         if profile.status != ProfileStatus::Active {
             return Err(ApiError::FailedPrecondition(format!(
                 "profile {} is INACTIVE: verify and activate it first",
@@ -112,7 +116,7 @@ impl SendApi {
                 Some(id) => self
                     .ctx
                     .store
-                    .get_profile(&caller.tenant_id, id)
+                    .get_usable_profile(&caller.tenant_id, id)
                     .await
                     .ok()
                     .filter(|p| p.status == ProfileStatus::Active),

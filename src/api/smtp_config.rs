@@ -601,9 +601,9 @@ impl SmtpConfigService for SmtpConfigApi {
         let paths = req.update_mask.map(|m| m.paths).unwrap_or_default();
         let mut next = tenant_settings::apply(&current, req.settings.unwrap_or_default(), &paths)?;
         if let Some(id) = &next.default_profile_id {
-            // The default must be one of the tenant's own profiles (NOT_FOUND otherwise).
+            // The default must be a profile the tenant may use: its own or one shared with it.
             store
-                .get_profile(&caller.tenant_id, id)
+                .get_usable_profile(&caller.tenant_id, id)
                 .await
                 .map_err(|_| ApiError::invalid("settings.default_profile_id", "no such profile"))?;
         }

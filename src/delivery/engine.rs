@@ -28,7 +28,7 @@ use crate::{
         AttemptOutcome, AttemptRecord, AuthMechanism, FallbackPolicy, Mailbox, MessageStatus,
         ProfileSettings, SmtpProfile,
     },
-    storage::{Claimed, Completion, Store},
+    storage::{Claimed, Completion, Store, StoreError},
 };
 
 /// A change of a message's status, for live watchers and tests.
@@ -157,6 +157,7 @@ impl Engine {
             .await
         {
             Ok(claimed) => {
+                tracing::debug!(claimed = claimed.len(), limit, "claimed due messages");
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 for c in &claimed {
                     in_flight.insert(c.message.id.clone(), c.clone());
@@ -238,6 +239,7 @@ impl Engine {
     #[instrument(skip_all, fields(tenant_id = %claimed.message.tenant_id, message_id = %claimed.message.id))]
     async fn deliver(&self, claimed: Claimed) {
         let (attempts, completion) = self.attempt(&claimed).await;
+        tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
         let status = completion.status;
         let message = &claimed.message;
         match self
@@ -263,14 +265,32 @@ impl Engine {
         let deadline = Instant::now() + self.settings.attempt_timeout;
         let first_number = message.attempt_count + 1;
         let profile = match &message.profile_id {
-            Some(id) => match self.store.get_profile(&message.tenant_id, id).await {
+            None => None,
+            // A grantee's message uses the owner's profile.
+            Some(id) => match self.store.get_usable_profile(&message.tenant_id, id).await {
                 Ok(p) => Some(p),
+                Err(StoreError::NotFound(_)) => {
+                    // Deleted, or no longer shared with this tenant: the operator's service
+                    // delivers, with its own sender, and the log says why.
+                    let reason = format!("profile {id} is no longer available to this tenant");
+                    let (record, result) = self
+                        .send_via_system(claimed, first_number, true, deadline)
+                        .await;
+                    return (vec![record], self.decide(claimed, result, true, reason));
+                }
                 Err(e) => {
-                    warn!(profile_id = %id, error = %e, "profile unavailable; using the system default service");
-                    None
+                    // Storage trouble: nothing went on the wire; try again soon.
+                    warn!(error = %e, "loading the profile failed; retrying later");
+                    let completion = Completion {
+                        status: MessageStatus::Deferred,
+                        retry_at: Some(now_micros() + micros(self.settings.poll_interval)),
+                        last_error: "storage unavailable while loading the profile".into(),
+                        fallback: false,
+                        fallback_reason: String::new(),
+                    };
+                    return (Vec::new(), completion);
                 }
             },
-            None => None,
         };
         let Some(profile) = profile else {
             let (record, result) = self

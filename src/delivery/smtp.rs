@@ -342,6 +342,8 @@ impl Session {
                 .await?
             }
         };
+        // The greeting and EHLO passed (STARTTLS repeats EHLO afterwards).
+        progress.passed(Stage::Greeting, conn.server_info().to_string());
         if target.security == Security::StartTls {
             if !conn.server_info().supports_feature(Extension::StartTls) {
                 conn.abort().await;
@@ -355,7 +357,6 @@ impl Session {
                 .trust
                 .lettre_parameters(&target.host)
                 .map_err(|e| SmtpFailure::local(Stage::Tls, FailureKind::Tls, e.to_string()))?;
-            progress.passed(Stage::Greeting, conn.server_info().to_string());
             step(deadline, Stage::Tls, async {
                 conn.starttls(params, &helo)
                     .await
@@ -363,8 +364,6 @@ impl Session {
             })
             .await?;
             progress.passed(Stage::Tls, "STARTTLS established".to_owned());
-        } else {
-            progress.passed(Stage::Greeting, conn.server_info().to_string());
         }
         if let Some(auth) = &target.auth {
             let mechanisms: &[Mechanism] = match auth.mechanism {

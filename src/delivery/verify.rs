@@ -110,6 +110,18 @@ pub fn report(
             hint: String::new(),
         })
         .collect();
+    // When the session failed after the greeting, the capabilities come from its record.
+    let capabilities = if capabilities.is_empty() {
+        progress
+            .passed
+            .iter()
+            .rev()
+            .find(|(stage, _, _)| *stage == Stage::Greeting)
+            .map(|(_, _, detail)| capabilities_of(detail))
+            .unwrap_or_default()
+    } else {
+        capabilities
+    };
     let succeeded = failure.is_none();
     if let Some(f) = failure {
         stages.push(StageReport {

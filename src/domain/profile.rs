@@ -238,6 +238,19 @@ impl ProfileSettings {
                 domain,
             ));
         }
+        for (i, tenant) in self.shared_with.iter().enumerate() {
+            let valid = !tenant.is_empty()
+                && tenant.len() <= 128
+                && tenant
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !valid {
+                v.add(
+                    format!("{}[{i}]", f("shared_with")),
+                    "must be a tenant id: 1 to 128 letters, digits, '-', '_' or '.'",
+                );
+            }
+        }
         let needs_credentials = !matches!(self.auth_mechanism, AuthMechanism::None);
         if needs_credentials && self.username.is_empty() {
             v.add(f("username"), "is required when an AUTH mechanism is set");
@@ -330,6 +343,14 @@ pub struct SmtpProfile {
     pub updated_at: i64,
     /// Increases with each change.
     pub version: i64,
+}
+
+impl SmtpProfile {
+    /// Whether `tenant_id` may send through this profile: its owner, or a tenant it is shared
+    /// with. Only the owner may read or change it.
+    pub fn usable_by(&self, tenant_id: &str) -> bool {
+        self.tenant_id == tenant_id || self.settings.shared_with.iter().any(|t| t == tenant_id)
+    }
 }
 
 #[cfg(test)]

@@ -99,6 +99,13 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn create_profile(&self, profile: &SmtpProfile) -> Result<(), StoreError>;
     /// One profile of a tenant.
     async fn get_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError>;
+    /// A profile `tenant_id` may send through: its own, or one shared with it. Others are
+    /// [`StoreError::NotFound`], exactly like a missing id.
+    async fn get_usable_profile(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<SmtpProfile, StoreError>;
     /// Sets a profile's status and verification; bumps its version.
     async fn set_profile_state(
         &self,

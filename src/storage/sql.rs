@@ -289,6 +289,28 @@ impl Store for SqlStore {
         }
     }
 
+    async fn get_usable_profile(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<SmtpProfile, StoreError> {
+        let sql = format!("SELECT {PROFILE_COLUMNS} FROM smtp_profiles WHERE id = $1");
+        let row: Option<AnyRow> = sqlx::query(&sql)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        let profile = match row {
+            Some(row) => decode(profile_from_row(&row))?,
+            None => return Err(StoreError::NotFound("smtp profile")),
+        };
+        if profile.usable_by(tenant_id) {
+            Ok(profile)
+        } else {
+            Err(StoreError::NotFound("smtp profile"))
+        }
+    }
+
     async fn set_profile_state(
         &self,
         tenant_id: &str,

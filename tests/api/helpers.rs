@@ -140,6 +140,13 @@ impl TestApp {
     }
 
     async fn start(db: TestDatabase, config: Config) -> Self {
+        // MAILGATE_TEST_LOG=debug shows the app's log while debugging a test.
+        if let Ok(level) = std::env::var("MAILGATE_TEST_LOG") {
+            mailgate::telemetry::init(&mailgate::config::LogConfig {
+                level,
+                ..Default::default()
+            });
+        }
         let data_dir = config.data_dir.clone();
         let app = App::build(config).await.expect("app builds");
         let addr = app.local_addr();
@@ -261,6 +268,30 @@ pub async fn wait_settled(
     })
     .await
     .expect("message settled in time")
+}
+
+/// Waits (bounded, no polling) until every id reached SENT, FAILED or DEFERRED, in any order.
+pub async fn wait_all_settled(
+    events: &mut broadcast::Receiver<MessageEvent>,
+    ids: &[String],
+) -> Vec<MessageStatus> {
+    let mut settled: Vec<Option<MessageStatus>> = vec![None; ids.len()];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while settled.iter().any(Option::is_none) {
+            let e = events.recv().await.expect("event stream");
+            if let Some(i) = ids.iter().position(|id| *id == e.message_id) {
+                if matches!(
+                    e.status,
+                    MessageStatus::Sent | MessageStatus::Failed | MessageStatus::Deferred
+                ) {
+                    settled[i] = Some(e.status);
+                }
+            }
+        }
+    })
+    .await
+    .expect("messages settled in time");
+    settled.into_iter().flatten().collect()
 }
 
 /// Wraps a message in a request for `tenant`.

@@ -773,3 +773,166 @@ async fn rekey_moves_every_secret_to_the_new_key() {
         CANARY
     );
 }
+
+#[tokio::test]
+async fn verification_reports_missing_starttls_and_refused_sender() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let verify = |settings: SmtpProfile| {
+        let mut client = app.config_client();
+        async move {
+            client
+                .verify_smtp_profile(as_tenant(
+                    "acme",
+                    VerifySmtpProfileRequest {
+                        target: Some(verify_smtp_profile_request::Target::Settings(settings)),
+                        recipient: String::new(),
+                    },
+                ))
+                .await
+                .unwrap()
+                .into_inner()
+                .report
+                .unwrap()
+        }
+    };
+    // The test server offers no STARTTLS: a STARTTLS profile must fail, never fall back to plain.
+    let mut starttls = plain_profile("x", smtp.port);
+    starttls.security = SmtpSecurity::Starttls.into();
+    let report = verify(starttls).await;
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status() == StageStatus::Failed)
+        .unwrap();
+    assert_eq!(failed.stage(), VerificationStage::Tls);
+    assert!(
+        failed.hint.contains("does not offer STARTTLS"),
+        "{}",
+        failed.hint
+    );
+    assert!(
+        report.capabilities.iter().any(|c| c == "8BITMIME"),
+        "{:?}",
+        report.capabilities
+    );
+
+    smtp.set_behavior(Behavior {
+        reject_mail_from: true,
+        ..Behavior::default()
+    });
+    let report = verify(plain_profile("x", smtp.port)).await;
+    let failed = report
+        .stages
+        .iter()
+        .find(|s| s.status() == StageStatus::Failed)
+        .unwrap();
+    assert_eq!(
+        (failed.stage(), failed.reply_code),
+        (VerificationStage::MailFrom, 553)
+    );
+    assert!(
+        failed.hint.contains("refused the sender"),
+        "{}",
+        failed.hint
+    );
+    assert!(failed.detail.contains("not owned by user"));
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shared_profiles_are_usable_but_not_readable_by_grantees() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut profile = plain_profile("shared", smtp.port);
+    profile.shared_with = vec!["globex".into()];
+    let id = app.active_profile("acme", profile).await;
+    let mut config = app.config_client();
+
+    // Not readable or changeable by the grantee: exactly like a missing profile.
+    let read = config
+        .get_smtp_profile(as_tenant(
+            "globex",
+            GetSmtpProfileRequest { id: id.clone() },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(read.code(), Code::NotFound);
+    let listed = config
+        .list_smtp_profiles(as_tenant("globex", ListSmtpProfilesRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.profiles.is_empty());
+    let verify = config
+        .verify_smtp_profile(as_tenant(
+            "globex",
+            VerifySmtpProfileRequest {
+                target: Some(verify_smtp_profile_request::Target::ProfileId(id.clone())),
+                recipient: String::new(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(verify.code(), Code::NotFound);
+    let delete = config
+        .delete_smtp_profile(as_tenant(
+            "globex",
+            DeleteSmtpProfileRequest {
+                id: id.clone(),
+                force: true,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(delete.code(), Code::NotFound);
+
+    // Usable: send through it, and bind it as the tenant default.
+    let mut req = crate::helpers::simple_email("bob@example.com");
+    req.profile_id = id.clone();
+    let (msg, status) = app.send_and_settle("globex", req).await;
+    assert_eq!(status, mailgate::domain::MessageStatus::Sent);
+    assert_eq!(app.log_entry("globex", &msg).await.profile_id, id);
+    config
+        .update_tenant_settings(as_tenant(
+            "globex",
+            UpdateTenantSettingsRequest {
+                settings: Some(TenantSettings {
+                    default_profile_id: id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: mask(&["default_profile_id"]),
+            },
+        ))
+        .await
+        .unwrap();
+
+    // A tenant it is not shared with cannot use it.
+    let mut req = crate::helpers::simple_email("bob@example.com");
+    req.profile_id = id.clone();
+    let denied = app
+        .send_client()
+        .send_email(as_tenant("initech", req))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::NotFound);
+
+    let bad = SmtpProfile {
+        id: id.clone(),
+        shared_with: vec!["not a tenant".into()],
+        ..Default::default()
+    };
+    let err = config
+        .update_smtp_profile(as_tenant(
+            "acme",
+            UpdateSmtpProfileRequest {
+                profile: Some(bad),
+                update_mask: mask(&["shared_with"]),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    app.stop().await.unwrap();
+}

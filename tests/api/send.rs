@@ -639,12 +639,8 @@ async fn requeue_by_filter_requeues_only_matching_failures() {
         .unwrap()
         .into_inner();
     assert_eq!(answer.requeued_count, 2);
-    for id in &failed[..2] {
-        assert_eq!(
-            crate::helpers::wait_settled(&mut events, id).await,
-            MessageStatus::Sent
-        );
-    }
+    let statuses = crate::helpers::wait_all_settled(&mut events, &failed[..2]).await;
+    assert_eq!(statuses, [MessageStatus::Sent, MessageStatus::Sent]);
     assert_eq!(
         app.log_entry("acme", &failed[2]).await.status(),
         EmailStatus::Failed
@@ -829,4 +825,40 @@ async fn email_stats_count_by_status_type_profile_and_bucket() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_streams_matching_changes_and_ends_on_shutdown() {
+    let app = TestApp::spawn().await;
+    let filter = EmailLogFilter {
+        statuses: vec![EmailStatus::Sent.into()],
+        ..Default::default()
+    };
+    let mut stream = app
+        .log_client()
+        .watch_email_logs(as_tenant(
+            "acme",
+            WatchEmailLogsRequest {
+                filter: Some(filter),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    app.send_and_settle("globex", simple_email("other@example.com"))
+        .await;
+    let (id, _) = app
+        .send_and_settle("acme", simple_email("bob@example.com"))
+        .await;
+    let seen = stream.message().await.unwrap().unwrap().entry.unwrap();
+    assert_eq!(seen.id, id, "only this tenant's SENT entries");
+    assert_eq!(seen.status(), EmailStatus::Sent);
+    tokio::time::timeout(std::time::Duration::from_secs(10), app.stop())
+        .await
+        .expect("an open watch does not hold up shutdown")
+        .unwrap();
+    assert!(
+        stream.message().await.map(|m| m.is_none()).unwrap_or(true),
+        "the stream ended"
+    );
 }

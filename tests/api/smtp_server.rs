@@ -22,6 +22,8 @@ pub struct Behavior {
     pub drop_after_dot: bool,
     /// Accept AUTH with these credentials (offers AUTH PLAIN LOGIN when set).
     pub auth: Option<(String, String)>,
+    /// Refuse every sender with 553.
+    pub reject_mail_from: bool,
 }
 
 impl Default for Behavior {
@@ -32,6 +34,7 @@ impl Default for Behavior {
             data_reply: "250 2.0.0 OK queued as TEST".into(),
             drop_after_dot: false,
             auth: None,
+            reject_mail_from: false,
         }
     }
 }
@@ -137,6 +140,8 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
             } else {
                 "535 5.7.8 Authentication credentials invalid".into()
             }
+        } else if upper.starts_with("MAIL FROM:") && behavior.reject_mail_from {
+            "553 5.7.1 Sender address rejected: not owned by user".into()
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = addr(&cmd[10..]);
             rcpt_to.clear();
