@@ -287,8 +287,8 @@ impl App {
             .add_service(SmtpConfigServiceServer::new(SmtpConfigApi::new(
                 ctx.clone(),
             )))
-            .add_service(TemplateServiceServer::new(TemplateApi))
-            .add_service(CampaignServiceServer::new(CampaignApi))
+            .add_service(TemplateServiceServer::new(TemplateApi::new(ctx.clone())))
+            .add_service(CampaignServiceServer::new(CampaignApi::new(ctx.clone())))
             .add_service(SendServiceServer::new(SendApi::new(ctx.clone())))
             .add_service(EmailLogServiceServer::new(EmailLogApi::new(ctx)))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), stop_signal)

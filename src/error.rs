@@ -70,6 +70,17 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::routing::RoutingError> for ApiError {
+    fn from(err: crate::routing::RoutingError) -> Self {
+        use crate::routing::RoutingError;
+        match err {
+            RoutingError::NotFound(what) => Self::NotFound(what),
+            RoutingError::Inactive(_) => Self::FailedPrecondition(err.to_string()),
+            RoutingError::Store(e) => e.into(),
+        }
+    }
+}
+
 impl From<ApiError> for tonic::Status {
     fn from(err: ApiError) -> Self {
         match err {

@@ -21,5 +21,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod proto;
+pub mod routing;
 pub mod storage;
 pub mod telemetry;
+pub mod templating;

@@ -1,24 +1,27 @@
 //! gRPC services. Each handler reads the caller's tenant from metadata, converts the request
 //! into validated domain types, calls storage or the engine, and converts back. No SQL here.
 
+mod campaign;
 mod convert;
+mod documents;
 mod email_log;
 mod presets;
 mod profile_mask;
 mod send;
 mod smtp_config;
+mod template;
 mod tenant_settings;
 mod test_email;
-mod unimplemented;
 
 use std::sync::Arc;
 
 use tonic::{metadata::MetadataMap, Status};
 
+pub use campaign::CampaignApi;
 pub use email_log::EmailLogApi;
 pub use send::SendApi;
 pub use smtp_config::SmtpConfigApi;
-pub use unimplemented::{CampaignApi, TemplateApi};
+pub use template::TemplateApi;
 
 use crate::{crypto::SecretBox, delivery::Engine, domain::Mailbox, storage::Store};
 

@@ -5,17 +5,20 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
-use super::{caller, convert::micros, convert::status_to_proto, ApiContext, Caller};
+use super::{
+    caller, convert::micros, convert::status_to_proto, template::variables_json, ApiContext, Caller,
+};
 use crate::{
     delivery::now_micros,
     domain::{
-        check_max_len, validate_headers, Attachment, EmailAddress, FieldError, Header, Mailbox,
-        MessageContent, MessageStatus, NewMessage, ProfileReason, ProfileStatus, SmtpProfile,
-        Violations,
+        check_max_len, validate_headers, Attachment, EmailAddress, Header, Mailbox, MessageContent,
+        MessageStatus, NewMessage, SendingContext, Violations,
     },
     error::ApiError,
     proto::v1::{self as pb, send_service_server::SendService},
+    routing::{self, Route},
     storage::InsertOutcome,
+    templating::{self, Sources},
 };
 
 /// Largest total size of an email's attachments.
@@ -24,14 +27,6 @@ const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
 const MAX_BATCH: usize = 1000;
 /// Most recipients (to + cc + bcc) of one email.
 const MAX_RECIPIENTS: usize = 100;
-
-/// The profile chosen for a request, and the sender of the system default service.
-#[derive(Debug)]
-struct Route {
-    profile: Option<SmtpProfile>,
-    reason: ProfileReason,
-    system_from: Mailbox,
-}
 
 /// The SendService implementation.
 #[derive(Debug, Clone)]
@@ -82,60 +77,17 @@ impl SendApi {
         Self { ctx }
     }
 
-    /// The profile named in the request: it must exist for this tenant and be ACTIVE.
-    async fn named_profile(&self, caller: &Caller, id: &str) -> Result<SmtpProfile, ApiError> {
-        let profile = self
-            .ctx
-            .store
-            .get_usable_profile(&caller.tenant_id, id)
-            .await?;
-        if profile.status != ProfileStatus::Active {
-            return Err(ApiError::FailedPrecondition(format!(
-                "profile {} is INACTIVE: verify and activate it first",
-                profile.name
-            )));
-        }
-        Ok(profile)
-    }
-
-    /// Which profile sends for a request naming `profile_id` (maybe empty): the named one
-    /// (it must be ACTIVE), else the tenant's default if usable, else the system default.
-    async fn route(&self, caller: &Caller, profile_id: &str) -> Result<Route, ApiError> {
-        let tenant = self
-            .ctx
-            .store
-            .get_tenant_settings(&caller.tenant_id)
-            .await?;
-        let (profile, reason) = if !profile_id.is_empty() {
-            (
-                Some(self.named_profile(caller, profile_id).await?),
-                ProfileReason::Request,
-            )
-        } else {
-            let default = match &tenant.default_profile_id {
-                Some(id) => self
-                    .ctx
-                    .store
-                    .get_usable_profile(&caller.tenant_id, id)
-                    .await
-                    .ok()
-                    .filter(|p| p.status == ProfileStatus::Active),
-                None => None,
-            };
-            match default {
-                Some(p) => (Some(p), ProfileReason::TenantDefault),
-                None => (None, ProfileReason::SystemDefault),
-            }
-        };
-        let system_from = tenant
-            .default_from
-            .clone()
-            .unwrap_or_else(|| self.ctx.system_sender.clone());
-        Ok(Route {
-            profile,
-            reason,
-            system_from,
-        })
+    /// Routes a request: profile, template, campaign (see [`crate::routing`]).
+    async fn route(&self, caller: &Caller, req: &pb::SendEmailRequest) -> Result<Route, ApiError> {
+        Ok(routing::route(
+            self.ctx.store.as_ref(),
+            &self.ctx.system_sender,
+            &caller.tenant_id,
+            &req.profile_id,
+            &req.campaign_id,
+            &req.template_id,
+        )
+        .await?)
     }
 
     /// Validates the request and builds the message to store. Routing happens after
@@ -146,16 +98,6 @@ impl SendApi {
         req: &pb::SendEmailRequest,
         routed: Option<&Route>,
     ) -> Result<NewMessage, ApiError> {
-        if !req.template_id.is_empty() {
-            return Err(ApiError::FailedPrecondition(
-                "template_id: templates are not available in this version".into(),
-            ));
-        }
-        if !req.campaign_id.is_empty() {
-            return Err(ApiError::FailedPrecondition(
-                "campaign_id: campaigns are not available in this version".into(),
-            ));
-        }
         let mut v = Violations::default();
         let to = mailboxes("to", &req.to, &mut v);
         let cc = mailboxes("cc", &req.cc, &mut v);
@@ -169,15 +111,9 @@ impl SendApi {
                 format!("at most {MAX_RECIPIENTS} recipients (to, cc and bcc together)"),
             );
         }
-        if req.subject.trim().is_empty() {
-            v.add("subject", "is required");
-        }
-        v.check(check_max_len("subject", &req.subject, 998));
-        if req.subject.contains(['\r', '\n', '\0']) {
-            v.add("subject", "must not contain CR, LF or NUL");
-        }
-        if req.text_body.is_empty() && req.html_body.is_empty() {
-            v.add("text_body", "text_body or html_body is required");
+        if req.template_id.is_empty() {
+            // Without a template the body is known now: report it with the other fields.
+            check_body(&req.subject, &req.text_body, &req.html_body, &mut v);
         }
         let from = req
             .from
@@ -234,11 +170,7 @@ impl SendApi {
                 format!("attachments may total at most {MAX_ATTACHMENT_BYTES} bytes"),
             );
         }
-        let email_type = if req.email_type.is_empty() {
-            "notification".to_owned()
-        } else {
-            req.email_type.clone()
-        };
+        let email_type = &req.email_type;
         if email_type.len() > 64
             || !email_type
                 .bytes()
@@ -267,22 +199,34 @@ impl SendApi {
         let route = match routed {
             Some(route) => route,
             None => {
-                owned = self.route(caller, &req.profile_id).await?;
+                owned = self.route(caller, req).await?;
                 &owned
             }
         };
         let (profile, reason) = (&route.profile, route.reason);
+        let body = body_of(req, route)?;
+        let email_type = [
+            req.email_type.as_str(),
+            route
+                .template
+                .as_ref()
+                .map_or("", |t| t.context.email_type.as_str()),
+            route
+                .campaign
+                .as_ref()
+                .map_or("", |c| c.context.email_type.as_str()),
+        ]
+        .into_iter()
+        .find(|t| !t.is_empty())
+        .unwrap_or("notification")
+        .to_owned();
         let content = self.compose_content(
-            route.system_from.clone(),
-            profile.as_ref(),
-            from,
-            reply_to,
-            to,
-            cc,
-            bcc,
+            route,
+            Identity { from, reply_to },
+            Recipients { to, cc, bcc },
             headers,
             attachments,
-            req,
+            body,
         )?;
         let send_at = req.send_at.as_ref().map(micros);
         let id = uuid::Uuid::now_v7().to_string();
@@ -294,8 +238,8 @@ impl SendApi {
             email_type,
             profile_id: profile.as_ref().map(|p| p.id.clone()),
             profile_reason: reason,
-            template_id: None,
-            campaign_id: None,
+            template_id: route.template.as_ref().map(|t| t.id.clone()),
+            campaign_id: route.campaign.as_ref().map(|c| c.id.clone()),
             content,
             send_at,
             idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
@@ -305,40 +249,58 @@ impl SendApi {
         })
     }
 
-    /// Applies the profile's identity, lists and headers, and the relay rule.
-    #[allow(clippy::too_many_arguments)]
+    /// Applies sender identity (request > template > campaign > profile), the profile's
+    /// lists, headers (profile < campaign < template < request) and the relay rule.
     fn compose_content(
         &self,
-        system_from: Mailbox,
-        profile: Option<&SmtpProfile>,
-        from: Option<Mailbox>,
-        reply_to: Option<EmailAddress>,
-        to: Vec<Mailbox>,
-        mut cc: Vec<Mailbox>,
-        mut bcc: Vec<Mailbox>,
+        route: &Route,
+        identity: Identity,
+        recipients: Recipients,
         headers: Vec<Header>,
         attachments: Vec<Attachment>,
-        req: &pb::SendEmailRequest,
+        body: Body,
     ) -> Result<MessageContent, ApiError> {
-        let text = (!req.text_body.is_empty()).then(|| req.text_body.clone());
-        let html = (!req.html_body.is_empty()).then(|| req.html_body.clone());
-        let Some(profile) = profile else {
+        let Recipients {
+            to,
+            mut cc,
+            mut bcc,
+        } = recipients;
+        let contexts: Vec<&SendingContext> = [&route.template, &route.campaign]
+            .into_iter()
+            .flatten()
+            .map(|c| &c.context)
+            .collect();
+        let context_from = contexts.iter().find_map(|c| c.from.clone());
+        let context_reply_to = contexts.iter().find_map(|c| c.reply_to.clone());
+        let campaign_headers = route
+            .campaign
+            .as_ref()
+            .map_or(&[][..], |c| &c.context.headers[..]);
+        let template_headers = route
+            .template
+            .as_ref()
+            .map_or(&[][..], |t| &t.context.headers[..]);
+        let reply_to = identity.reply_to.map(String::from).or(context_reply_to);
+        let Some(profile) = &route.profile else {
             return Ok(MessageContent {
-                from: from.unwrap_or(system_from),
-                reply_to: reply_to.map(String::from),
+                from: identity
+                    .from
+                    .or(context_from)
+                    .unwrap_or_else(|| route.system_from.clone()),
+                reply_to,
                 error_to: None,
                 to,
                 cc,
                 bcc,
-                subject: req.subject.clone(),
-                text,
-                html,
-                headers,
+                subject: body.subject,
+                text: body.text,
+                html: body.html,
+                headers: merge_headers(&[campaign_headers, template_headers, &headers]),
                 attachments,
             });
         };
         let s = &profile.settings;
-        let from = match from {
+        let from = match identity.from.or(context_from) {
             Some(from) => from,
             None => Mailbox::parse("profile.from_email", &s.from_email, &s.from_name)?,
         };
@@ -353,32 +315,105 @@ impl SendApi {
                 )));
             }
         }
-        let parse = |field: &str, addr: &String| -> Result<Mailbox, FieldError> {
-            Mailbox::parse(field, addr, "")
-        };
         for (i, a) in s.cc.iter().enumerate() {
-            cc.push(parse(&format!("profile.cc[{i}]"), a)?);
+            cc.push(Mailbox::parse(&format!("profile.cc[{i}]"), a, "")?);
         }
         for (i, a) in s.bcc.iter().enumerate() {
-            bcc.push(parse(&format!("profile.bcc[{i}]"), a)?);
+            bcc.push(Mailbox::parse(&format!("profile.bcc[{i}]"), a, "")?);
         }
-        let reply_to = reply_to
-            .map(String::from)
-            .or_else(|| (!s.reply_to.is_empty()).then(|| s.reply_to.clone()));
         Ok(MessageContent {
             from,
-            reply_to,
+            reply_to: reply_to.or_else(|| (!s.reply_to.is_empty()).then(|| s.reply_to.clone())),
             error_to: (!s.error_to.is_empty()).then(|| s.error_to.clone()),
             to,
             cc,
             bcc,
-            subject: req.subject.clone(),
-            text,
-            html,
-            headers: merge_headers(&[&s.headers, &headers]),
+            subject: body.subject,
+            text: body.text,
+            html: body.html,
+            headers: merge_headers(&[&s.headers, campaign_headers, template_headers, &headers]),
             attachments,
         })
     }
+}
+
+/// The sender the request asks for.
+#[derive(Debug)]
+struct Identity {
+    from: Option<Mailbox>,
+    reply_to: Option<EmailAddress>,
+}
+
+/// The request's recipients.
+#[derive(Debug)]
+struct Recipients {
+    to: Vec<Mailbox>,
+    cc: Vec<Mailbox>,
+    bcc: Vec<Mailbox>,
+}
+
+/// Subject and bodies, rendered.
+#[derive(Debug)]
+struct Body {
+    subject: String,
+    text: Option<String>,
+    html: Option<String>,
+}
+
+/// Checks subject and bodies as they will be sent.
+fn check_body(subject: &str, text: &str, html: &str, v: &mut Violations) {
+    if subject.trim().is_empty() {
+        v.add("subject", "is required (or a template_id)");
+    }
+    v.check(check_max_len("subject", subject, 998));
+    if subject.contains(['\r', '\n', '\0']) {
+        v.add("subject", "must not contain CR, LF or NUL");
+    }
+    if text.is_empty() && html.is_empty() {
+        v.add(
+            "text_body",
+            "text_body or html_body is required (or a template_id)",
+        );
+    }
+}
+
+/// Subject and bodies: the template's, rendered with the request's variables and the
+/// tenant's gateway URL, unless the request sets its own; then checked.
+fn body_of(req: &pb::SendEmailRequest, route: &Route) -> Result<Body, ApiError> {
+    let (mut subject, mut text, mut html) = (
+        req.subject.clone(),
+        req.text_body.clone(),
+        req.html_body.clone(),
+    );
+    if let Some(t) = &route.template {
+        let sources = Sources {
+            subject: &t.context.subject,
+            text: &t.context.text_body,
+            html: &t.context.html_body,
+        };
+        let rendered = templating::render(
+            &sources,
+            &variables_json(req.variables.clone()),
+            &route.gateway_url,
+        )?;
+        for (mine, theirs) in [
+            (&mut subject, rendered.subject),
+            (&mut text, rendered.text),
+            (&mut html, rendered.html),
+        ] {
+            if mine.is_empty() {
+                *mine = theirs;
+            }
+        }
+    }
+    let mut v = Violations::default();
+    check_body(&subject, &text, &html, &mut v);
+    v.finish()?;
+    Ok(Body {
+        subject,
+        text: (!text.is_empty()).then_some(text),
+        html: (!html.is_empty()).then_some(html),
+    })
 }
 
 #[tonic::async_trait]
@@ -443,7 +478,7 @@ impl SendService for SendApi {
             )));
         }
         // Route once for the whole batch: every email goes through the same profile.
-        let route = self.route(&caller, &base.profile_id).await?;
+        let route = self.route(&caller, &base).await?;
         let mut results: Vec<pb::BatchResult> = Vec::with_capacity(req.recipients.len());
         let mut accepted = Vec::new();
         for (i, recipient) in req.recipients.into_iter().enumerate() {
@@ -453,6 +488,11 @@ impl SendService for SendApi {
             one.bcc.clear();
             one.idempotency_key = recipient.idempotency_key;
             one.tags.extend(recipient.tags);
+            if let Some(own) = recipient.variables {
+                let mut merged = one.variables.take().unwrap_or_default();
+                merged.fields.extend(own.fields);
+                one.variables = Some(merged);
+            }
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             match self.build(&caller, &one, Some(&route)).await {
                 Ok(message) => {

@@ -490,9 +490,28 @@ impl SmtpConfigService for SmtpConfigApi {
     ) -> Result<Response<pb::DeleteSmtpProfileResponse>, Status> {
         let caller = caller(request.metadata())?;
         let req = request.into_inner();
-        // Templates and campaigns cannot reference profiles yet, so nothing blocks a delete;
-        // `force` is accepted for when they can.
         let store = &self.ctx.store;
+        // Ownership first: a grantee or another tenant gets NOT_FOUND.
+        store
+            .get_profile(&caller.tenant_id, &req.id)
+            .await
+            .map_err(ApiError::from)?;
+        let references = store
+            .profile_references(&req.id)
+            .await
+            .map_err(ApiError::from)?;
+        if references > 0 {
+            if !req.force {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "the profile is bound to {references} template(s) or campaign(s); unbind them or delete with force (they then fall back to normal routing)"
+                ))
+                .into());
+            }
+            store
+                .clear_profile_references(&req.id)
+                .await
+                .map_err(ApiError::from)?;
+        }
         store
             .delete_profile(&caller.tenant_id, &req.id)
             .await

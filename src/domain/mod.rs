@@ -4,6 +4,7 @@ mod address;
 mod header;
 mod message;
 mod profile;
+mod template;
 
 pub use address::{EmailAddress, Mailbox};
 pub use header::{validate_headers, Header};
@@ -15,6 +16,7 @@ pub use profile::{
     AuthMechanism, FallbackPolicy, ProfileSettings, ProfileStatus, Security, SendingLimits,
     SmtpProfile, TenantSettings, Verification, VerificationState,
 };
+pub use template::{Document, DocumentKind, SendingContext};
 
 /// One invalid input field: which field, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,8 +10,8 @@ mod sql;
 use async_trait::async_trait;
 
 use crate::domain::{
-    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
-    TenantSettings, Verification,
+    AttemptRecord, Document, DocumentKind, LogFilter, MessageStatus, NewMessage, ProfileStatus,
+    SmtpProfile, StoredMessage, TenantSettings, Verification,
 };
 
 pub use sql::SqlStore;
@@ -163,6 +163,42 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         filter: &LogFilter,
         now: i64,
     ) -> Result<u64, StoreError>;
+    /// Stores a new template or campaign. A duplicate name is [`StoreError::Conflict`].
+    async fn insert_document(&self, kind: DocumentKind, doc: &Document) -> Result<(), StoreError>;
+    /// One template or campaign of a tenant.
+    async fn get_document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Document, StoreError>;
+    /// Templates or campaigns of a tenant ordered by name, after `after_name`.
+    async fn list_documents(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError>;
+    /// Replaces a template or campaign; bumps its version (only if it still has
+    /// `expected_version`, when given).
+    async fn update_document(
+        &self,
+        kind: DocumentKind,
+        doc: &Document,
+        expected_version: Option<i64>,
+    ) -> Result<Document, StoreError>;
+    /// Deletes a template or campaign of a tenant.
+    async fn delete_document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(), StoreError>;
+    /// How many templates and campaigns (of any tenant) are bound to a profile.
+    async fn profile_references(&self, profile_id: &str) -> Result<u64, StoreError>;
+    /// Unbinds a profile from every template and campaign (they fall back to normal routing).
+    async fn clear_profile_references(&self, profile_id: &str) -> Result<(), StoreError>;
     /// Profiles of a tenant ordered by name, after `after_name`.
     async fn list_profiles(
         &self,

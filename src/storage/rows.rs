@@ -6,8 +6,8 @@ use anyhow::Context;
 use sqlx::{any::AnyRow, Row};
 
 use crate::domain::{
-    AttemptOutcome, AttemptRecord, MessageContent, MessageStatus, ProfileReason, ProfileStatus,
-    SmtpProfile, StoredMessage,
+    AttemptOutcome, AttemptRecord, Document, MessageContent, MessageStatus, ProfileReason,
+    ProfileStatus, SmtpProfile, StoredMessage,
 };
 
 /// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING.
@@ -23,6 +23,23 @@ pub(super) const PROFILE_COLUMNS: &str = "id, tenant_id, name, settings, secret_
 /// Columns read by [`attempt_from_row`].
 pub(super) const ATTEMPT_COLUMNS: &str = "number, started_at, duration_us, server, profile_id, \
      fallback, reply_code, enhanced_code, reply_text, outcome, rejected_recipients";
+
+/// Columns read by [`document_from_row`].
+pub(super) const DOCUMENT_COLUMNS: &str =
+    "id, tenant_id, name, profile_id, body, created_at, updated_at, version";
+
+pub(super) fn document_from_row(row: &AnyRow) -> anyhow::Result<Document> {
+    Ok(Document {
+        id: row.try_get("id")?,
+        tenant_id: row.try_get("tenant_id")?,
+        name: row.try_get("name")?,
+        profile_id: row.try_get("profile_id")?,
+        body: row.try_get("body")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        version: row.try_get("version")?,
+    })
+}
 
 pub(super) fn profile_from_row(row: &AnyRow) -> anyhow::Result<SmtpProfile> {
     let settings: String = row.try_get("settings")?;

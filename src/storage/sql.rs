@@ -15,14 +15,14 @@ use sqlx::{
 
 use super::{
     rows::{
-        attempt_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS, MESSAGE_COLUMNS,
-        PROFILE_COLUMNS,
+        attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
+        DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
 use crate::domain::{
-    AttemptRecord, LogFilter, MessageStatus, NewMessage, ProfileStatus, SmtpProfile, StoredMessage,
-    TenantSettings, Verification,
+    AttemptRecord, Document, DocumentKind, LogFilter, MessageStatus, NewMessage, ProfileStatus,
+    SmtpProfile, StoredMessage, TenantSettings, Verification,
 };
 
 /// Which database is behind the pool.
@@ -71,6 +71,15 @@ fn db_error(err: sqlx::Error) -> StoreError {
         | sqlx::Error::PoolClosed
         | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
         _ => StoreError::Other(anyhow::Error::new(err)),
+    }
+}
+
+fn name_conflict(err: sqlx::Error, kind: DocumentKind, name: &str) -> StoreError {
+    match db_error(err) {
+        StoreError::Conflict(_) => {
+            StoreError::Conflict(format!("a {} named {name:?} already exists", kind.noun()))
+        }
+        other => other,
     }
 }
 
@@ -510,6 +519,155 @@ impl Store for SqlStore {
             .await
             .map_err(db_error)?;
         Ok(done.rows_affected())
+    }
+
+    async fn insert_document(&self, kind: DocumentKind, d: &Document) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO {} (id, tenant_id, name, profile_id, body, created_at, updated_at, \
+             version) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            kind.table()
+        );
+        sqlx::query(&sql)
+            .bind(&d.id)
+            .bind(&d.tenant_id)
+            .bind(&d.name)
+            .bind(d.profile_id.as_deref())
+            .bind(&d.body)
+            .bind(d.created_at)
+            .bind(d.updated_at)
+            .bind(d.version)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| name_conflict(e, kind, &d.name))?;
+        Ok(())
+    }
+
+    async fn get_document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Document, StoreError> {
+        let sql = format!(
+            "SELECT {DOCUMENT_COLUMNS} FROM {} WHERE tenant_id = $1 AND id = $2",
+            kind.table()
+        );
+        let row: Option<AnyRow> = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_error)?;
+        match row {
+            Some(row) => decode(document_from_row(&row)),
+            None => Err(StoreError::NotFound(kind.noun())),
+        }
+    }
+
+    async fn list_documents(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        after_name: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<Document>, StoreError> {
+        let sql = format!(
+            "SELECT {DOCUMENT_COLUMNS} FROM {} WHERE tenant_id = $1 AND name > $2 \
+             ORDER BY name LIMIT $3",
+            kind.table()
+        );
+        let rows = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(after_name.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| decode(document_from_row(r))).collect()
+    }
+
+    async fn update_document(
+        &self,
+        kind: DocumentKind,
+        d: &Document,
+        expected_version: Option<i64>,
+    ) -> Result<Document, StoreError> {
+        let sql = format!(
+            "UPDATE {} SET name = $1, profile_id = $2, body = $3, updated_at = $4, \
+             version = version + 1 WHERE tenant_id = $5 AND id = $6 AND ($7 = 0 OR version = $7)",
+            kind.table()
+        );
+        let done = sqlx::query(&sql)
+            .bind(&d.name)
+            .bind(d.profile_id.as_deref())
+            .bind(&d.body)
+            .bind(d.updated_at)
+            .bind(&d.tenant_id)
+            .bind(&d.id)
+            .bind(expected_version.unwrap_or(0))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| name_conflict(e, kind, &d.name))?;
+        if done.rows_affected() == 0 {
+            let current = self.get_document(kind, &d.tenant_id, &d.id).await?;
+            return Err(StoreError::WrongState(format!(
+                "the {} changed meanwhile: version is {}",
+                kind.noun(),
+                current.version
+            )));
+        }
+        self.get_document(kind, &d.tenant_id, &d.id).await
+    }
+
+    async fn delete_document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<(), StoreError> {
+        let sql = format!(
+            "DELETE FROM {} WHERE tenant_id = $1 AND id = $2",
+            kind.table()
+        );
+        let done = sqlx::query(&sql)
+            .bind(tenant_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(kind.noun()));
+        }
+        Ok(())
+    }
+
+    async fn profile_references(&self, profile_id: &str) -> Result<u64, StoreError> {
+        use sqlx::Row as _;
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM templates WHERE profile_id = $1) + \
+             (SELECT COUNT(*) FROM campaigns WHERE profile_id = $1) AS n",
+        )
+        .bind(profile_id)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let n: i64 = row.try_get("n").map_err(db_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn clear_profile_references(&self, profile_id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db_error)?;
+        for table in ["templates", "campaigns"] {
+            sqlx::query(&format!(
+                "UPDATE {table} SET profile_id = NULL, version = version + 1 WHERE profile_id = $1"
+            ))
+            .bind(profile_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+        }
+        tx.commit().await.map_err(db_error)?;
+        Ok(())
     }
 
     async fn list_profiles(

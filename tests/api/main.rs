@@ -15,3 +15,4 @@ mod profiles;
 mod send;
 mod smtp_server;
 mod store_contract;
+mod templates;
