@@ -46,6 +46,7 @@ const SERVICES: [&str; 5] = [
 #[derive(Debug)]
 pub struct App {
     stop: (watch::Sender<bool>, watch::Receiver<bool>),
+    prometheus: Option<(TcpListener, Option<prometheus::Registry>)>,
     listener: TcpListener,
     local_addr: SocketAddr,
     store: Arc<SqlStore>,
@@ -209,6 +210,15 @@ impl App {
                 helo_name: config.smtp.helo_name.clone(),
             },
         ));
+        let prometheus = match config.metrics.prometheus_addr {
+            Some(addr) => Some((
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding metrics.prometheus_addr {addr}"))?,
+                None,
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
@@ -224,6 +234,7 @@ impl App {
         };
         Ok(Self {
             stop,
+            prometheus,
             listener,
             local_addr,
             store,
@@ -236,6 +247,21 @@ impl App {
     /// The address the gRPC server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The Prometheus registry to serve on `metrics.prometheus_addr`.
+    pub fn with_prometheus(mut self, registry: Option<prometheus::Registry>) -> Self {
+        if let Some((_, slot)) = &mut self.prometheus {
+            *slot = registry;
+        }
+        self
+    }
+
+    /// The Prometheus endpoint's address, when configured.
+    pub fn prometheus_addr(&self) -> Option<SocketAddr> {
+        self.prometheus
+            .as_ref()
+            .and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// The delivery engine (tests drive it with `run_once` and watch its events).
@@ -280,7 +306,16 @@ impl App {
                 let _ = stop_tx.send(true);
             }
         };
+        if let Some((listener, Some(registry))) = self.prometheus {
+            tokio::spawn(crate::metrics::serve_prometheus(
+                listener,
+                registry,
+                stop_rx.clone(),
+            ));
+        }
         let served = Server::builder()
+            .trace_fn(crate::telemetry::grpc_server_span)
+            .layer(crate::metrics::RpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -313,7 +348,19 @@ async fn watch_health(
     let mut last = None;
     loop {
         let status = match store.ping().await {
-            Ok(()) => ServingStatus::Serving,
+            Ok(()) => {
+                if let Ok((depth, oldest)) = store.queue_stats(crate::delivery::now_micros()).await
+                {
+                    let gauges = &crate::metrics::metrics().queue;
+                    gauges
+                        .depth
+                        .store(depth, std::sync::atomic::Ordering::Relaxed);
+                    gauges
+                        .oldest_due_seconds
+                        .store(oldest, std::sync::atomic::Ordering::Relaxed);
+                }
+                ServingStatus::Serving
+            }
             Err(e) => {
                 warn!(error = %e, "database ping failed");
                 ServingStatus::NotServing

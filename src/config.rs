@@ -36,6 +36,16 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     /// Logging.
     pub log: LogConfig,
+    /// Metrics (traces and metrics over OTLP are configured by the OTEL_* variables).
+    pub metrics: MetricsConfig,
+}
+
+/// Metrics settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of a Prometheus scrape endpoint (plain HTTP, any path); none when unset.
+    pub prometheus_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -51,6 +61,7 @@ impl Default for Config {
             system_default: SystemDefaultConfig::default(),
             encryption: EncryptionConfig::default(),
             log: LogConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod proto;
 pub mod routing;
 pub mod storage;

@@ -51,8 +51,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(&config.log);
-    let result = match cli.command.unwrap_or(Command::Serve) {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if !matches!(command, Command::Serve) {
+        telemetry::init(&config.log);
+    }
+    let result = match command {
         Command::Serve => serve(config).await,
         Command::Migrate => migrate(config).await,
         Command::Rekey => mailgate::app::rekey(&config).await.map(|n| {
@@ -76,8 +79,19 @@ async fn main() -> ExitCode {
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
-    let app = App::build(config).await?;
-    app.run(shutdown_signal()).await
+    let telemetry =
+        telemetry::init_with_otel(&config.log, config.metrics.prometheus_addr.is_some())?;
+    let result = match App::build(config).await {
+        Ok(app) => {
+            app.with_prometheus(telemetry.prometheus.clone())
+                .run(shutdown_signal())
+                .await
+        }
+        Err(e) => Err(e),
+    };
+    // Flush spans and metrics of the last moments (a failed start included).
+    telemetry.shutdown().await;
+    result
 }
 
 async fn migrate(config: Config) -> anyhow::Result<()> {

@@ -85,6 +85,7 @@ async fn usable(store: &dyn Store, tenant_id: &str, id: Option<&str>) -> Option<
 }
 
 /// Routes a request of `tenant_id` naming (maybe empty) a profile, campaign and template.
+#[tracing::instrument(name = "routing", skip_all, fields(tenant_id, profile_id = tracing::field::Empty, reason = tracing::field::Empty))]
 pub async fn route(
     store: &dyn Store,
     operator_sender: &Mailbox,
@@ -127,6 +128,11 @@ pub async fn route(
     } else {
         (None, ProfileReason::SystemDefault)
     };
+    let span = tracing::Span::current();
+    span.record("reason", reason.as_str());
+    if let Some(p) = &profile {
+        span.record("profile_id", p.id.as_str());
+    }
     Ok(Route {
         profile,
         reason,

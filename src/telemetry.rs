@@ -1,15 +1,236 @@
-//! Logging setup: JSON or human-readable lines, filtered by `RUST_LOG` or the configuration.
+//! Logs, traces and metrics.
+//!
+//! Logs: JSON or human-readable lines on stderr, filtered by `RUST_LOG` or the configuration.
+//! Traces and metrics: OpenTelemetry over OTLP (gRPC), configured by the standard `OTEL_*`
+//! variables (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+//! `OTEL_TRACES_SAMPLER`, ...); off when no endpoint is set. Metrics can also be scraped in the
+//! Prometheus format (`metrics.prometheus_addr`).
+//!
+//! The caller's W3C trace context (`traceparent`, `tracestate` metadata) becomes the parent
+//! of the RPC span; the context of the accepting request is stored with each message so the
+//! asynchronous delivery attempts join the same trace, even after a restart.
 
-use tracing_subscriber::{fmt, EnvFilter};
+use std::collections::HashMap;
+
+use opentelemetry::{
+    global,
+    propagation::{Extractor, TextMapPropagator},
+    trace::{TraceContextExt, TracerProvider as _},
+    Context, Key,
+};
+use opentelemetry_otlp::{MetricExporter, SpanExporter};
+use opentelemetry_sdk::{
+    metrics::SdkMeterProvider, propagation::TraceContextPropagator, trace::SdkTracerProvider,
+    Resource,
+};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{
+    filter::{LevelFilter, Targets},
+    fmt,
+    layer::SubscriberExt,
+    util::SubscriberInitExt,
+    EnvFilter, Layer,
+};
 
 use crate::config::{LogConfig, LogFormat};
 
-/// Installs the global subscriber. Safe to call more than once (later calls do nothing).
+/// The installed telemetry pipelines; flush them with [`Telemetry::shutdown`] before exit.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    tracer_provider: Option<SdkTracerProvider>,
+    meter_provider: Option<SdkMeterProvider>,
+    /// The registry behind the Prometheus scrape endpoint, when enabled.
+    pub prometheus: Option<prometheus::Registry>,
+}
+
+fn env_set(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| !v.trim().is_empty())
+}
+
+fn otlp_enabled(signal: &str) -> bool {
+    if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
+        return false;
+    }
+    env_set("OTEL_EXPORTER_OTLP_ENDPOINT")
+        || env_set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+}
+
+fn resource() -> Resource {
+    // Reads OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES.
+    let detected = Resource::builder().build();
+    let unnamed = detected
+        .get(&Key::new("service.name"))
+        .is_none_or(|v| v.as_str().starts_with("unknown_service"));
+    if unnamed {
+        Resource::builder().with_service_name("mailgate").build()
+    } else {
+        detected
+    }
+}
+
+/// Logging only (for commands that do not serve).
 pub fn init(log: &LogConfig) {
+    let _ = tracing_subscriber::registry()
+        .with(log_layer(log))
+        .try_init();
+}
+
+fn log_layer<S>(log: &LogConfig) -> Box<dyn Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = match log.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Pretty => builder.try_init(),
+    match log.format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Pretty => fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    }
+}
+
+/// Installs logging, and the OTLP trace and metric pipelines when an endpoint is configured.
+/// Call inside the Tokio runtime.
+pub fn init_with_otel(log: &LogConfig, prometheus: bool) -> anyhow::Result<Telemetry> {
+    global::set_text_map_propagator(TraceContextPropagator::new());
+    let resource = resource();
+    let tracer_provider = if otlp_enabled("TRACES") {
+        let exporter = SpanExporter::builder().with_tonic().build()?;
+        Some(
+            SdkTracerProvider::builder()
+                .with_resource(resource.clone())
+                .with_batch_exporter(exporter)
+                .build(),
+        )
+    } else {
+        None
     };
+    let mut registry = None;
+    let meter_provider = if otlp_enabled("METRICS") || prometheus {
+        let mut builder = SdkMeterProvider::builder().with_resource(resource);
+        if otlp_enabled("METRICS") {
+            builder =
+                builder.with_periodic_exporter(MetricExporter::builder().with_tonic().build()?);
+        }
+        if prometheus {
+            let r = prometheus::Registry::new();
+            builder = builder.with_reader(
+                opentelemetry_prometheus::exporter()
+                    .with_registry(r.clone())
+                    .build()?,
+            );
+            registry = Some(r);
+        }
+        let provider = builder.build();
+        global::set_meter_provider(provider.clone());
+        Some(provider)
+    } else {
+        None
+    };
+    let otel_layer = tracer_provider.as_ref().map(|tp| {
+        global::set_tracer_provider(tp.clone());
+        tracing_opentelemetry::layer()
+            .with_tracer(tp.tracer("mailgate"))
+            .with_filter(
+                Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_target("h2", LevelFilter::OFF)
+                    .with_target("tonic", LevelFilter::OFF)
+                    .with_target("hyper", LevelFilter::OFF)
+                    .with_target("tower", LevelFilter::OFF)
+                    .with_target("sqlx", LevelFilter::OFF)
+                    .with_target("opentelemetry", LevelFilter::OFF),
+            )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(log_layer(log))
+        .with(otel_layer)
+        .try_init();
+    Ok(Telemetry {
+        tracer_provider,
+        meter_provider,
+        prometheus: registry,
+    })
+}
+
+impl Telemetry {
+    /// Flushes and stops the pipelines (blocking work, kept off the runtime's workers).
+    pub async fn shutdown(self) {
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(tp) = self.tracer_provider {
+                let _ = tp.shutdown();
+            }
+            if let Some(mp) = self.meter_provider {
+                let _ = mp.shutdown();
+            }
+        })
+        .await;
+    }
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// The span of one RPC, a child of the caller's trace context when the request carries one.
+/// Used as the server's `trace_fn`, so handler spans nest inside it.
+pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
+    let path = req.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "grpc.request",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        rpc.system = "grpc",
+        rpc.service = %service,
+        rpc.method = %method,
+    );
+    let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    span
+}
+
+/// The current span's W3C `traceparent`, for storing with a message; None when not traced.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// The trace id of a `traceparent` ("00-<trace id>-<span id>-<flags>").
+pub fn trace_id_of(traceparent: &str) -> String {
+    traceparent.split('-').nth(1).unwrap_or_default().to_owned()
+}
+
+/// Makes a stored `traceparent` the parent of `span` (call before the span is entered).
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    if traceparent.is_empty() {
+        return;
+    }
+    let carrier = HashMap::from([("traceparent".to_owned(), traceparent.to_owned())]);
+    let cx: Context = TraceContextPropagator::new().extract(&carrier);
+    if cx.span().span_context().is_valid() {
+        let _ = span.set_parent(cx);
+    }
 }

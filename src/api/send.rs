@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
-use tracing::instrument;
+use tracing::{instrument, Instrument};
 
 use super::{
     caller, convert::micros, convert::status_to_proto, template::variables_json, ApiContext, Caller,
@@ -230,6 +230,8 @@ impl SendApi {
         )?;
         let send_at = req.send_at.as_ref().map(micros);
         let id = uuid::Uuid::now_v7().to_string();
+        // The accepting request's trace: delivery attempts continue it.
+        let traceparent = crate::telemetry::current_traceparent().unwrap_or_default();
         Ok(NewMessage {
             message_id_header: format!("{id}@{}", content.from.email.domain()),
             id,
@@ -245,7 +247,8 @@ impl SendApi {
             idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
             request_hash: request_hash(req),
             tags: req.tags.clone().into_iter().collect::<BTreeMap<_, _>>(),
-            trace_id: String::new(),
+            trace_id: crate::telemetry::trace_id_of(&traceparent),
+            traceparent,
         })
     }
 
@@ -433,8 +436,16 @@ impl SendService for SendApi {
             .ctx
             .store
             .insert_message(&message, now)
+            .instrument(tracing::info_span!("enqueue"))
             .await
             .map_err(ApiError::from)?;
+        crate::metrics::metrics().accepted.add(
+            1,
+            &[
+                opentelemetry::KeyValue::new("tenant", caller.tenant_id.clone()),
+                opentelemetry::KeyValue::new("type", message.email_type.clone()),
+            ],
+        );
         let (id, status, replayed) = match outcome {
             InsertOutcome::Created => {
                 let status = match message.send_at {

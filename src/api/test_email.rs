@@ -79,5 +79,6 @@ pub(crate) fn message(
         request_hash,
         tags: Default::default(),
         trace_id: String::new(),
+        traceparent: String::new(),
     })
 }

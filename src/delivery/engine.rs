@@ -12,7 +12,7 @@ use tokio::{
     task::JoinSet,
     time::Instant,
 };
-use tracing::{info, instrument, warn};
+use tracing::{info, warn, Instrument};
 
 use super::{
     compose::compose,
@@ -154,6 +154,7 @@ impl Engine {
         match self
             .store
             .claim_due(now, now + micros(self.settings.lease), limit)
+            .instrument(tracing::debug_span!("claim", limit))
             .await
         {
             Ok(claimed) => {
@@ -236,9 +237,24 @@ impl Engine {
         info!("delivery engine stopped");
     }
 
-    #[instrument(skip_all, fields(tenant_id = %claimed.message.tenant_id, message_id = %claimed.message.id))]
+    /// Delivers one claimed message in a span that continues the accepting request's trace.
     async fn deliver(&self, claimed: Claimed) {
+        let message = &claimed.message;
+        let span = tracing::info_span!(
+            "delivery",
+            tenant_id = %message.tenant_id,
+            message_id = %message.id,
+            attempt = message.attempt_count + 1,
+            mailgate.status = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, &message.traceparent);
+        self.deliver_traced(claimed).instrument(span).await;
+    }
+
+    async fn deliver_traced(&self, claimed: Claimed) {
         let (attempts, completion) = self.attempt(&claimed).await;
+        tracing::Span::current().record("mailgate.status", completion.status.as_str());
+        record_metrics(&claimed.message.tenant_id, &attempts);
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
         let status = completion.status;
         let message = &claimed.message;
@@ -571,9 +587,19 @@ impl Engine {
                             recipients: &recipients,
                             body: &body,
                         };
-                        self.transports
+                        let span = attempt_span(
+                            &target.host,
+                            target.port,
+                            &format!("{:?}", target.security),
+                            false,
+                        );
+                        let result = self
+                            .transports
                             .send_smtp(&profile.id, profile.version, &target, &out, deadline)
-                            .await
+                            .instrument(span.clone())
+                            .await;
+                        record_reply(&span, &result);
+                        result
                     }
                 }
             }
@@ -633,7 +659,14 @@ impl Engine {
                     recipients: &recipients,
                     body: &body,
                 };
-                self.transports.send_system(&out, deadline).await
+                let span = attempt_span(&self.transports.system_server(), 0, "system", fallback);
+                let result = self
+                    .transports
+                    .send_system(&out, deadline)
+                    .instrument(span.clone())
+                    .await;
+                record_reply(&span, &result);
+                result
             }
         };
         let record = attempt_record(
@@ -646,6 +679,62 @@ impl Engine {
             &result,
         );
         (record, result)
+    }
+}
+
+/// The span of one SMTP session: where to, how secured, and (recorded after) the reply.
+/// Never a secret or a message body.
+fn attempt_span(host: &str, port: u16, security: &str, fallback: bool) -> tracing::Span {
+    tracing::info_span!(
+        "smtp.attempt",
+        server.address = %host,
+        server.port = port,
+        smtp.security = %security,
+        mailgate.fallback = fallback,
+        smtp.reply_code = tracing::field::Empty,
+        smtp.enhanced_code = tracing::field::Empty,
+        mailgate.outcome = tracing::field::Empty,
+    )
+}
+
+/// Records the server's answer on an attempt span.
+fn record_reply(span: &tracing::Span, result: &Result<Accepted, SmtpFailure>) {
+    match result {
+        Ok(a) => {
+            span.record("smtp.reply_code", a.code);
+            span.record("smtp.enhanced_code", a.enhanced_code.as_str());
+            span.record("mailgate.outcome", "sent");
+        }
+        Err(f) => {
+            span.record("smtp.reply_code", f.code.unwrap_or(0));
+            span.record("smtp.enhanced_code", f.enhanced_code.as_str());
+            let outcome = match classify(f) {
+                Verdict::Retry => "deferred",
+                Verdict::Fail => "failed",
+            };
+            span.record("mailgate.outcome", outcome);
+        }
+    }
+}
+
+/// Counts and times the attempts.
+fn record_metrics(tenant_id: &str, attempts: &[AttemptRecord]) {
+    use opentelemetry::KeyValue;
+    let m = crate::metrics::metrics();
+    for a in attempts {
+        let attrs = [
+            KeyValue::new("outcome", a.outcome.as_str().to_ascii_lowercase()),
+            KeyValue::new("tenant", tenant_id.to_owned()),
+            KeyValue::new("profile", a.profile_id.clone().unwrap_or_default()),
+            KeyValue::new("fallback", a.fallback),
+        ];
+        m.attempts.add(1, &attrs);
+        m.attempt_duration
+            .record(a.duration_us as f64 / 1e6, &attrs);
+        if a.fallback {
+            m.fallbacks
+                .add(1, &[KeyValue::new("tenant", tenant_id.to_owned())]);
+        }
     }
 }
 

@@ -88,6 +88,10 @@ pub async fn verify(
         probe
     }
     .await;
+    let result_name = if result.is_ok() { "passed" } else { "failed" };
+    crate::metrics::metrics()
+        .verifications
+        .add(1, &[opentelemetry::KeyValue::new("result", result_name)]);
     report(target, &progress, result.err(), capabilities)
 }
 

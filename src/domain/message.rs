@@ -188,6 +188,8 @@ pub struct NewMessage {
     pub message_id_header: String,
     /// The trace id of the accepting request, if traced.
     pub trace_id: String,
+    /// The W3C traceparent of the accepting request, if traced.
+    pub traceparent: String,
 }
 
 /// A message as stored: log entry and queue item at once.
@@ -221,6 +223,8 @@ pub struct StoredMessage {
     pub message_id_header: String,
     /// Trace id.
     pub trace_id: String,
+    /// The W3C traceparent of the accepting request ("" when not traced).
+    pub traceparent: String,
     /// Tags.
     pub tags: BTreeMap<String, String>,
     /// Attempts so far.

@@ -13,7 +13,7 @@ use crate::domain::{
 /// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING.
 pub(super) const MESSAGE_COLUMNS: &str = "id, tenant_id, status, source, email_type, \
      profile_id, profile_reason, fallback, fallback_reason, template_id, campaign_id, content, \
-     message_id_header, trace_id, tags, attempt_count, last_error, created_at, updated_at, \
+     message_id_header, trace_id, traceparent, tags, attempt_count, last_error, created_at, updated_at, \
      sent_at, due_at";
 
 /// Columns read by [`profile_from_row`].
@@ -82,6 +82,7 @@ pub(super) fn message_from_row(row: &AnyRow) -> anyhow::Result<StoredMessage> {
         content: serde_json::from_str::<MessageContent>(&content).context("message content")?,
         message_id_header: row.try_get("message_id_header")?,
         trace_id: row.try_get("trace_id")?,
+        traceparent: row.try_get("traceparent")?,
         tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).context("message tags")?,
         attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
         last_error: row.try_get("last_error")?,

@@ -220,6 +220,26 @@ impl SqlStore {
         Ok(done.rows_affected() == 1)
     }
 
+    /// Messages due now and not leased, and the age in seconds of the oldest of them.
+    pub async fn queue_stats(&self, now: i64) -> Result<(u64, u64), StoreError> {
+        use sqlx::Row as _;
+        let row = sqlx::query(
+            "SELECT COUNT(*) AS n, MIN(due_at) AS oldest FROM messages \
+             WHERE due_at IS NOT NULL AND due_at <= $1 AND status <> 'SENDING'",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_error)?;
+        let n: i64 = row.try_get("n").map_err(db_error)?;
+        let oldest: Option<i64> = row.try_get("oldest").map_err(db_error)?;
+        let age = oldest.map_or(0, |o| (now - o).max(0) / 1_000_000);
+        Ok((
+            u64::try_from(n).unwrap_or(0),
+            u64::try_from(age).unwrap_or(0),
+        ))
+    }
+
     /// The backend in use.
     pub fn backend(&self) -> Backend {
         self.backend
@@ -955,9 +975,9 @@ async fn insert_one(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
          recipients, profile_id, profile_reason, template_id, campaign_id, content, \
          message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-         updated_at, send_at, due_at) \
+         updated_at, send_at, due_at, traceparent) \
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-         $18, $19, $19, $20, $21) \
+         $18, $19, $19, $20, $21, $22) \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
     )
     .bind(&m.id)
@@ -981,6 +1001,7 @@ async fn insert_one(
     .bind(now)
     .bind(m.send_at)
     .bind(due_at)
+    .bind(&m.traceparent)
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;

@@ -15,4 +15,5 @@ mod profiles;
 mod send;
 mod smtp_server;
 mod store_contract;
+mod telemetry;
 mod templates;

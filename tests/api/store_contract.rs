@@ -44,6 +44,7 @@ fn message(tenant: &str, key: Option<&str>) -> NewMessage {
         tags: BTreeMap::new(),
         message_id_header: "m@acme.test".into(),
         trace_id: String::new(),
+        traceparent: String::new(),
     }
 }
 

@@ -1,0 +1,303 @@
+//! Traces end to end: the real binary exports over OTLP to a real OTLP receiver (the
+//! collector's TraceService, from the opentelemetry-proto definitions) running in the test.
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+};
+
+use mailgate::proto::v1::{
+    email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient,
+    smtp_config_service_client::SmtpConfigServiceClient, *,
+};
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        trace_service_server::{TraceService, TraceServiceServer},
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    },
+    common::v1::any_value,
+    trace::v1::Span,
+};
+use tonic::{metadata::MetadataValue, transport::Channel};
+
+use crate::{
+    helpers::{as_tenant, mailbox, plain_profile, TestDatabase},
+    smtp_server::{Behavior, TestSmtpServer},
+};
+
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CALLER_SPAN: &str = "00f067aa0ba902b7";
+const PASSWORD_CANARY: &str = "pw-canary-8d1f0c";
+const BODY_CANARY: &str = "body-canary-51be";
+
+#[derive(Clone, Default)]
+struct Collector(Arc<Mutex<Vec<Span>>>);
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut spans = self.0.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            for ss in rs.scope_spans {
+                spans.extend(ss.spans);
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attr(span: &Span, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        any_value::Value::StringValue(s) => s.clone(),
+        any_value::Value::IntValue(i) => i.to_string(),
+        any_value::Value::BoolValue(b) => b.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+// Several threads: the receiver and the SMTP server must keep running while this test waits
+// for the child process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traces_follow_the_caller_into_delivery_without_secrets() {
+    // The OTLP receiver.
+    let collector = Collector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let otlp = listener.local_addr().unwrap();
+    let receiver = collector.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+    });
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let db = TestDatabase::new().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+
+    let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
+    for (key, _) in
+        std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_") || k.starts_with("OTEL_"))
+    {
+        command.env_remove(key);
+    }
+    let mut server = Kill(
+        command
+            .arg("serve")
+            .env("MAILGATE_LISTEN_ADDR", &addr)
+            .env("MAILGATE_DATA_DIR", db.dir.path().join("data"))
+            .env("MAILGATE_DATABASE_URL", &db.url)
+            .env("MAILGATE_LOG__FORMAT", "json")
+            .env("MAILGATE_LOG__LEVEL", "debug")
+            .env("MAILGATE_SMTP__ALLOWED_NETWORKS", "[\"127.0.0.0/8\"]")
+            .env(
+                "MAILGATE_SMTP__ALLOWED_PORTS",
+                format!("[{}, 587]", smtp.port),
+            )
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
+            .env("OTEL_SERVICE_NAME", "mailgate-test")
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
+    let mut log = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "mailgate exited: {log}"
+        );
+        log.push_str(&line);
+        if line.contains("mailgate listening") {
+            break;
+        }
+    }
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        rest
+    });
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut config = SmtpConfigServiceClient::new(channel.clone());
+
+    // A profile with a password: the canary must never be exported or logged.
+    let mut secret = plain_profile("secret", 587);
+    secret.host = "smtp.example.com".into();
+    secret.security = SmtpSecurity::Starttls.into();
+    secret.username = "u@acme.test".into();
+    secret.password = PASSWORD_CANARY.into();
+    config
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(secret),
+                verify: false,
+            },
+        ))
+        .await
+        .unwrap();
+    let created = config
+        .create_smtp_profile(as_tenant(
+            "acme",
+            CreateSmtpProfileRequest {
+                profile: Some(plain_profile("main", smtp.port)),
+                verify: true,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let profile_id = created.profile.unwrap().id;
+    config
+        .activate_smtp_profile(as_tenant(
+            "acme",
+            ActivateSmtpProfileRequest {
+                id: profile_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+
+    let mut watch = EmailLogServiceClient::new(channel.clone())
+        .watch_email_logs(as_tenant(
+            "acme",
+            WatchEmailLogsRequest {
+                filter: Some(EmailLogFilter {
+                    statuses: vec![EmailStatus::Sent.into()],
+                    ..Default::default()
+                }),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut request = as_tenant(
+        "acme",
+        SendEmailRequest {
+            to: vec![mailbox("bob@example.com")],
+            subject: "Traced".into(),
+            text_body: BODY_CANARY.into(),
+            profile_id: profile_id.clone(),
+            ..Default::default()
+        },
+    );
+    request.metadata_mut().insert(
+        "traceparent",
+        MetadataValue::try_from(format!("00-{TRACE_ID}-{CALLER_SPAN}-01")).unwrap(),
+    );
+    let sent = SendServiceClient::new(channel.clone())
+        .send_email(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = watch.message().await.unwrap().unwrap().entry.unwrap();
+    assert_eq!(entry.id, sent.message_id);
+    assert_eq!(
+        entry.trace_id, TRACE_ID,
+        "the log entry stores the trace id"
+    );
+    drop(watch);
+
+    // SIGTERM: a graceful shutdown flushes the exporter.
+    Command::new("kill")
+        .args(["-TERM", &server.0.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.0.wait().unwrap();
+        drop(server);
+        status
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    let log = format!("{log}{}", rest.join().unwrap());
+
+    let spans = collector.0.lock().unwrap().clone();
+    let traced: Vec<&Span> = spans
+        .iter()
+        .filter(|s| hex(&s.trace_id) == TRACE_ID)
+        .collect();
+    let names: Vec<&str> = traced.iter().map(|s| s.name.as_str()).collect();
+    let rpc = traced
+        .iter()
+        .find(|s| s.name == "mailgate.v1.SendService/SendEmail")
+        .unwrap_or_else(|| panic!("no RPC span in {names:?}"));
+    assert_eq!(
+        hex(&rpc.parent_span_id),
+        CALLER_SPAN,
+        "the RPC span is a child of the caller's span"
+    );
+    for name in ["routing", "enqueue", "delivery", "smtp.attempt"] {
+        assert!(
+            names.contains(&name),
+            "{name} missing from the trace: {names:?}"
+        );
+    }
+    let attempt = traced.iter().find(|s| s.name == "smtp.attempt").unwrap();
+    assert_eq!(
+        attr(attempt, "server.address").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(attr(attempt, "server.port"), Some(smtp.port.to_string()));
+    assert_eq!(attr(attempt, "smtp.security").as_deref(), Some("None"));
+    assert_eq!(attr(attempt, "smtp.reply_code").as_deref(), Some("250"));
+    assert_eq!(
+        attr(attempt, "smtp.enhanced_code").as_deref(),
+        Some("2.0.0")
+    );
+    assert_eq!(attr(attempt, "mailgate.outcome").as_deref(), Some("sent"));
+    assert_eq!(attr(attempt, "mailgate.fallback").as_deref(), Some("false"));
+    let delivery = traced.iter().find(|s| s.name == "delivery").unwrap();
+    assert_eq!(attempt.parent_span_id, delivery.span_id);
+
+    let everything = format!("{spans:?}");
+    for canary in [PASSWORD_CANARY, BODY_CANARY] {
+        assert!(
+            !everything.contains(canary),
+            "{canary} leaked into an exported span"
+        );
+        assert!(!log.contains(canary), "{canary} leaked into the log");
+    }
+    assert!(
+        log.contains("\"level\":\"DEBUG\"") || log.contains("DEBUG"),
+        "the log was captured at debug level"
+    );
+}
