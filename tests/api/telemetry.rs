@@ -104,6 +104,11 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         .unwrap()
         .port();
     let addr = format!("127.0.0.1:{port}");
+    let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
 
     let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
     for (key, _) in
@@ -123,6 +128,10 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
             .env(
                 "MAILGATE_SMTP__ALLOWED_PORTS",
                 format!("[{}, 587]", smtp.port),
+            )
+            .env(
+                "MAILGATE_METRICS__PROMETHEUS_ADDR",
+                format!("127.0.0.1:{metrics_port}"),
             )
             .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
             .env("OTEL_SERVICE_NAME", "mailgate-test")
@@ -234,6 +243,32 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         "the log entry stores the trace id"
     );
     drop(watch);
+
+    // The Prometheus endpoint shows the delivery.
+    let scrape = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: mailgate\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    })
+    .await
+    .unwrap();
+    assert!(scrape.starts_with("HTTP/1.1 200"), "{scrape}");
+    let sent_line = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("mailgate_delivery_attempts_total") && l.contains("outcome=\"sent\"")
+        })
+        .unwrap_or_else(|| panic!("no sent attempts in {scrape}"));
+    assert!(
+        sent_line.contains("tenant=\"acme\"") && sent_line.ends_with(" 1"),
+        "{sent_line}"
+    );
+    assert!(scrape.contains("mailgate_rpc_duration"), "{scrape}");
 
     // SIGTERM: a graceful shutdown flushes the exporter.
     Command::new("kill")
