@@ -28,6 +28,8 @@ WORKDIR /src
 # same in cook and build so the cache matches), build scripts and proc-macros are built for
 # the host without these flags.
 ENV RUSTFLAGS="-C target-feature=+crt-static" \
+    CARGO_PROFILE_RELEASE_DEBUG=false \
+    CARGO_PROFILE_RELEASE_STRIP=symbols \
     CARGO_TERM_COLOR=never
 
 FROM chef AS planner
