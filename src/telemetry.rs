@@ -199,10 +199,19 @@ pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
         rpc.system = "grpc",
         rpc.service = %service,
         rpc.method = %method,
+        trace_id = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
+    let parent_trace = parent.span().span_context().trace_id();
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
+    }
+    // Log lines inside the RPC carry the trace id (the caller's, or the new trace's).
+    let own = span.context().span().span_context().clone();
+    if own.is_valid() {
+        span.record("trace_id", own.trace_id().to_string());
+    } else if parent_trace != opentelemetry::trace::TraceId::INVALID {
+        span.record("trace_id", parent_trace.to_string());
     }
     span
 }

@@ -246,7 +246,11 @@ impl Engine {
             message_id = %message.id,
             attempt = message.attempt_count + 1,
             mailgate.status = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         );
+        if !message.trace_id.is_empty() {
+            span.record("trace_id", message.trace_id.as_str());
+        }
         crate::telemetry::continue_trace(&span, &message.traceparent);
         self.deliver_traced(claimed).instrument(span).await;
     }

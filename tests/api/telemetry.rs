@@ -332,7 +332,13 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         assert!(!log.contains(canary), "{canary} leaked into the log");
     }
     assert!(
-        log.contains("\"level\":\"DEBUG\"") || log.contains("DEBUG"),
+        log.contains("\"level\":\"DEBUG\""),
         "the log was captured at debug level"
+    );
+    let tagged = format!("\"trace_id\":\"{TRACE_ID}\"");
+    let traced_lines = log.lines().filter(|l| l.contains(&tagged)).count();
+    assert!(
+        traced_lines >= 2,
+        "log lines of the RPC and the delivery carry the trace id"
     );
 }
