@@ -1,0 +1,342 @@
+//! Load generator for the benchmark harness (`bench/run.sh`): drives a running mailgate over
+//! gRPC and measures acceptance latency, the accept rate and the end-to-end delivered rate.
+//!
+//! It creates and activates its own profile pointing at an SMTP sink, sends N messages
+//! (unary SendEmail with C concurrent callers, SendBatch in batches of 1,000, or unary at a
+//! fixed offered rate), waits until all N are SENT (polling GetEmailStats), and writes JSON.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use mailgate::proto::v1::{
+    email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient,
+    smtp_config_service_client::SmtpConfigServiceClient, *,
+};
+use tonic::{metadata::MetadataValue, transport::Channel, Request};
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Mode {
+    Unary,
+    Batch,
+}
+
+/// Drives mailgate and measures it.
+#[derive(Debug, Parser)]
+struct Args {
+    /// mailgate's gRPC address, host:port.
+    #[arg(long)]
+    addr: String,
+    /// Tenant to send as.
+    #[arg(long, default_value = "bench")]
+    tenant: String,
+    /// SMTP sink host.
+    #[arg(long, default_value = "127.0.0.1")]
+    smtp_host: String,
+    /// SMTP sink port.
+    #[arg(long)]
+    smtp_port: u16,
+    /// Messages to send.
+    #[arg(long, default_value_t = 20_000)]
+    messages: usize,
+    /// Concurrent callers (unary) or batches in flight (batch).
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Approximate message size in bytes.
+    #[arg(long, default_value_t = 1500)]
+    size: usize,
+    /// unary or batch.
+    #[arg(long, value_enum, default_value = "unary")]
+    mode: Mode,
+    /// Offered rate for unary calls, per second (open loop); unset: as fast as possible.
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Where to write the JSON result.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+}
+
+fn request<T>(tenant: &str, message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    if let Ok(v) = MetadataValue::try_from(tenant) {
+        r.metadata_mut().insert("x-tenant-id", v);
+    }
+    r.metadata_mut()
+        .insert("x-source", MetadataValue::from_static("loadgen"));
+    r
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+async fn setup_profile(channel: &Channel, args: &Args) -> anyhow::Result<String> {
+    let mut config = SmtpConfigServiceClient::new(channel.clone());
+    let name = format!(
+        "bench-{}",
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    let created = config
+        .create_smtp_profile(request(
+            &args.tenant,
+            CreateSmtpProfileRequest {
+                profile: Some(SmtpProfile {
+                    name,
+                    host: args.smtp_host.clone(),
+                    port: u32::from(args.smtp_port),
+                    security: SmtpSecurity::None.into(),
+                    from_email: "bench@mailgate.test".into(),
+                    from_name: "mailgate bench".into(),
+                    max_connections: u32::try_from(args.concurrency).unwrap_or(32),
+                    ..Default::default()
+                }),
+                verify: true,
+            },
+        ))
+        .await?
+        .into_inner();
+    let Some(profile) = created.profile else {
+        bail!("profile verification failed: {:?}", created.verification);
+    };
+    config
+        .activate_smtp_profile(request(
+            &args.tenant,
+            ActivateSmtpProfileRequest {
+                id: profile.id.clone(),
+            },
+        ))
+        .await?;
+    Ok(profile.id)
+}
+
+fn email(profile_id: &str, i: usize, body: &str) -> SendEmailRequest {
+    SendEmailRequest {
+        to: vec![Mailbox {
+            email: format!("user{i}@example.com"),
+            name: String::new(),
+        }],
+        subject: format!("Benchmark message {i}"),
+        text_body: body.to_owned(),
+        profile_id: profile_id.to_owned(),
+        email_type: "bench".into(),
+        ..Default::default()
+    }
+}
+
+/// Sends N unary requests with C callers (closed loop) or at a fixed rate (open loop);
+/// returns latencies in ms and the error count.
+async fn unary(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> (Vec<f64>, usize) {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.max(1) {
+        let mut client = SendServiceClient::new(channel.clone());
+        let (next, tenant, profile_id, body) = (
+            next.clone(),
+            args.tenant.clone(),
+            profile_id.to_owned(),
+            body.to_owned(),
+        );
+        let (n, rate) = (args.messages, args.rate);
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                // Open loop: each request has a planned start; latency counts from it, so a
+                // slow server cannot hide its queueing (no coordinated omission).
+                let planned = match rate {
+                    Some(r) => {
+                        let at = start + Duration::from_secs_f64(i as f64 / r as f64);
+                        tokio::time::sleep_until(at.into()).await;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                match client
+                    .send_email(request(&tenant, email(&profile_id, i, &body)))
+                    .await
+                {
+                    Ok(_) => latencies.push(planned.elapsed().as_secs_f64() * 1000.0),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut all = Vec::with_capacity(args.messages);
+    let mut errors = 0;
+    while let Some(Ok((latencies, e))) = tasks.join_next().await {
+        all.extend(latencies);
+        errors += e;
+    }
+    (all, errors)
+}
+
+/// Sends N emails in batches of 1,000 with C batches in flight.
+async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> (Vec<f64>, usize) {
+    let batches: Vec<(usize, usize)> = (0..args.messages)
+        .step_by(1000)
+        .map(|from| (from, (from + 1000).min(args.messages)))
+        .collect();
+    let batches = Arc::new(std::sync::Mutex::new(batches.into_iter()));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..args.concurrency.clamp(1, 4) {
+        let mut client = SendServiceClient::new(channel.clone());
+        let (batches, tenant, profile_id, body) = (
+            batches.clone(),
+            args.tenant.clone(),
+            profile_id.to_owned(),
+            body.to_owned(),
+        );
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0;
+            loop {
+                let Some((from, to)) = batches.lock().ok().and_then(|mut b| b.next()) else {
+                    break;
+                };
+                let mut base = email(&profile_id, from, &body);
+                base.to.clear();
+                let recipients = (from..to)
+                    .map(|i| BatchRecipient {
+                        to: Some(Mailbox {
+                            email: format!("user{i}@example.com"),
+                            name: String::new(),
+                        }),
+                        ..Default::default()
+                    })
+                    .collect();
+                let started = Instant::now();
+                match client
+                    .send_batch(request(
+                        &tenant,
+                        SendBatchRequest {
+                            message: Some(base),
+                            recipients,
+                        },
+                    ))
+                    .await
+                {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        errors += (to - from).saturating_sub(r.accepted_count as usize);
+                        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                    }
+                    Err(_) => errors += to - from,
+                }
+            }
+            (latencies, errors)
+        });
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    while let Some(Ok((latencies, e))) = tasks.join_next().await {
+        all.extend(latencies);
+        errors += e;
+    }
+    (all, errors)
+}
+
+/// Polls GetEmailStats until `expected` messages created since `since` are SENT.
+async fn wait_delivered(
+    channel: &Channel,
+    tenant: &str,
+    since: SystemTime,
+    expected: usize,
+) -> anyhow::Result<()> {
+    let mut log = EmailLogServiceClient::new(channel.clone());
+    let start = prost_types::Timestamp::from(since - Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    loop {
+        let stats = log
+            .get_email_stats(request(
+                tenant,
+                GetEmailStatsRequest {
+                    start_time: Some(start),
+                    ..Default::default()
+                },
+            ))
+            .await?
+            .into_inner();
+        let count = |key: &str| {
+            stats
+                .by_status
+                .iter()
+                .find(|c| c.key == key)
+                .map_or(0, |c| c.count)
+        };
+        let (sent, failed) = (count("SENT"), count("FAILED"));
+        if sent as usize >= expected {
+            return Ok(());
+        }
+        if failed > 0 {
+            bail!("{failed} messages FAILED; see ListEmailLogs");
+        }
+        if Instant::now() > deadline {
+            bail!("only {sent} of {expected} SENT after 30 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let channel = Channel::from_shared(format!("http://{}", args.addr))?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", args.addr))?;
+    let profile_id = setup_profile(&channel, &args).await?;
+    // A body of about `size` bytes in total, in 76-character lines.
+    let line = "The quick brown fox jumps over the lazy dog, again and again and again. ";
+    let body: String = line.repeat(args.size.saturating_sub(400) / line.len() + 1);
+    let started_at = SystemTime::now();
+    let clock = Instant::now();
+    let (mut latencies, errors) = match args.mode {
+        Mode::Unary => unary(&channel, &args, &profile_id, &body).await,
+        Mode::Batch => batch(&channel, &args, &profile_id, &body).await,
+    };
+    let accept_seconds = clock.elapsed().as_secs_f64();
+    wait_delivered(&channel, &args.tenant, started_at, args.messages - errors).await?;
+    let delivered_seconds = clock.elapsed().as_secs_f64();
+    latencies.sort_by(|a, b| a.total_cmp(b));
+    let result = serde_json::json!({
+        "mode": match args.mode { Mode::Unary => "unary", Mode::Batch => "batch" },
+        "messages": args.messages,
+        "concurrency": args.concurrency,
+        "rate": args.rate,
+        "accept_seconds": accept_seconds,
+        "accept_rate": args.messages as f64 / accept_seconds,
+        "latency_ms": {
+            "p50": percentile(&latencies, 50.0),
+            "p99": percentile(&latencies, 99.0),
+            "p999": percentile(&latencies, 99.9),
+            "max": latencies.last().copied().unwrap_or(0.0),
+        },
+        "delivered_seconds": delivered_seconds,
+        "delivered_rate": args.messages as f64 / delivered_seconds,
+        "errors": errors,
+    });
+    let text = serde_json::to_string_pretty(&result)?;
+    match &args.json {
+        Some(path) => std::fs::write(path, &text)?,
+        None => println!("{text}"),
+    }
+    Ok(())
+}
