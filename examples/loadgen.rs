@@ -188,6 +188,13 @@ async fn unary(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> 
     (all, errors)
 }
 
+type Batches = std::sync::Mutex<std::vec::IntoIter<(usize, usize)>>;
+
+/// The next batch to send (the lock is released before the call).
+fn next_batch(batches: &Batches) -> Option<(usize, usize)> {
+    batches.lock().ok().and_then(|mut b| b.next())
+}
+
 /// Sends N emails in batches of 1,000 with C batches in flight.
 async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> (Vec<f64>, usize) {
     let batches: Vec<(usize, usize)> = (0..args.messages)
@@ -207,10 +214,7 @@ async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> 
         tasks.spawn(async move {
             let mut latencies = Vec::new();
             let mut errors = 0;
-            loop {
-                let Some((from, to)) = batches.lock().ok().and_then(|mut b| b.next()) else {
-                    break;
-                };
+            while let Some((from, to)) = next_batch(&batches) {
                 let mut base = email(&profile_id, from, &body);
                 base.to.clear();
                 let recipients = (from..to)
