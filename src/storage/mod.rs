@@ -6,6 +6,7 @@
 
 mod rows;
 mod sql;
+mod writer;
 
 use async_trait::async_trait;
 
@@ -30,7 +31,7 @@ pub enum StoreError {
     WrongState(String),
     /// The database is unreachable.
     #[error("database unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(String),
     /// Anything else.
     #[error(transparent)]
     Other(#[from] anyhow::Error),

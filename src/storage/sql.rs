@@ -18,6 +18,7 @@ use super::{
         attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
         DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
+    writer::Writer,
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
 use crate::domain::{
@@ -39,6 +40,8 @@ pub enum Backend {
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    /// Group commit of the hot writes (accepts and completions).
+    writer: Writer,
 }
 
 /// A value bound to a `$n` placeholder of a statement built at run time.
@@ -61,7 +64,7 @@ fn bind_all<'q>(
     query
 }
 
-fn db_error(err: sqlx::Error) -> StoreError {
+pub(super) fn db_error(err: sqlx::Error) -> StoreError {
     match &err {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             StoreError::Conflict("already exists".to_owned())
@@ -69,7 +72,7 @@ fn db_error(err: sqlx::Error) -> StoreError {
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed
-        | sqlx::Error::Tls(_) => StoreError::Unavailable(err),
+        | sqlx::Error::Tls(_) => StoreError::Unavailable(err.to_string()),
         _ => StoreError::Other(anyhow::Error::new(err)),
     }
 }
@@ -126,7 +129,12 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        let store = Self { pool, backend };
+        let writer = Writer::start(pool.clone());
+        let store = Self {
+            pool,
+            backend,
+            writer,
+        };
         store.migrate().await?;
         Ok(store)
     }
@@ -711,8 +719,7 @@ impl Store for SqlStore {
     }
 
     async fn insert_message(&self, m: &NewMessage, now: i64) -> Result<InsertOutcome, StoreError> {
-        let mut conn = self.pool.acquire().await.map_err(db_error)?;
-        insert_one(&mut conn, m, now).await
+        self.writer.insert(m.clone(), now).await
     }
 
     async fn insert_messages(
@@ -720,18 +727,7 @@ impl Store for SqlStore {
         messages: &[NewMessage],
         now: i64,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
-        // One transaction: one commit (one fsync on SQLite) for the whole batch.
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let mut out = Vec::with_capacity(messages.len());
-        for m in messages {
-            match insert_one(&mut tx, m, now).await {
-                Err(StoreError::Unavailable(e)) => return Err(StoreError::Unavailable(e)),
-                Err(StoreError::Other(e)) => return Err(StoreError::Other(e)),
-                result => out.push(result),
-            }
-        }
-        tx.commit().await.map_err(db_error)?;
-        Ok(out)
+        self.writer.insert_many(messages.to_vec(), now).await
     }
 
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {
@@ -885,56 +881,9 @@ impl Store for SqlStore {
         c: &Completion,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db_error)?;
-        let updated = sqlx::query(
-            "UPDATE messages SET status = $1, due_at = $2, lease_token = NULL, \
-             attempt_count = attempt_count + $9, last_error = $3, fallback = $4, \
-             fallback_reason = $5, updated_at = $6, \
-             sent_at = CASE WHEN $1 = 'SENT' THEN $6 ELSE sent_at END \
-             WHERE id = $7 AND lease_token = $8",
-        )
-        .bind(c.status.as_str())
-        .bind(c.retry_at)
-        .bind(&c.last_error)
-        .bind(i64::from(c.fallback))
-        .bind(&c.fallback_reason)
-        .bind(now)
-        .bind(&claimed.message.id)
-        .bind(&claimed.lease_token)
-        .bind(i64::try_from(attempts.len()).unwrap_or(1))
-        .execute(&mut *tx)
-        .await
-        .map_err(db_error)?;
-        if updated.rows_affected() == 0 {
-            tx.rollback().await.map_err(db_error)?;
-            return Ok(false);
-        }
-        for a in attempts {
-            let rejected =
-                decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
-            sqlx::query(
-                "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
-             profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
-             rejected_recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-            )
-            .bind(&claimed.message.id)
-            .bind(i64::from(a.number))
-            .bind(a.started_at)
-            .bind(a.duration_us)
-            .bind(&a.server)
-            .bind(a.profile_id.as_deref())
-            .bind(i64::from(a.fallback))
-            .bind(i64::from(a.reply_code))
-            .bind(&a.enhanced_code)
-            .bind(&a.reply_text)
-            .bind(a.outcome.as_str())
-            .bind(rejected)
-            .execute(&mut *tx)
+        self.writer
+            .complete(claimed.clone(), attempts.to_vec(), c.clone(), now)
             .await
-            .map_err(db_error)?;
-        }
-        tx.commit().await.map_err(db_error)?;
-        Ok(true)
     }
 
     async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError> {
@@ -952,7 +901,7 @@ impl Store for SqlStore {
     }
 }
 
-async fn insert_one(
+pub(super) async fn insert_one(
     conn: &mut sqlx::AnyConnection,
     m: &NewMessage,
     now: i64,
@@ -1034,6 +983,63 @@ async fn insert_one(
         id: row.try_get("id").map_err(db_error)?,
         status: decode(MessageStatus::parse(&status).context("message status"))?,
     })
+}
+
+/// Records attempts and the new state inside the caller's transaction, if the lease is
+/// still held; false when it was lost (nothing written).
+pub(super) async fn complete_one(
+    conn: &mut sqlx::AnyConnection,
+    claimed: &Claimed,
+    attempts: &[AttemptRecord],
+    c: &Completion,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let updated = sqlx::query(
+        "UPDATE messages SET status = $1, due_at = $2, lease_token = NULL, \
+         attempt_count = attempt_count + $9, last_error = $3, fallback = $4, \
+         fallback_reason = $5, updated_at = $6, \
+         sent_at = CASE WHEN $1 = 'SENT' THEN $6 ELSE sent_at END \
+         WHERE id = $7 AND lease_token = $8",
+    )
+    .bind(c.status.as_str())
+    .bind(c.retry_at)
+    .bind(&c.last_error)
+    .bind(i64::from(c.fallback))
+    .bind(&c.fallback_reason)
+    .bind(now)
+    .bind(&claimed.message.id)
+    .bind(&claimed.lease_token)
+    .bind(i64::try_from(attempts.len()).unwrap_or(1))
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    if updated.rows_affected() == 0 {
+        return Ok(false);
+    }
+    for a in attempts {
+        let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
+        sqlx::query(
+            "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
+         profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
+         rejected_recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&claimed.message.id)
+        .bind(i64::from(a.number))
+        .bind(a.started_at)
+        .bind(a.duration_us)
+        .bind(&a.server)
+        .bind(a.profile_id.as_deref())
+        .bind(i64::from(a.fallback))
+        .bind(i64::from(a.reply_code))
+        .bind(&a.enhanced_code)
+        .bind(&a.reply_text)
+        .bind(a.outcome.as_str())
+        .bind(rejected)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    }
+    Ok(true)
 }
 
 /// The `AND ...` clauses of a log filter; binds are appended to `binds`.
