@@ -77,7 +77,12 @@ pub struct Engine {
     wake: Notify,
     events: broadcast::Sender<MessageEvent>,
     in_flight: Mutex<HashMap<String, Claimed>>,
+    /// Profiles by (tenant, id), with when they were read.
+    profiles: Mutex<HashMap<(String, String), (SmtpProfile, std::time::Instant)>>,
 }
+
+/// How long a cached profile serves deliveries before it is read again.
+pub(super) const PROFILE_CACHE_TTL: Duration = Duration::from_secs(2);
 
 /// The associated data that binds a profile's sealed secret to its row.
 pub fn secret_context(tenant_id: &str, profile_id: &str) -> String {
@@ -113,6 +118,7 @@ impl Engine {
             wake: Notify::new(),
             events,
             in_flight: Mutex::new(HashMap::new()),
+            profiles: Mutex::new(HashMap::new()),
         }
     }
 
@@ -198,10 +204,14 @@ impl Engine {
                 }
             }
             if claimed_all {
-                // More may be due: wait only for a free slot.
-                tokio::select! {
-                    _ = tasks.join_next(), if !tasks.is_empty() => {}
-                    _ = shutdown.changed() => {}
+                // More are due: wait until a quarter of the slots is free, so claims stay
+                // batched instead of one statement per finished delivery.
+                let batch = (self.settings.concurrency / 4).max(1);
+                while permits.available_permits() < batch && !tasks.is_empty() {
+                    tokio::select! {
+                        _ = tasks.join_next() => {}
+                        _ = shutdown.changed() => break,
+                    }
                 }
                 continue;
             }
@@ -279,6 +289,29 @@ impl Engine {
             .remove(&message.id);
     }
 
+    /// A profile usable by `tenant_id`, from a cache refreshed every few seconds: one lookup
+    /// serves many messages. A change reaches deliveries within [`PROFILE_CACHE_TTL`].
+    async fn profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
+        let key = (tenant_id.to_owned(), id.to_owned());
+        if let Some((profile, at)) = self
+            .profiles
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+        {
+            if at.elapsed() < PROFILE_CACHE_TTL {
+                return Ok(profile.clone());
+            }
+        }
+        let profile = self.store.get_usable_profile(tenant_id, id).await?;
+        let mut cache = self.profiles.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(key, (profile.clone(), std::time::Instant::now()));
+        Ok(profile)
+    }
+
     /// Makes one attempt (plus a fallback attempt when allowed) and decides the new state.
     async fn attempt(&self, claimed: &Claimed) -> (Vec<AttemptRecord>, Completion) {
         let message = &claimed.message;
@@ -287,7 +320,7 @@ impl Engine {
         let profile = match &message.profile_id {
             None => None,
             // A grantee's message uses the owner's profile.
-            Some(id) => match self.store.get_usable_profile(&message.tenant_id, id).await {
+            Some(id) => match self.profile(&message.tenant_id, id).await {
                 Ok(p) => Some(p),
                 Err(StoreError::NotFound(_)) => {
                     // Deleted, or no longer shared with this tenant: the operator's service

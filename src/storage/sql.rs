@@ -846,32 +846,10 @@ impl Store for SqlStore {
         lease_until: i64,
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
-        let token = uuid::Uuid::new_v4().to_string();
-        // One statement: atomic on both backends. PostgreSQL skips rows other replicas are
-        // claiming at the same moment instead of waiting for them.
-        let lock = match self.backend {
-            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-            Backend::Sqlite => "",
-        };
-        let sql = format!(
-            "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
-             updated_at = $3 WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL \
-             AND due_at <= $3 ORDER BY due_at LIMIT $4{lock}) RETURNING {MESSAGE_COLUMNS}"
-        );
-        let binds = [
-            Bind::Text(token.clone()),
-            Bind::Int(lease_until),
-            Bind::Int(now),
-            Bind::Int(i64::from(limit)),
-        ];
-        let messages = self.fetch_messages(&sql, &binds).await?;
-        Ok(messages
-            .into_iter()
-            .map(|message| Claimed {
-                message,
-                lease_token: token.clone(),
-            })
-            .collect())
+        // Through the writer: on SQLite, claims never wait for the write lock behind it.
+        self.writer
+            .claim(self.backend, now, lease_until, limit)
+            .await
     }
 
     async fn complete(
@@ -1040,6 +1018,43 @@ pub(super) async fn complete_one(
         .map_err(db_error)?;
     }
     Ok(true)
+}
+
+/// Leases up to `limit` due messages with one statement (atomic on both backends);
+/// PostgreSQL skips rows other replicas are claiming at the same moment.
+pub(super) async fn claim_one(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    now: i64,
+    lease_until: i64,
+    limit: u32,
+) -> Result<Vec<Claimed>, StoreError> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let lock = match backend {
+        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+        Backend::Sqlite => "",
+    };
+    let sql = format!(
+        "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
+         updated_at = $3 WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL \
+         AND due_at <= $3 ORDER BY due_at LIMIT $4{lock}) RETURNING {MESSAGE_COLUMNS}"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(&token)
+        .bind(lease_until)
+        .bind(now)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    rows.iter()
+        .map(|r| {
+            decode(message_from_row(r)).map(|message| Claimed {
+                message,
+                lease_token: token.clone(),
+            })
+        })
+        .collect()
 }
 
 /// The `AND ...` clauses of a log filter; binds are appended to `binds`.

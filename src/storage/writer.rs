@@ -9,7 +9,7 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    sql::{complete_one, db_error, insert_one},
+    sql::{claim_one, complete_one, db_error, insert_one, Backend},
     Claimed, Completion, InsertOutcome, StoreError,
 };
 use crate::domain::{AttemptRecord, NewMessage};
@@ -32,6 +32,7 @@ enum Op {
         i64,
         Reply<bool>,
     ),
+    Claim(Backend, i64, i64, u32, Reply<Vec<Claimed>>),
 }
 
 /// The handle to the writer task.
@@ -74,6 +75,17 @@ impl Writer {
         self.call(|r| Op::InsertMany(m, now, r)).await
     }
 
+    pub(super) async fn claim(
+        &self,
+        backend: Backend,
+        now: i64,
+        lease_until: i64,
+        limit: u32,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        self.call(|r| Op::Claim(backend, now, lease_until, limit, r))
+            .await
+    }
+
     pub(super) async fn complete(
         &self,
         claimed: Claimed,
@@ -94,6 +106,7 @@ enum Done {
         Reply<Vec<Result<InsertOutcome, StoreError>>>,
     ),
     Complete(Result<bool, StoreError>, Reply<bool>),
+    Claim(Result<Vec<Claimed>, StoreError>, Reply<Vec<Claimed>>),
 }
 
 /// The same error again, for every caller of a failed group (keeps UNAVAILABLE apart).
@@ -115,6 +128,7 @@ impl Done {
             }
             Done::InsertMany(r, _) => r.is_err(),
             Done::Complete(r, _) => r.is_err(),
+            Done::Claim(r, _) => r.is_err(),
         }
     }
 
@@ -129,6 +143,9 @@ impl Done {
                 let _ = tx.send(commit.map_err(err).and(r));
             }
             Done::Complete(r, tx) => {
+                let _ = tx.send(commit.map_err(err).and(r));
+            }
+            Done::Claim(r, tx) => {
                 let _ = tx.send(commit.map_err(err).and(r));
             }
         }
@@ -151,6 +168,9 @@ async fn apply(conn: &mut sqlx::AnyConnection, op: Op) -> Done {
                 }
             }
             Done::InsertMany(fatal.map_or(Ok(out), Err), tx)
+        }
+        Op::Claim(backend, now, until, limit, tx) => {
+            Done::Claim(claim_one(conn, backend, now, until, limit).await, tx)
         }
         Op::Complete(c, now, tx) => {
             let (claimed, attempts, completion) = *c;
@@ -221,6 +241,9 @@ fn fail(op: Op, e: &StoreError) {
             let _ = tx.send(Err(copy()));
         }
         Op::Complete(_, _, tx) => {
+            let _ = tx.send(Err(copy()));
+        }
+        Op::Claim(_, _, _, _, tx) => {
             let _ = tx.send(Err(copy()));
         }
     }
