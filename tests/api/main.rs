@@ -12,6 +12,7 @@
 mod external;
 mod helpers;
 mod profiles;
+mod replicas;
 mod send;
 mod smtp_server;
 mod store_contract;
