@@ -24,6 +24,8 @@ pub struct Behavior {
     pub auth: Option<(String, String)>,
     /// Refuse every sender with 553.
     pub reject_mail_from: bool,
+    /// Wait this long before answering the end of DATA (a slow server).
+    pub data_delay: std::time::Duration,
 }
 
 impl Default for Behavior {
@@ -35,6 +37,7 @@ impl Default for Behavior {
             drop_after_dot: false,
             auth: None,
             reject_mail_from: false,
+            data_delay: std::time::Duration::ZERO,
         }
     }
 }
@@ -42,6 +45,8 @@ impl Default for Behavior {
 /// One received message.
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// The name the client gave in EHLO.
+    pub helo: String,
     pub mail_from: String,
     pub rcpt_to: Vec<String>,
     pub data: String,
@@ -115,6 +120,7 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
     }
     let mut mail_from = String::new();
     let mut rcpt_to = Vec::new();
+    let mut helo = String::new();
     let mut line = String::new();
     loop {
         line.clear();
@@ -126,6 +132,7 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
+            helo = cmd.split_whitespace().nth(1).unwrap_or_default().to_owned();
             let auth = if behavior.auth.is_some() {
                 "250-AUTH PLAIN LOGIN\r\n"
             } else {
@@ -180,8 +187,12 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
             if behavior.drop_after_dot {
                 return Ok(());
             }
+            if !behavior.data_delay.is_zero() {
+                tokio::time::sleep(behavior.data_delay).await;
+            }
             if behavior.data_reply.starts_with('2') {
                 state.received.lock().unwrap().push(Received {
+                    helo: helo.clone(),
                     mail_from: mail_from.clone(),
                     rcpt_to: rcpt_to.clone(),
                     data,
