@@ -13,7 +13,7 @@ use std::{
 
 use mailgate::{domain::MessageStatus, proto::v1::*};
 
-use crate::helpers::{as_tenant, mailbox, simple_email, TestApp};
+use crate::helpers::{as_tenant, mailbox, simple_email, Binary, TestApp};
 
 const USER: &str = "mailer@acme.test";
 const PASSWORD: &str = "canary-aiosmtpd-5d21";
@@ -335,15 +335,6 @@ async fn verification_names_the_failing_stage_against_a_real_server() {
     app.stop().await.unwrap();
 }
 
-/// The mailgate binary, without the suite's own MAILGATE_TEST_* settings in its environment.
-fn mailgate_command() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
-    for (key, _) in std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_")) {
-        command.env_remove(key);
-    }
-    command
-}
-
 /// The README's grpcurl walkthrough, run with the real grpcurl against the real binary.
 #[tokio::test]
 async fn grpcurl_walkthrough_against_the_binary() {
@@ -354,60 +345,29 @@ async fn grpcurl_walkthrough_against_the_binary() {
         return;
     };
     let db = crate::helpers::TestDatabase::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
     let ca_file = smtp.pki.dir.path().join("ca.pem");
     std::fs::write(&ca_file, &smtp.pki.ca_pem).unwrap();
-    struct Kill(Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let mut command = mailgate_command();
-    let mut server = Kill(
-        command
-            .arg("serve")
-            .env("MAILGATE_LISTEN_ADDR", &addr)
-            .env("MAILGATE_DATA_DIR", db.dir.path().join("data"))
-            .env("MAILGATE_DATABASE_URL", &db.url)
-            .env("MAILGATE_LOG__FORMAT", "json")
-            .env("MAILGATE_SMTP__ALLOWED_NETWORKS", "[\"127.0.0.0/8\"]")
-            .env(
-                "MAILGATE_SMTP__ALLOWED_PORTS",
-                format!("[{}, {}]", smtp.starttls_port, smtp.implicit_port),
-            )
-            .env("MAILGATE_SMTP__EXTRA_ROOTS_FILE", &ca_file)
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    // Ready when it logs that it listens; the log is then drained (and kept for the checks).
-    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
-    let mut startup = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "mailgate exited: {startup}"
-        );
-        startup.push_str(&line);
-        if line.contains("mailgate listening") {
-            break;
-        }
-    }
-    let log = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
-        rest
-    });
-    let health = mailgate_command()
+    let server = Binary::start(&[
+        (
+            "MAILGATE_DATA_DIR",
+            db.dir.path().join("data").display().to_string(),
+        ),
+        ("MAILGATE_DATABASE_URL", db.url.clone()),
+        (
+            "MAILGATE_SMTP__ALLOWED_NETWORKS",
+            "[\"127.0.0.0/8\"]".into(),
+        ),
+        (
+            "MAILGATE_SMTP__ALLOWED_PORTS",
+            format!("[{}, {}]", smtp.starttls_port, smtp.implicit_port),
+        ),
+        (
+            "MAILGATE_SMTP__EXTRA_ROOTS_FILE",
+            ca_file.display().to_string(),
+        ),
+    ]);
+    let addr = server.addr.clone();
+    let health = Binary::command()
         .args(["healthcheck", "--addr", &addr])
         .output()
         .unwrap();
@@ -535,11 +495,8 @@ async fn grpcurl_walkthrough_against_the_binary() {
     assert!(eml.contains("Subject: Hello from grpcurl"));
 
     // Graceful shutdown on SIGTERM: exit code 0; the password never reached the log.
-    let pid = server.0.id().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    let status = server.0.wait().unwrap();
+    let (status, log) = server.terminate().await;
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
-    let log = format!("{startup}{}", log.join().unwrap());
     assert!(log.contains("mailgate stopped"), "{log}");
     assert!(!log.contains(PASSWORD), "the password appeared in the log");
 }

@@ -334,3 +334,101 @@ pub fn simple_email(to: &str) -> SendEmailRequest {
         ..Default::default()
     }
 }
+
+/// The real mailgate binary as a child process. The suite's own MAILGATE_* and OTEL_*
+/// variables are removed; `envs` configure it. Ready once it logs that it listens (its log
+/// is JSON and kept); killed when dropped.
+pub struct Binary {
+    pub child: std::process::Child,
+    pub addr: String,
+    startup: String,
+    rest: Option<std::thread::JoinHandle<String>>,
+}
+
+impl Binary {
+    /// The binary's command line, without the suite's own settings in its environment.
+    pub fn command() -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mailgate"));
+        for (key, _) in
+            std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_") || k.starts_with("OTEL_"))
+        {
+            command.env_remove(key);
+        }
+        command
+    }
+
+    /// Starts `mailgate serve` on a free port with `envs`.
+    pub fn start(envs: &[(&str, String)]) -> Self {
+        use std::io::{BufRead, BufReader, Read};
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = Self::command()
+            .arg("serve")
+            .env("MAILGATE_LISTEN_ADDR", &addr)
+            .env("MAILGATE_LOG__FORMAT", "json")
+            .envs(envs.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut startup = String::new();
+        loop {
+            let mut line = String::new();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "mailgate exited: {startup}"
+            );
+            startup.push_str(&line);
+            if line.contains("mailgate listening") {
+                break;
+            }
+        }
+        let rest = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = stderr.read_to_string(&mut rest);
+            rest
+        });
+        Self {
+            child,
+            addr,
+            startup,
+            rest: Some(rest),
+        }
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    /// SIGTERM, then waits (off the async runtime): the exit status and the whole log.
+    pub async fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        tokio::task::spawn_blocking(move || {
+            let status = self.child.wait().unwrap();
+            let rest = self.rest.take().unwrap().join().unwrap();
+            (status, format!("{}{rest}", self.startup))
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,12 +1,7 @@
 //! Several real processes on one PostgreSQL database share the work without delivering any
 //! message twice. (PostgreSQL only: SQLite is one process.)
 
-use std::{
-    collections::HashMap,
-    io::{BufRead, BufReader, Read},
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{collections::HashMap, time::Duration};
 
 use mailgate::proto::v1::{
     email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient,
@@ -15,24 +10,11 @@ use mailgate::proto::v1::{
 use tonic::transport::Channel;
 
 use crate::{
-    helpers::{as_tenant, on_postgres, plain_profile, simple_email, TestDatabase},
+    helpers::{as_tenant, on_postgres, plain_profile, simple_email, Binary, TestDatabase},
     smtp_server::{Behavior, TestSmtpServer},
 };
 
-struct Replica {
-    child: Child,
-    addr: String,
-    log: Option<std::thread::JoinHandle<String>>,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_replica(db: &TestDatabase, smtp_port: u16, data: &std::path::Path) -> Replica {
+fn start_replica(db: &TestDatabase, smtp_port: u16, data: &std::path::Path) -> Binary {
     start_replica_with(db, smtp_port, data, &[])
 }
 
@@ -41,62 +23,25 @@ fn start_replica_with(
     smtp_port: u16,
     data: &std::path::Path,
     extra: &[(&str, &str)],
-) -> Replica {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
-    for (key, _) in
-        std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_") || k.starts_with("OTEL_"))
-    {
-        command.env_remove(key);
-    }
-    let mut child = command
-        .arg("serve")
-        .env("MAILGATE_LISTEN_ADDR", &addr)
-        .env("MAILGATE_DATA_DIR", data)
-        .env("MAILGATE_DATABASE_URL", &db.url)
-        .env("MAILGATE_LOG__FORMAT", "json")
-        .env("MAILGATE_SMTP__ALLOWED_NETWORKS", "[\"127.0.0.0/8\"]")
-        .env("MAILGATE_SMTP__ALLOWED_PORTS", format!("[{smtp_port}]"))
-        // Both replicas share one encryption key, as replicas must.
-        .env(
+) -> Binary {
+    let mut envs = vec![
+        ("MAILGATE_DATA_DIR", data.display().to_string()),
+        ("MAILGATE_DATABASE_URL", db.url.clone()),
+        (
+            "MAILGATE_SMTP__ALLOWED_NETWORKS",
+            "[\"127.0.0.0/8\"]".to_owned(),
+        ),
+        ("MAILGATE_SMTP__ALLOWED_PORTS", format!("[{smtp_port}]")),
+        // Replicas share one encryption key, as replicas must.
+        (
             "MAILGATE_ENCRYPTION__KEY",
-            "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=",
-        )
-        .env("MAILGATE_DELIVERY__CONCURRENCY", "16")
-        .env("MAILGATE_DELIVERY__POLL_INTERVAL", "50ms")
-        .envs(extra.iter().copied())
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let mut startup = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "replica exited: {startup}"
-        );
-        startup.push_str(&line);
-        if line.contains("mailgate listening") {
-            break;
-        }
-    }
-    let log = std::thread::spawn(move || {
-        let mut rest = startup;
-        let _ = stderr.read_to_string(&mut rest);
-        rest
-    });
-    Replica {
-        child,
-        addr,
-        log: Some(log),
-    }
+            "AQIDBAUGBwgJCgsMDQ4PEBESExQVFhcYGRobHB0eHyA=".to_owned(),
+        ),
+        ("MAILGATE_DELIVERY__CONCURRENCY", "16".to_owned()),
+        ("MAILGATE_DELIVERY__POLL_INTERVAL", "50ms".to_owned()),
+    ];
+    envs.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+    Binary::start(&envs)
 }
 
 async fn channel(addr: &str) -> Channel {
@@ -221,21 +166,9 @@ async fn two_processes_on_one_postgres_never_deliver_twice() {
     let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "delivered more than once: {twice:?}");
 
-    for mut r in [a, b] {
-        Command::new("kill")
-            .args(["-TERM", &r.child.id().to_string()])
-            .status()
-            .unwrap();
-        let log = r.log.take().unwrap();
-        let status = tokio::task::spawn_blocking(move || {
-            let s = r.child.wait().unwrap();
-            drop(r);
-            s
-        })
-        .await
-        .unwrap();
+    for replica in [a, b] {
+        let (status, log) = replica.terminate().await;
         assert!(status.success());
-        let log = log.join().unwrap();
         assert!(log.contains("mailgate stopped"), "{log}");
     }
 }

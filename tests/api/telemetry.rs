@@ -1,11 +1,7 @@
 //! Traces end to end: the real binary exports over OTLP to a real OTLP receiver (the
 //! collector's TraceService, from the opentelemetry-proto definitions) running in the test.
 
-use std::{
-    io::{BufRead, BufReader, Read},
-    process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-};
+use std::sync::{Arc, Mutex};
 
 use mailgate::proto::v1::{
     email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient,
@@ -19,10 +15,10 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value,
     trace::v1::Span,
 };
-use tonic::{metadata::MetadataValue, transport::Channel};
+use tonic::metadata::MetadataValue;
 
 use crate::{
-    helpers::{as_tenant, mailbox, plain_profile, TestDatabase},
+    helpers::{as_tenant, mailbox, plain_profile, Binary, TestDatabase},
     smtp_server::{Behavior, TestSmtpServer},
 };
 
@@ -73,14 +69,6 @@ fn attr(span: &Span, key: &str) -> Option<String> {
     })
 }
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 // Several threads: the receiver and the SMTP server must keep running while this test waits
 // for the child process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -98,72 +86,35 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
     });
     let smtp = TestSmtpServer::start(Behavior::default()).await;
     let db = TestDatabase::new().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
     let metrics_port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
-
-    let mut command = Command::new(env!("CARGO_BIN_EXE_mailgate"));
-    for (key, _) in
-        std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_") || k.starts_with("OTEL_"))
-    {
-        command.env_remove(key);
-    }
-    let mut server = Kill(
-        command
-            .arg("serve")
-            .env("MAILGATE_LISTEN_ADDR", &addr)
-            .env("MAILGATE_DATA_DIR", db.dir.path().join("data"))
-            .env("MAILGATE_DATABASE_URL", &db.url)
-            .env("MAILGATE_LOG__FORMAT", "json")
-            .env("MAILGATE_LOG__LEVEL", "debug")
-            .env("MAILGATE_SMTP__ALLOWED_NETWORKS", "[\"127.0.0.0/8\"]")
-            .env(
-                "MAILGATE_SMTP__ALLOWED_PORTS",
-                format!("[{}, 587]", smtp.port),
-            )
-            .env(
-                "MAILGATE_METRICS__PROMETHEUS_ADDR",
-                format!("127.0.0.1:{metrics_port}"),
-            )
-            .env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}"))
-            .env("OTEL_SERVICE_NAME", "mailgate-test")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let mut stderr = BufReader::new(server.0.stderr.take().unwrap());
-    let mut log = String::new();
-    loop {
-        let mut line = String::new();
-        assert!(
-            stderr.read_line(&mut line).unwrap() > 0,
-            "mailgate exited: {log}"
-        );
-        log.push_str(&line);
-        if line.contains("mailgate listening") {
-            break;
-        }
-    }
-    let rest = std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = stderr.read_to_string(&mut rest);
-        rest
-    });
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let server = Binary::start(&[
+        (
+            "MAILGATE_DATA_DIR",
+            db.dir.path().join("data").display().to_string(),
+        ),
+        ("MAILGATE_DATABASE_URL", db.url.clone()),
+        ("MAILGATE_LOG__LEVEL", "debug".into()),
+        (
+            "MAILGATE_SMTP__ALLOWED_NETWORKS",
+            "[\"127.0.0.0/8\"]".into(),
+        ),
+        (
+            "MAILGATE_SMTP__ALLOWED_PORTS",
+            format!("[{}, 587]", smtp.port),
+        ),
+        (
+            "MAILGATE_METRICS__PROMETHEUS_ADDR",
+            format!("127.0.0.1:{metrics_port}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{otlp}")),
+        ("OTEL_SERVICE_NAME", "mailgate-test".into()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".into()),
+    ]);
+    let channel = server.channel().await;
     let mut config = SmtpConfigServiceClient::new(channel.clone());
 
     // A profile with a password: the canary must never be exported or logged.
@@ -246,7 +197,7 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
 
     // The Prometheus endpoint shows the delivery.
     let scrape = tokio::task::spawn_blocking(move || {
-        use std::io::Write;
+        use std::io::{Read, Write};
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
         stream
             .write_all(b"GET /metrics HTTP/1.1\r\nHost: mailgate\r\nConnection: close\r\n\r\n")
@@ -271,19 +222,8 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
     assert!(scrape.contains("mailgate_rpc_duration"), "{scrape}");
 
     // SIGTERM: a graceful shutdown flushes the exporter.
-    Command::new("kill")
-        .args(["-TERM", &server.0.id().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::task::spawn_blocking(move || {
-        let status = server.0.wait().unwrap();
-        drop(server);
-        status
-    })
-    .await
-    .unwrap();
+    let (status, log) = server.terminate().await;
     assert!(status.success());
-    let log = format!("{log}{}", rest.join().unwrap());
 
     let spans = collector.0.lock().unwrap().clone();
     let traced: Vec<&Span> = spans
