@@ -129,7 +129,11 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        let writer = Writer::start(pool.clone());
+        let writers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => (max_connections / 4).clamp(1, 4) as usize,
+        };
+        let writer = Writer::start(pool.clone(), writers);
         let store = Self {
             pool,
             backend,

@@ -47,9 +47,14 @@ fn gone() -> StoreError {
 
 impl Writer {
     /// Starts the writer task on `pool`.
-    pub(super) fn start(pool: AnyPool) -> Self {
+    /// Starts `writers` writer tasks on `pool`: one for SQLite (one writer at a time anyway),
+    /// several for PostgreSQL, where groups commit in parallel.
+    pub(super) fn start(pool: AnyPool, writers: usize) -> Self {
         let (queue, rx) = mpsc::channel(4096);
-        tokio::spawn(run(pool, rx));
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(run(pool.clone(), rx.clone()));
+        }
         Self { queue }
     }
 
@@ -182,15 +187,22 @@ async fn apply(conn: &mut sqlx::AnyConnection, op: Op) -> Done {
     }
 }
 
-async fn run(pool: AnyPool, mut rx: mpsc::Receiver<Op>) {
-    while let Some(first) = rx.recv().await {
-        let mut ops = vec![first];
-        while ops.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(op) => ops.push(op),
-                Err(_) => break,
+async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>) {
+    loop {
+        // Take a group while holding the queue, then commit it without: another writer
+        // gathers the next group meanwhile.
+        let ops = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { return };
+            let mut ops = vec![first];
+            while ops.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
             }
-        }
+            ops
+        };
         commit_group(&pool, ops).await;
     }
 }
