@@ -222,30 +222,35 @@ impl TestApp {
 
     /// Creates, verifies and activates a profile; returns its id.
     pub async fn active_profile(&self, tenant: &str, profile: SmtpProfile) -> String {
-        let mut client = self.config_client();
-        let created = client
-            .create_smtp_profile(as_tenant(
-                tenant,
-                CreateSmtpProfileRequest {
-                    profile: Some(profile),
-                    verify: true,
-                },
-            ))
-            .await
-            .expect("profile created")
-            .into_inner();
-        let report = created.verification.unwrap();
-        assert!(report.succeeded, "verification failed: {report:#?}");
-        let id = created.profile.unwrap().id;
-        client
-            .activate_smtp_profile(as_tenant(
-                tenant,
-                ActivateSmtpProfileRequest { id: id.clone() },
-            ))
-            .await
-            .expect("activated");
-        id
+        active_profile(&self.channel, tenant, profile).await
     }
+}
+
+/// Creates (verifying first), then activates a profile through `channel`; returns its id.
+pub async fn active_profile(channel: &Channel, tenant: &str, profile: SmtpProfile) -> String {
+    let mut client = SmtpConfigServiceClient::new(channel.clone());
+    let created = client
+        .create_smtp_profile(as_tenant(
+            tenant,
+            CreateSmtpProfileRequest {
+                profile: Some(profile),
+                verify: true,
+            },
+        ))
+        .await
+        .expect("profile created")
+        .into_inner();
+    let report = created.verification.unwrap();
+    assert!(report.succeeded, "verification failed: {report:#?}");
+    let id = created.profile.unwrap().id;
+    client
+        .activate_smtp_profile(as_tenant(
+            tenant,
+            ActivateSmtpProfileRequest { id: id.clone() },
+        ))
+        .await
+        .expect("activated");
+    id
 }
 
 /// Waits (bounded, no polling) until `id` reaches SENT, FAILED or DEFERRED.

@@ -4,13 +4,14 @@
 use std::{collections::HashMap, time::Duration};
 
 use mailgate::proto::v1::{
-    email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient,
-    smtp_config_service_client::SmtpConfigServiceClient, *,
+    email_log_service_client::EmailLogServiceClient, send_service_client::SendServiceClient, *,
 };
 use tonic::transport::Channel;
 
 use crate::{
-    helpers::{as_tenant, on_postgres, plain_profile, simple_email, Binary, TestDatabase},
+    helpers::{
+        active_profile, as_tenant, on_postgres, plain_profile, simple_email, Binary, TestDatabase,
+    },
     smtp_server::{Behavior, TestSmtpServer},
 };
 
@@ -64,26 +65,7 @@ async fn two_processes_on_one_postgres_never_deliver_twice() {
     let b = start_replica(&db, smtp.port, &db.dir.path().join("b"));
     let (ca, cb) = (channel(&a.addr).await, channel(&b.addr).await);
 
-    let mut config = SmtpConfigServiceClient::new(ca.clone());
-    let created = config
-        .create_smtp_profile(as_tenant(
-            "acme",
-            CreateSmtpProfileRequest {
-                profile: Some(plain_profile("main", smtp.port)),
-                verify: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let id = created.profile.unwrap().id;
-    config
-        .activate_smtp_profile(as_tenant(
-            "acme",
-            ActivateSmtpProfileRequest { id: id.clone() },
-        ))
-        .await
-        .unwrap();
+    let id = active_profile(&ca, "acme", plain_profile("main", smtp.port)).await;
 
     // Each replica's live tail reports the deliveries it made itself: together they must
     // report every email, which also ends the wait without polling.
@@ -197,28 +179,7 @@ async fn crash_during_a_burst_loses_no_acknowledged_email() {
         &[env[0], env[1], ("MAILGATE_SMTP__HELO_NAME", "first.test")],
     );
     let ch = channel(&first.addr).await;
-    let mut config = SmtpConfigServiceClient::new(ch.clone());
-    let created = config
-        .create_smtp_profile(as_tenant(
-            "acme",
-            CreateSmtpProfileRequest {
-                profile: Some(plain_profile("main", smtp.port)),
-                verify: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let profile_id = created.profile.unwrap().id;
-    config
-        .activate_smtp_profile(as_tenant(
-            "acme",
-            ActivateSmtpProfileRequest {
-                id: profile_id.clone(),
-            },
-        ))
-        .await
-        .unwrap();
+    let profile_id = active_profile(&ch, "acme", plain_profile("main", smtp.port)).await;
 
     const N: usize = 2000;
     let acked = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));

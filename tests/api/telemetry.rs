@@ -18,7 +18,7 @@ use opentelemetry_proto::tonic::{
 use tonic::metadata::MetadataValue;
 
 use crate::{
-    helpers::{as_tenant, mailbox, plain_profile, Binary, TestDatabase},
+    helpers::{active_profile, as_tenant, mailbox, plain_profile, Binary, TestDatabase},
     smtp_server::{Behavior, TestSmtpServer},
 };
 
@@ -133,27 +133,7 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         ))
         .await
         .unwrap();
-    let created = config
-        .create_smtp_profile(as_tenant(
-            "acme",
-            CreateSmtpProfileRequest {
-                profile: Some(plain_profile("main", smtp.port)),
-                verify: true,
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let profile_id = created.profile.unwrap().id;
-    config
-        .activate_smtp_profile(as_tenant(
-            "acme",
-            ActivateSmtpProfileRequest {
-                id: profile_id.clone(),
-            },
-        ))
-        .await
-        .unwrap();
+    let profile_id = active_profile(&channel, "acme", plain_profile("main", smtp.port)).await;
 
     let mut watch = EmailLogServiceClient::new(channel.clone())
         .watch_email_logs(as_tenant(
