@@ -54,6 +54,17 @@ fn merge_headers(layers: &[&[Header]]) -> Vec<Header> {
     out
 }
 
+/// Counts an accepted email in the metrics.
+fn count_accepted(tenant_id: &str, email_type: &str) {
+    crate::metrics::metrics().accepted.add(
+        1,
+        &[
+            opentelemetry::KeyValue::new("tenant", tenant_id.to_owned()),
+            opentelemetry::KeyValue::new("type", email_type.to_owned()),
+        ],
+    );
+}
+
 /// The result of a refused batch recipient.
 fn batch_error(index: u32, error: ApiError) -> pb::BatchResult {
     let status = Status::from(error);
@@ -439,13 +450,7 @@ impl SendService for SendApi {
             .instrument(tracing::info_span!("enqueue"))
             .await
             .map_err(ApiError::from)?;
-        crate::metrics::metrics().accepted.add(
-            1,
-            &[
-                opentelemetry::KeyValue::new("tenant", caller.tenant_id.clone()),
-                opentelemetry::KeyValue::new("type", message.email_type.clone()),
-            ],
-        );
+        count_accepted(&caller.tenant_id, &message.email_type);
         let (id, status, replayed) = match outcome {
             InsertOutcome::Created => {
                 let status = match message.send_at {
@@ -536,6 +541,7 @@ impl SendService for SendApi {
                     self.ctx
                         .engine
                         .publish(&caller.tenant_id, &message.id, status);
+                    count_accepted(&caller.tenant_id, &message.email_type);
                 }
                 Ok(InsertOutcome::Replayed { id, .. }) => results[*i].message_id = id,
                 Err(e) => {

@@ -11,7 +11,7 @@ use super::{
 use crate::{
     delivery::{
         now_micros, secret_context,
-        smtp::Stage,
+        smtp::{SmtpTarget, Stage},
         verify::{StageStatus, VerifyReport},
     },
     domain::{
@@ -46,6 +46,17 @@ impl SmtpConfigApi {
             .engine
             .target_from_settings(settings, secret)
             .map_err(ApiError::FailedPrecondition)?;
+        Ok(self.verify_target(&target, settings, recipient).await)
+    }
+
+    /// Verifies a target with the profile's envelope sender (error_to, else from_email) and
+    /// `recipient` (default: from_email) as the probes.
+    async fn verify_target(
+        &self,
+        target: &SmtpTarget,
+        settings: &ProfileSettings,
+        recipient: &str,
+    ) -> VerifyReport {
         let from = if settings.error_to.is_empty() {
             &settings.from_email
         } else {
@@ -56,7 +67,7 @@ impl SmtpConfigApi {
         } else {
             recipient
         };
-        Ok(self.ctx.engine.verify(&target, from, rcpt).await)
+        self.ctx.engine.verify(target, from, rcpt).await
     }
 }
 
@@ -357,18 +368,9 @@ impl SmtpConfigService for SmtpConfigApi {
                     .engine
                     .target_for(&profile)
                     .map_err(ApiError::FailedPrecondition)?;
-                let s = &profile.settings;
-                let from = if s.error_to.is_empty() {
-                    &s.from_email
-                } else {
-                    &s.error_to
-                };
-                let rcpt = if req.recipient.is_empty() {
-                    &s.from_email
-                } else {
-                    &req.recipient
-                };
-                let report = self.ctx.engine.verify(&target, from, rcpt).await;
+                let report = self
+                    .verify_target(&target, &profile.settings, &req.recipient)
+                    .await;
                 store
                     .set_profile_state(
                         &caller.tenant_id,
