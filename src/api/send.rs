@@ -450,9 +450,9 @@ impl SendService for SendApi {
             .instrument(tracing::info_span!("enqueue"))
             .await
             .map_err(ApiError::from)?;
-        count_accepted(&caller.tenant_id, &message.email_type);
         let (id, status, replayed) = match outcome {
             InsertOutcome::Created => {
+                count_accepted(&caller.tenant_id, &message.email_type);
                 let status = match message.send_at {
                     Some(at) if at > now => MessageStatus::Scheduled,
                     _ => MessageStatus::Queued,
