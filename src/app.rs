@@ -289,6 +289,11 @@ impl App {
             .delivery
             .enabled
             .then(|| tokio::spawn(self.engine.clone().run(stop_rx.clone())));
+        let housekeeping_task = tokio::spawn(crate::housekeeping::run(
+            self.store.clone(),
+            self.config.retention.clone(),
+            stop_rx.clone(),
+        ));
         let health_task = tokio::spawn(watch_health(
             self.store.clone(),
             health.clone(),
@@ -337,6 +342,7 @@ impl App {
             let _ = task.await;
         }
         let _ = health_task.await;
+        let _ = housekeeping_task.await;
         self.store.close().await;
         info!("mailgate stopped");
         served.context("gRPC server failed")

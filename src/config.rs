@@ -38,6 +38,33 @@ pub struct Config {
     pub log: LogConfig,
     /// Metrics (traces and metrics over OTLP are configured by the OTEL_* variables).
     pub metrics: MetricsConfig,
+    /// How long the email log keeps entries.
+    pub retention: RetentionConfig,
+}
+
+/// Email log retention.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Final entries (SENT, FAILED, CANCELLED) older than this are deleted; `0s` keeps
+    /// everything. Emails still waiting to be sent are never deleted.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How often the job runs.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Entries deleted per statement.
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(90 * 86_400),
+            interval: Duration::from_secs(600),
+            batch_size: 1_000,
+        }
+    }
 }
 
 /// Metrics settings.
@@ -62,6 +89,7 @@ impl Default for Config {
             encryption: EncryptionConfig::default(),
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod crypto;
 pub mod delivery;
 pub mod domain;
 pub mod error;
+pub mod housekeeping;
 pub mod metrics;
 pub mod proto;
 pub mod routing;

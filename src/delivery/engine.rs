@@ -16,6 +16,7 @@ use tracing::{info, warn, Instrument};
 
 use super::{
     compose::compose,
+    limits::{Admission, Limiter},
     policy::{allows_fallback, classify, random_jitter, retry_delay, Verdict},
     smtp::{Accepted, Progress, Session, SmtpAuth, SmtpFailure, SmtpTarget},
     tls::TrustSettings,
@@ -79,7 +80,13 @@ pub struct Engine {
     in_flight: Mutex<HashMap<String, Claimed>>,
     /// Profiles by (tenant, id), with when they were read.
     profiles: Mutex<HashMap<(String, String), (SmtpProfile, std::time::Instant)>>,
+    /// Per-profile rates and daily quotas.
+    limiter: Limiter,
 }
+
+/// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
+/// message back in the queue.
+const RATE_LOOKAHEAD_SECS: i64 = 5;
 
 /// How long a cached profile serves deliveries before it is read again.
 pub(super) const PROFILE_CACHE_TTL: Duration = Duration::from_secs(2);
@@ -119,6 +126,7 @@ impl Engine {
             events,
             in_flight: Mutex::new(HashMap::new()),
             profiles: Mutex::new(HashMap::new()),
+            limiter: Limiter::default(),
         }
     }
 
@@ -315,7 +323,6 @@ impl Engine {
     /// Makes one attempt (plus a fallback attempt when allowed) and decides the new state.
     async fn attempt(&self, claimed: &Claimed) -> (Vec<AttemptRecord>, Completion) {
         let message = &claimed.message;
-        let deadline = Instant::now() + self.settings.attempt_timeout;
         let first_number = message.attempt_count + 1;
         let profile = match &message.profile_id {
             None => None,
@@ -326,6 +333,7 @@ impl Engine {
                     // Deleted, or no longer shared with this tenant: the operator's service
                     // delivers, with its own sender, and the log says why.
                     let reason = format!("profile {id} is no longer available to this tenant");
+                    let deadline = Instant::now() + self.settings.attempt_timeout;
                     let (record, result) = self
                         .send_via_system(claimed, first_number, true, deadline)
                         .await;
@@ -334,18 +342,12 @@ impl Engine {
                 Err(e) => {
                     // Storage trouble: nothing went on the wire; try again soon.
                     warn!(error = %e, "loading the profile failed; retrying later");
-                    let completion = Completion {
-                        status: MessageStatus::Deferred,
-                        retry_at: Some(now_micros() + micros(self.settings.poll_interval)),
-                        last_error: "storage unavailable while loading the profile".into(),
-                        fallback: false,
-                        fallback_reason: String::new(),
-                    };
-                    return (Vec::new(), completion);
+                    return (Vec::new(), self.storage_trouble("loading the profile"));
                 }
             },
         };
         let Some(profile) = profile else {
+            let deadline = Instant::now() + self.settings.attempt_timeout;
             let (record, result) = self
                 .send_via_system(claimed, first_number, false, deadline)
                 .await;
@@ -354,6 +356,10 @@ impl Engine {
                 self.decide(claimed, result, false, String::new()),
             );
         };
+        if let Some(postponed) = self.wait_for_limits(&profile).await {
+            return (Vec::new(), postponed);
+        }
+        let deadline = Instant::now() + self.settings.attempt_timeout;
         let (record, result) = self
             .send_via_profile(claimed, &profile, first_number, deadline)
             .await;
@@ -371,7 +377,8 @@ impl Engine {
                 if allows_fallback(&failure)
                     && fallback_policy == FallbackPolicy::OnServerFailure =>
             {
-                let reason = format!("profile {} failed: {}", profile.name, failure.text);
+                let code = failure.code.map(|c| format!("{c} ")).unwrap_or_default();
+                let reason = format!("profile {} failed: {code}{}", profile.name, failure.text);
                 let fallback_deadline = Instant::now() + self.settings.attempt_timeout;
                 let (fb_record, fb_result) = self
                     .send_via_system(claimed, first_number + 1, true, fallback_deadline)
@@ -383,6 +390,59 @@ impl Engine {
                 vec![record],
                 self.decide(claimed, result, false, String::new()),
             ),
+        }
+    }
+
+    /// Takes a slot under the profile's rate limit and daily quota, sleeping until a slot a
+    /// few seconds ahead if need be. Returns the completion that puts the message back in the
+    /// queue when no slot is in reach: over-limit messages wait, they never fail.
+    async fn wait_for_limits(&self, profile: &SmtpProfile) -> Option<Completion> {
+        let limits = &profile.settings.limits;
+        if limits.per_second == 0 && limits.per_day == 0 {
+            return None;
+        }
+        let now = now_micros();
+        let lookahead = RATE_LOOKAHEAD_SECS.min(micros(self.settings.lease) / 2_000_000);
+        match self
+            .limiter
+            .admit(self.store.as_ref(), profile, now / 1_000_000, lookahead)
+            .await
+        {
+            Ok(Admission::SendAt(second)) => {
+                let wait = second * 1_000_000 - now_micros();
+                if wait > 0 {
+                    tracing::debug!(wait_us = wait, "waiting for a rate-limit slot");
+                    tokio::time::sleep(Duration::from_micros(wait.unsigned_abs())).await;
+                }
+                None
+            }
+            Ok(Admission::Wait { until, note }) => {
+                tracing::info!(until, "{note}");
+                // Spread the wake-up of a large backlog over a few seconds.
+                let spread = rand::random_range(0..5_000_000);
+                Some(Completion {
+                    status: MessageStatus::Queued,
+                    retry_at: Some(until * 1_000_000 + spread),
+                    last_error: note,
+                    fallback: false,
+                    fallback_reason: String::new(),
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "reserving a sending slot failed; retrying later");
+                Some(self.storage_trouble("reserving a sending slot"))
+            }
+        }
+    }
+
+    /// The completion for a storage failure before anything went on the wire: try again soon.
+    fn storage_trouble(&self, doing: &str) -> Completion {
+        Completion {
+            status: MessageStatus::Deferred,
+            retry_at: Some(now_micros() + micros(self.settings.poll_interval)),
+            last_error: format!("storage unavailable while {doing}"),
+            fallback: false,
+            fallback_reason: String::new(),
         }
     }
 

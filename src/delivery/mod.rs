@@ -5,6 +5,7 @@ mod compose;
 mod engine;
 mod filedrop;
 pub mod guard;
+mod limits;
 pub mod policy;
 pub mod smtp;
 pub mod tls;

@@ -4,6 +4,7 @@
 //! lease token in one short statement, send outside any transaction, and complete a row only
 //! while they still hold its lease. Failed messages are never deleted.
 
+mod housekeeping;
 mod rows;
 mod sql;
 mod writer;
@@ -54,7 +55,8 @@ pub enum InsertOutcome {
 /// How an attempt ended, as the store records it.
 #[derive(Debug, Clone)]
 pub struct Completion {
-    /// The new status: SENT, DEFERRED or FAILED.
+    /// The new status: SENT, DEFERRED or FAILED; QUEUED when a sending limit postponed the
+    /// message without an attempt (`retry_at` says until when, `last_error` why).
     pub status: MessageStatus,
     /// For DEFERRED: when to try again (unix microseconds).
     pub retry_at: Option<i64>,
@@ -266,4 +268,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool, StoreError>;
     /// Gives a leased message back to the queue without an attempt (graceful shutdown).
     async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError>;
+    /// Takes one slot of `profile_id`'s window `[window_start, window_start + window_secs)`
+    /// (unix seconds) if fewer than `limit` are taken. Atomic across processes.
+    async fn reserve_slot(
+        &self,
+        profile_id: &str,
+        window_secs: i64,
+        window_start: i64,
+        limit: u32,
+    ) -> Result<bool, StoreError>;
+    /// Forgets usage windows that ended before `before` (unix seconds).
+    async fn prune_usage(&self, before: i64) -> Result<u64, StoreError>;
+    /// Deletes up to `batch` final log entries (SENT, FAILED, CANCELLED) created before
+    /// `before` (unix microseconds), with their attempts. Returns how many went.
+    async fn delete_expired(&self, before: i64, batch: u32) -> Result<u64, StoreError>;
 }

@@ -38,8 +38,8 @@ pub enum Backend {
 /// The store over a pool of database connections.
 #[derive(Debug, Clone)]
 pub struct SqlStore {
-    pool: AnyPool,
-    backend: Backend,
+    pub(super) pool: AnyPool,
+    pub(super) backend: Backend,
     /// Group commit of the hot writes (accepts and completions).
     writer: Writer,
 }
@@ -866,6 +866,25 @@ impl Store for SqlStore {
         self.writer
             .complete(claimed.clone(), attempts.to_vec(), c.clone(), now)
             .await
+    }
+
+    async fn reserve_slot(
+        &self,
+        profile_id: &str,
+        window_secs: i64,
+        window_start: i64,
+        limit: u32,
+    ) -> Result<bool, StoreError> {
+        self.reserve_usage_slot(profile_id, window_secs, window_start, limit)
+            .await
+    }
+
+    async fn prune_usage(&self, before: i64) -> Result<u64, StoreError> {
+        self.prune_usage_windows(before).await
+    }
+
+    async fn delete_expired(&self, before: i64, batch: u32) -> Result<u64, StoreError> {
+        self.delete_expired_entries(before, batch).await
     }
 
     async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError> {

@@ -11,6 +11,7 @@
 
 mod external;
 mod helpers;
+mod limits;
 mod profiles;
 mod replicas;
 mod send;

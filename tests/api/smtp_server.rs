@@ -4,9 +4,16 @@
 use std::sync::{Arc, Mutex};
 
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::{TcpListener, TcpStream},
+    io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader},
+    net::TcpListener,
     sync::Notify,
+};
+use tokio_rustls::{
+    rustls::{
+        self,
+        pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer},
+    },
+    TlsAcceptor,
 };
 
 /// How the server behaves.
@@ -55,6 +62,8 @@ pub struct Received {
 #[derive(Default)]
 struct State {
     received: Mutex<Vec<Received>>,
+    /// How many messages' data ended (the final dot read), whatever the reply.
+    data_ended: tokio::sync::watch::Sender<usize>,
     behavior: Mutex<Behavior>,
     arrived: Notify,
 }
@@ -74,6 +83,28 @@ impl Drop for TestSmtpServer {
 
 impl TestSmtpServer {
     pub async fn start(behavior: Behavior) -> Self {
+        Self::start_with(behavior, None).await
+    }
+
+    /// A server speaking implicit TLS (SMTPS) with the certificate in `pki`.
+    pub async fn start_tls(behavior: Behavior, pki: &crate::external::TestPki) -> Self {
+        let read = |name: &str| std::fs::read(pki.dir.path().join(name)).unwrap();
+        let chain = CertificateDer::pem_slice_iter(&read("cert.pem"))
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(&read("key.pem")).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Self::start_with(behavior, Some(TlsAcceptor::from(Arc::new(config)))).await
+    }
+
+    async fn start_with(behavior: Behavior, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let state = Arc::new(State::default());
@@ -85,8 +116,15 @@ impl TestSmtpServer {
                     return;
                 };
                 let s = s.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = session(stream, s).await;
+                    let _ = match tls {
+                        Some(tls) => match tls.accept(stream).await {
+                            Ok(stream) => session(stream, s).await,
+                            Err(_) => Ok(()),
+                        },
+                        None => session(stream, s).await,
+                    };
                 });
             }
         });
@@ -97,14 +135,29 @@ impl TestSmtpServer {
         *self.state.behavior.lock().unwrap() = behavior;
     }
 
+    /// Waits until `count` messages' data has ended (before the server replies to it).
+    pub async fn wait_for_data(&self, count: usize) {
+        let mut ended = self.state.data_ended.subscribe();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            ended.wait_for(|n| *n >= count),
+        )
+        .await
+        .expect("data arrived in time")
+        .expect("server alive");
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }
 }
 
-async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
+async fn session<S>(stream: S, state: Arc<State>) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let behavior = state.behavior.lock().unwrap().clone();
-    let (read, mut write) = stream.into_split();
+    let (read, mut write) = tokio::io::split(stream);
     let mut lines = BufReader::new(read);
     let Some(greeting) = &behavior.greeting else {
         // Never greet: hold the connection open until the client gives up.
@@ -184,6 +237,7 @@ async fn session(stream: TcpStream, state: Arc<State>) -> std::io::Result<()> {
                         .unwrap_or(&l),
                 );
             }
+            state.data_ended.send_modify(|n| *n += 1);
             if behavior.drop_after_dot {
                 return Ok(());
             }

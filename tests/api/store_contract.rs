@@ -221,3 +221,135 @@ async fn idempotency_is_per_tenant() {
         InsertOutcome::Created
     );
 }
+
+#[tokio::test]
+async fn sending_slots_stop_at_the_limit_per_window_and_profile() {
+    let (store, _db) = store().await;
+    let mut taken = Vec::new();
+    for _ in 0..5 {
+        taken.push(store.reserve_slot("p1", 1, 100, 3).await.unwrap());
+    }
+    assert_eq!(taken, [true, true, true, false, false]);
+    assert!(
+        store.reserve_slot("p1", 1, 101, 3).await.unwrap(),
+        "a new window"
+    );
+    assert!(
+        store.reserve_slot("p2", 1, 100, 3).await.unwrap(),
+        "another profile"
+    );
+    assert!(
+        store.reserve_slot("p1", 86_400, 0, 3).await.unwrap(),
+        "a day window is counted apart from the second windows"
+    );
+    // Concurrent reservations never overshoot.
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let store = store.clone();
+        tasks.spawn(async move { store.reserve_slot("p3", 1, 7, 5).await.unwrap() });
+    }
+    let granted = tasks.join_all().await.into_iter().filter(|t| *t).count();
+    assert_eq!(granted, 5);
+    assert_eq!(
+        store.prune_usage(102).await.unwrap(),
+        3,
+        "windows ended before 102"
+    );
+    assert!(store.reserve_slot("p1", 1, 100, 3).await.unwrap(), "pruned");
+}
+
+#[tokio::test]
+async fn retention_deletes_old_final_entries_in_batches_and_never_pending_ones() {
+    let (store, _db) = store().await;
+    let old = now_micros() - 40 * 86_400_000_000;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let m = message("t1", None);
+        ids.push(m.id.clone());
+        store.insert_message(&m, old).await.unwrap();
+    }
+    // Four of the old ones are sent; one is still waiting in the queue.
+    let claimed = store.claim_due(old + 1, old + 60_000_000, 4).await.unwrap();
+    for c in &claimed {
+        assert!(store
+            .complete(c, &[attempt(1)], &sent(), old)
+            .await
+            .unwrap());
+    }
+    let fresh = message("t1", None);
+    store.insert_message(&fresh, now_micros()).await.unwrap();
+    let cutoff = now_micros() - 30 * 86_400_000_000;
+    assert_eq!(store.delete_expired(cutoff, 3).await.unwrap(), 3);
+    assert_eq!(store.delete_expired(cutoff, 3).await.unwrap(), 1);
+    assert_eq!(store.delete_expired(cutoff, 3).await.unwrap(), 0);
+    let pending = ids
+        .iter()
+        .find(|id| claimed.iter().all(|c| c.message.id != **id))
+        .unwrap();
+    assert_eq!(
+        store.get_message("t1", pending).await.unwrap().status,
+        MessageStatus::Queued,
+        "an accepted email is never dropped by retention"
+    );
+    store.get_message("t1", &fresh.id).await.unwrap();
+    for c in &claimed {
+        assert!(store.get_message("t1", &c.message.id).await.is_err());
+        assert!(store
+            .list_attempts("t1", &c.message.id)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}
+
+#[tokio::test]
+async fn a_housekeeping_pass_deletes_in_batches_until_done() {
+    let (store, _db) = store().await;
+    let old = now_micros() - 100 * 86_400_000_000;
+    for _ in 0..5 {
+        store
+            .insert_message(&message("t1", None), old)
+            .await
+            .unwrap();
+    }
+    for c in store.claim_due(old + 1, old + 60_000_000, 5).await.unwrap() {
+        assert!(store
+            .complete(&c, &[attempt(1)], &sent(), old)
+            .await
+            .unwrap());
+    }
+    store.reserve_slot("p1", 1, 1_000, 5).await.unwrap();
+    let config = mailgate::config::RetentionConfig {
+        max_age: std::time::Duration::from_secs(90 * 86_400),
+        batch_size: 2,
+        ..Default::default()
+    };
+    let pass = mailgate::housekeeping::run_once(&store, &config, now_micros())
+        .await
+        .unwrap();
+    assert_eq!(
+        pass,
+        mailgate::housekeeping::Pass {
+            deleted: 5,
+            batches: 3,
+            pruned_windows: 1
+        }
+    );
+    let keep = mailgate::config::RetentionConfig {
+        max_age: std::time::Duration::ZERO,
+        ..Default::default()
+    };
+    store
+        .insert_message(&message("t1", None), old)
+        .await
+        .unwrap();
+    let c = store.claim_due(old + 1, old + 60_000_000, 1).await.unwrap();
+    store
+        .complete(&c[0], &[attempt(1)], &sent(), old)
+        .await
+        .unwrap();
+    let pass = mailgate::housekeeping::run_once(&store, &keep, now_micros())
+        .await
+        .unwrap();
+    assert_eq!(pass.deleted, 0, "max_age 0s keeps everything");
+}

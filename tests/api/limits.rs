@@ -1,0 +1,277 @@
+//! Sending limits, authentication failures on delivery, and graceful shutdown with work in
+//! flight.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mailgate::{domain::MessageStatus, proto::v1::*};
+use tokio::sync::broadcast;
+
+use crate::{
+    external::TestPki,
+    helpers::{
+        as_tenant, plain_profile, simple_email, test_config, wait_all_settled, TestApp,
+        TestDatabase,
+    },
+    smtp_server::{Behavior, TestSmtpServer},
+};
+
+fn unix_seconds() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+async fn send_many(app: &TestApp, profile_id: &str, count: usize) -> Vec<String> {
+    let mut client = app.send_client();
+    let mut ids = Vec::new();
+    for i in 0..count {
+        let mut req = simple_email(&format!("user{i}@example.com"));
+        req.profile_id = profile_id.to_owned();
+        ids.push(
+            client
+                .send_email(as_tenant("acme", req))
+                .await
+                .unwrap()
+                .into_inner()
+                .message_id,
+        );
+    }
+    ids
+}
+
+/// Waits (bounded, no polling) until every id has reported `status` once.
+async fn wait_all_with(
+    events: &mut broadcast::Receiver<mailgate::delivery::MessageEvent>,
+    ids: &[String],
+    status: MessageStatus,
+) {
+    let mut left: Vec<&String> = ids.iter().collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while !left.is_empty() {
+            let e = events.recv().await.expect("event stream");
+            if e.status == status {
+                left.retain(|id| **id != e.message_id);
+            }
+        }
+    })
+    .await
+    .expect("every message reached the status in time");
+}
+
+#[tokio::test]
+async fn a_rate_limit_spreads_sends_over_seconds_and_fails_none() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let mut profile = plain_profile("limited", smtp.port);
+    profile.limits = Some(SendingLimits {
+        messages_per_second: 4,
+        messages_per_day: 0,
+    });
+    let profile_id = app.active_profile("acme", profile).await;
+    let mut events = app.events();
+    let started = unix_seconds();
+    // Nine messages at four per second need three one-second windows: the last one cannot
+    // leave before the start of the third window, two seconds after the first one began.
+    let ids = send_many(&app, &profile_id, 9).await;
+    let statuses = wait_all_settled(&mut events, &ids).await;
+    let elapsed = unix_seconds() - started;
+    assert!(
+        statuses.iter().all(|s| *s == MessageStatus::Sent),
+        "{statuses:?}"
+    );
+    assert_eq!(smtp.received().len(), 9);
+    assert!(
+        elapsed > 1.0,
+        "9 messages at 4/s went out in {elapsed:.2}s: the limit did not hold"
+    );
+    for id in &ids {
+        let entry = app.log_entry("acme", id).await;
+        assert_eq!(entry.attempts.len(), 1, "waiting is not an attempt");
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_daily_quota_holds_the_rest_until_the_next_utc_day() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    // The test drives the engine itself: one pass over the five due messages.
+    let app = TestApp::spawn_with(|c| c.delivery.enabled = false).await;
+    let mut profile = plain_profile("gmail-like", smtp.port);
+    profile.limits = Some(SendingLimits {
+        messages_per_second: 0,
+        messages_per_day: 3,
+    });
+    let profile_id = app.active_profile("acme", profile).await;
+    let ids = send_many(&app, &profile_id, 5).await;
+    assert_eq!(app.engine.run_once().await, 5);
+    let mut waiting = Vec::new();
+    for id in &ids {
+        let entry = app.log_entry("acme", id).await;
+        if entry.status() != EmailStatus::Sent {
+            waiting.push(id.clone());
+        }
+    }
+    assert_eq!(waiting.len(), 2);
+    assert_eq!(smtp.received().len(), 3);
+    let next_day = (unix_seconds() as i64 / 86_400 + 1) * 86_400;
+    for id in &waiting {
+        let entry = app.log_entry("acme", id).await;
+        assert_eq!(
+            entry.status(),
+            EmailStatus::Queued,
+            "over quota waits, never fails"
+        );
+        assert!(entry.attempts.is_empty());
+        assert!(
+            entry.last_error.contains("quota of 3"),
+            "{}",
+            entry.last_error
+        );
+        let due = entry.next_attempt_time.unwrap().seconds;
+        assert!(
+            (next_day..next_day + 60).contains(&due),
+            "due {due}, next UTC day starts {next_day}"
+        );
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn auth_failure_retries_without_fallback_and_falls_back_when_allowed() {
+    let pki = TestPki::new();
+    let good = Behavior {
+        auth: Some(("mailer".into(), "right-password".into())),
+        ..Behavior::default()
+    };
+    let smtp = TestSmtpServer::start_tls(good.clone(), &pki).await;
+    let app = TestApp::spawn().await;
+    let profile_for = |name: &str, policy: FallbackPolicy| {
+        let mut p = plain_profile(name, smtp.port);
+        p.security = SmtpSecurity::ImplicitTls.into();
+        p.trusted_ca_pem = pki.ca_pem.clone();
+        p.auth_mechanism = AuthMechanism::Plain.into();
+        p.username = "mailer".into();
+        p.password = "right-password".into();
+        p.fallback_policy = policy.into();
+        p
+    };
+    let strict = app
+        .active_profile("acme", profile_for("strict", FallbackPolicy::Never))
+        .await;
+    let lenient = app
+        .active_profile(
+            "acme",
+            profile_for("lenient", FallbackPolicy::OnServerFailure),
+        )
+        .await;
+    // The server changes its password after verification: every AUTH now gets 535.
+    smtp.set_behavior(Behavior {
+        auth: Some(("mailer".into(), "rotated".into())),
+        ..good
+    });
+
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = strict;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(
+        status,
+        MessageStatus::Deferred,
+        "an auth failure is retried"
+    );
+    let entry = app.log_entry("acme", &id).await;
+    assert!(!entry.fallback);
+    assert_eq!(entry.attempts.len(), 1);
+    assert_eq!(entry.attempts[0].reply_code, 535);
+    assert_eq!(entry.attempts[0].outcome(), AttemptOutcome::Deferred);
+    assert!(entry.next_attempt_time.is_some());
+    assert!(!format!("{entry:?}").contains("right-password"));
+
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = lenient;
+    let (id, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Sent);
+    let entry = app.log_entry("acme", &id).await;
+    assert!(entry.fallback, "the system default delivered");
+    assert!(
+        entry.fallback_reason.contains("535"),
+        "{}",
+        entry.fallback_reason
+    );
+    assert_eq!(entry.attempts.len(), 2);
+    assert_eq!(entry.attempts[0].reply_code, 535);
+    assert!(entry.attempts[1].fallback);
+    assert!(app
+        .data_dir
+        .join("outbox/acme")
+        .join(format!("{id}.eml"))
+        .exists());
+    assert!(smtp.received().is_empty());
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_releases_in_flight_work_within_its_grace_period() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let db = TestDatabase::new().await;
+    let mut config = test_config(&db);
+    config.shutdown_grace = Duration::from_millis(500);
+    config.delivery.attempt_timeout = Duration::from_secs(120);
+    let app = TestApp::spawn_on(&db, config.clone()).await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("slow", smtp.port))
+        .await;
+    // The server takes two minutes to answer the end of DATA: far beyond the grace period.
+    smtp.set_behavior(Behavior {
+        data_delay: Duration::from_secs(120),
+        ..Behavior::default()
+    });
+    let ids = send_many(&app, &profile_id, 3).await;
+    smtp.wait_for_data(3).await;
+
+    let stopping = std::time::Instant::now();
+    app.stop().await.unwrap();
+    let took = stopping.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "shutdown waited {took:?} for a server that answers after 120s"
+    );
+
+    // A new process on the same database finds the three back in the queue and sends them.
+    smtp.set_behavior(Behavior::default());
+    config.delivery.enabled = false;
+    let app = TestApp::spawn_on(&db, config).await;
+    for id in &ids {
+        let entry = app.log_entry("acme", id).await;
+        assert_eq!(entry.status(), EmailStatus::Queued, "released, not lost");
+        assert!(
+            entry.attempts.is_empty(),
+            "an interrupted send is not an attempt"
+        );
+    }
+    let mut events = app.events();
+    assert_eq!(app.engine.run_once().await, 3);
+    wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
+    assert_eq!(smtp.received().len(), 3);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_work_that_ends_within_the_grace_period() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("steady", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_delay: Duration::from_millis(300),
+        ..Behavior::default()
+    });
+    let mut events = app.events();
+    let ids = send_many(&app, &profile_id, 2).await;
+    smtp.wait_for_data(2).await;
+    app.stop().await.unwrap();
+    // Both completions were recorded before the engine stopped.
+    wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
+    assert_eq!(smtp.received().len(), 2);
+}
