@@ -3,13 +3,15 @@
 usage: check_rendered.py RENDERED.yaml VALUES.yaml
 
 Checks what a reviewer of the chart would check by hand: probes on every container, no secret
-value outside a Secret, secretKeyRef for every secret setting, the restrictive security
-context, a termination grace longer than mailgate's shutdown grace, the migration Job's hook
-annotations, and the shape each value set asks for (split roles, existing Secret,
-NetworkPolicy, autoscaling).
+value outside a Secret, secretKeyRef for every secret setting, API-key authentication on every
+mailgate server (MAILGATE_AUTH__MODE=keys, the keys file mounted from the Secret), the
+restrictive security context, a termination grace longer than mailgate's shutdown grace, the
+migration Job's hook annotations, and the shape each value set asks for (split roles,
+existing Secret, NetworkPolicy, autoscaling).
 """
 
 import base64
+import posixpath
 import re
 import sys
 
@@ -22,6 +24,7 @@ SECRET_ENV = {
     "MAILGATE_SYSTEM_DEFAULT__SMTP_URL",
 }
 UNITS = {"s": 1, "m": 60, "h": 3600}
+HASH = re.compile(r"sha256:[0-9a-fA-F]{64}")
 
 failures = []
 
@@ -76,6 +79,23 @@ def main(rendered_path, values_path):
     if existing:
         check(not secret_objs, f"existingSecret is set but the chart renders Secrets: "
                                f"{[s['metadata']['name'] for s in secret_objs]}")
+
+    # --- API keys: where the file comes from and where it is mounted ------------------------
+    api_keys_key = ((secrets_values.get("keys") or {}).get("apiKeys")) or "api-keys"
+    mount_dir = ((values.get("apiKeys") or {}).get("mountPath")) or "/etc/mailgate/secrets"
+    keys_file = posixpath.normpath(f"{mount_dir}/{api_keys_key}")
+    release_secrets = [s for s in secret_objs if "helm.sh/hook" not in s["metadata"].get("annotations", {})]
+    if existing:
+        keys_secret = existing
+    else:
+        check(len(release_secrets) == 1, f"want 1 chart-created Secret, got {len(release_secrets)}")
+        keys_secret = release_secrets[0]["metadata"]["name"] if release_secrets else None
+        for sec in release_secrets:
+            content = base64.b64decode((sec.get("data") or {}).get(api_keys_key, "")).decode()
+            check(content == secrets_values.get("apiKeys"),
+                  f"Secret {sec['metadata']['name']}: {api_keys_key} is not secrets.apiKeys")
+            check("[[keys]]" in content and HASH.search(content),
+                  f"Secret {sec['metadata']['name']}: {api_keys_key} holds no [[keys]] entry with a sha256 hash")
 
     # --- Deployments -----------------------------------------------------------------------
     deployments = by_kind.get("Deployment", [])
@@ -132,6 +152,7 @@ def main(rendered_path, values_path):
                 check(delivery is None, f"{cname}: the {component} role must deliver")
             check(any(ef.get("configMapRef") for ef in c.get("envFrom", [])),
                   f"{cname}: settings ConfigMap not referenced")
+            check_api_keys(cname, c, volumes, keys_secret, api_keys_key, mount_dir, keys_file)
 
     # --- Service ---------------------------------------------------------------------------
     services = by_kind.get("Service", [])
@@ -219,6 +240,28 @@ def main(rendered_path, values_path):
     print(f"ok   {rendered_path}: {len(docs)} objects, "
           f"{', '.join(f'{k}={len(v)}' for k, v in sorted(by_kind.items()))}")
     return 0
+
+
+def check_api_keys(cname, c, volumes, keys_secret, api_keys_key, mount_dir, keys_file):
+    """Authentication is on: auth.mode=keys, and the keys file mounted where KEYS_FILE points."""
+    env = {e["name"]: e for e in c.get("env", [])}
+    names = [e["name"] for e in c.get("env", [])]
+    for name in ("MAILGATE_AUTH__MODE", "MAILGATE_AUTH__KEYS_FILE"):
+        check(names.count(name) == 1, f"{cname}: {name} set {names.count(name)} times")
+    check(env.get("MAILGATE_AUTH__MODE", {}).get("value") == "keys",
+          f"{cname}: MAILGATE_AUTH__MODE is not keys")
+    check(env.get("MAILGATE_AUTH__KEYS_FILE", {}).get("value") == keys_file,
+          f"{cname}: MAILGATE_AUTH__KEYS_FILE is not {keys_file}")
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"] == posixpath.normpath(mount_dir)]
+    check(len(mounts) == 1 and mounts[0].get("readOnly") is True,
+          f"{cname}: no read-only mount at {mount_dir}")
+    vol = volumes.get(mounts[0]["name"], {}) if mounts else {}
+    secret = vol.get("secret") or {}
+    check(secret.get("secretName") == keys_secret,
+          f"{cname}: the API keys volume reads Secret {secret.get('secretName')}, not {keys_secret}")
+    check(not secret.get("optional"), f"{cname}: the API keys volume is optional")
+    check(secret.get("items") == [{"key": api_keys_key, "path": api_keys_key}],
+          f"{cname}: the API keys volume does not project {api_keys_key} as {api_keys_key}")
 
 
 def check_pod_security(name, pod):

@@ -85,6 +85,13 @@ expect_failure "no database (neither existingSecret nor secrets.databaseUrl)" \
   "mailgate needs a database"
 expect_failure "no encryption key" "mailgate needs an encryption key" \
   --set secrets.databaseUrl=postgres://u@db/mailgate
+expect_failure "a chart-created Secret without API keys" "mailgate requires API keys" \
+  --set secrets.databaseUrl=postgres://u@db/mailgate \
+  --set secrets.encryptionKey=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=
+expect_failure "a token instead of a keys file in secrets.apiKeys" "never a token itself" \
+  -f helm/ci-values/default.yaml --set secrets.apiKeys=not-a-keys-file
+expect_failure "extraEnv that overrides the authentication" "always runs mailgate with API keys" \
+  -f helm/ci-values/default.yaml --set 'extraEnv[0].name=MAILGATE_AUTH__MODE' --set 'extraEnv[0].value=auto'
 expect_failure "a termination grace not above the shutdown grace" "must be larger than config.shutdownGrace" \
   -f helm/ci-values/default.yaml --set config.shutdownGrace=30s
 expect_failure "a misspelt setting (schema)" "additional properties" \

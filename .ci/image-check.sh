@@ -229,10 +229,21 @@ fi
 # ---------------------------------------------------------------------------------------------
 step "run (read-only root, user 65532, no capabilities, SQLite and file drop in /data)"
 KEY=$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')
+# An API key for the check: the image listens on 0.0.0.0, where mailgate requires keys.
+TOKEN=$(python3 -c 'import secrets; print("mgk_" + secrets.token_urlsafe(32))')
+HASH=$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)
+KEYS="[{name = \"image-check\", role = \"service\", hash = \"sha256:$HASH\"}]"
+if podman run --rm "${RUN_FLAGS[@]}" --no-healthcheck -e MAILGATE_ENCRYPTION__KEY="$KEY" "$IMAGE" \
+    >"$WORK/nokeys.out" 2>&1; then
+  fail "the image started on 0.0.0.0 without API keys"
+fi
+grep -q "no API keys are configured" "$WORK/nokeys.out" \
+  || { cat "$WORK/nokeys.out" >&2; fail "no clear refusal without API keys"; }
+echo "ok   without API keys the image refuses to listen on 0.0.0.0"
 t=$(now)
 # (podman 4.3 still complains that it cannot reach systemd for the healthcheck timer: noise.)
 podman run -d --name "$NAME" "${RUN_FLAGS[@]}" -p "127.0.0.1:$PORT:50051" \
-  -e MAILGATE_ENCRYPTION__KEY="$KEY" "$IMAGE" >/dev/null 2>"$WORK/run.err" \
+  -e MAILGATE_ENCRYPTION__KEY="$KEY" -e MAILGATE_AUTH__KEYS="$KEYS" "$IMAGE" >/dev/null 2>"$WORK/run.err" \
   || { cat "$WORK/run.err" >&2; fail "podman run failed"; }
 serving=0
 for _ in $(seq 1 150); do
@@ -255,7 +266,13 @@ step "gRPC: reflection and one email through the file drop"
 "$GRPCURL" -plaintext -H 'x-tenant-id: acme' "127.0.0.1:$PORT" list >"$WORK/list.txt"
 grep -qx 'mailgate.v1.SendService' "$WORK/list.txt" || fail "reflection does not list mailgate.v1.SendService"
 echo "ok   reflection lists $(wc -l <"$WORK/list.txt") services"
-"$GRPCURL" -plaintext -H 'x-tenant-id: acme' -H 'x-source: image-check' -d '{
+if "$GRPCURL" -plaintext -H 'x-tenant-id: acme' -d '{"to": [{"email": "bob@example.com"}]}' \
+    "127.0.0.1:$PORT" mailgate.v1.SendService/SendEmail >"$WORK/anon.txt" 2>&1; then
+  fail "SendEmail without a key was accepted"
+fi
+grep -q "Unauthenticated" "$WORK/anon.txt" || { cat "$WORK/anon.txt" >&2; fail "no UNAUTHENTICATED without a key"; }
+echo "ok   SendEmail without a key: Unauthenticated"
+"$GRPCURL" -plaintext -H 'x-tenant-id: acme' -H "authorization: Bearer $TOKEN" -d '{
   "to": [{"email": "bob@example.com"}], "subject": "image check", "text_body": "It works."
 }' "127.0.0.1:$PORT" mailgate.v1.SendService/SendEmail >"$WORK/send.json"
 cat "$WORK/send.json"

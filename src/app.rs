@@ -6,12 +6,13 @@ use std::{future::Future, net::SocketAddr, path::Path, sync::Arc, time::Duration
 
 use anyhow::Context;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::{server::HealthReporter, ServingStatus};
 use tracing::{info, warn};
 
 use crate::{
     api::{ApiContext, CampaignApi, EmailLogApi, SendApi, SmtpConfigApi, TemplateApi},
+    auth::{AuthLayer, Authenticator},
     config::Config,
     crypto::SecretBox,
     delivery::{
@@ -51,6 +52,8 @@ pub struct App {
     store: Arc<SqlStore>,
     engine: Arc<Engine>,
     ctx: ApiContext,
+    auth: Arc<Authenticator>,
+    tls: Option<ServerTlsConfig>,
     config: Config,
 }
 
@@ -166,6 +169,20 @@ pub async fn rekey(config: &Config) -> anyhow::Result<usize> {
 impl App {
     /// Opens storage (applying migrations), binds the listener and assembles everything.
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let auth = Arc::new(
+            Authenticator::new(&config.auth, &config.limits, config.listen_addr)
+                .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?,
+        );
+        if auth.dev_mode() {
+            warn!(
+                "DEVELOPMENT MODE: no API keys are configured, so every caller on this loopback \
+                 listener may act for any tenant. Configure auth.keys or auth.keys_file before \
+                 exposing mailgate."
+            );
+        } else {
+            info!(keys = auth.key_count(), "API keys loaded");
+        }
+        let tls = listener_tls(&config.tls)?;
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let store = Arc::new(
@@ -230,6 +247,7 @@ impl App {
             secrets,
             allow_insecure_tls: config.smtp.allow_insecure_tls,
             system_sender,
+            limits: config.limits.clone(),
         };
         Ok(Self {
             stop,
@@ -239,6 +257,8 @@ impl App {
             store,
             engine,
             ctx,
+            auth,
+            tls,
             config,
         })
     }
@@ -317,19 +337,36 @@ impl App {
                 stop_rx.clone(),
             ));
         }
-        let served = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = self.tls {
+            builder = builder.tls_config(tls).context("tls settings")?;
+        }
+        let max = self.config.limits.max_request_bytes;
+        let served = builder
             .trace_fn(crate::telemetry::grpc_server_span)
             .layer(crate::metrics::RpcMetricsLayer)
+            .layer(AuthLayer::new(self.auth.clone(), max))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(SmtpConfigServiceServer::new(SmtpConfigApi::new(
-                ctx.clone(),
-            )))
-            .add_service(TemplateServiceServer::new(TemplateApi::new(ctx.clone())))
-            .add_service(CampaignServiceServer::new(CampaignApi::new(ctx.clone())))
-            .add_service(SendServiceServer::new(SendApi::new(ctx.clone())))
-            .add_service(EmailLogServiceServer::new(EmailLogApi::new(ctx)))
+            .add_service(
+                SmtpConfigServiceServer::new(SmtpConfigApi::new(ctx.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                TemplateServiceServer::new(TemplateApi::new(ctx.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                CampaignServiceServer::new(CampaignApi::new(ctx.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                SendServiceServer::new(SendApi::new(ctx.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                EmailLogServiceServer::new(EmailLogApi::new(ctx)).max_decoding_message_size(max),
+            )
             // TCP_NODELAY: a unary answer is written in pieces (headers, body, trailers);
             // with Nagle's algorithm the last piece waits ~40 ms for the client's ACK.
             .serve_with_incoming_shutdown(
@@ -347,6 +384,26 @@ impl App {
         info!("mailgate stopped");
         served.context("gRPC server failed")
     }
+}
+
+/// The listener's TLS settings, read from the configured PEM files.
+fn listener_tls(
+    config: &crate::auth::settings::ListenerTlsConfig,
+) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&config.cert_file, &config.key_file) else {
+        return Ok(None);
+    };
+    let read = |setting: &str, path: &Path| {
+        std::fs::read(path).with_context(|| format!("reading {setting} {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("tls.cert_file", cert)?,
+        read("tls.key_file", key)?,
+    ));
+    if let Some(ca) = &config.client_ca_file {
+        tls = tls.client_ca_root(Certificate::from_pem(read("tls.client_ca_file", ca)?));
+    }
+    Ok(Some(tls))
 }
 
 /// Reports SERVING while the database answers, NOT_SERVING otherwise.

@@ -40,6 +40,12 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// How long the email log keeps entries.
     pub retention: RetentionConfig,
+    /// Who may call (API keys, roles).
+    pub auth: crate::auth::AuthConfig,
+    /// Limits on requests.
+    pub limits: crate::auth::LimitsConfig,
+    /// TLS (and mutual TLS) on the gRPC listener.
+    pub tls: crate::auth::settings::ListenerTlsConfig,
 }
 
 /// Email log retention.
@@ -90,6 +96,9 @@ impl Default for Config {
             log: LogConfig::default(),
             metrics: MetricsConfig::default(),
             retention: RetentionConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
+            limits: crate::auth::LimitsConfig::default(),
+            tls: crate::auth::settings::ListenerTlsConfig::default(),
         }
     }
 }
@@ -304,6 +313,26 @@ impl Config {
         if self.delivery.retry_schedule.is_empty() {
             return Err(ConfigError(
                 "delivery.retry_schedule must not be empty".into(),
+            ));
+        }
+        if self.limits.max_recipients == 0 || self.limits.max_batch == 0 {
+            return Err(ConfigError(
+                "limits.max_recipients and limits.max_batch must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_request_bytes < 64 * 1024 {
+            return Err(ConfigError(
+                "limits.max_request_bytes must be at least 65536".into(),
+            ));
+        }
+        if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
+            return Err(ConfigError(
+                "tls.cert_file and tls.key_file go together: set both or neither".into(),
+            ));
+        }
+        if self.tls.client_ca_file.is_some() && self.tls.cert_file.is_none() {
+            return Err(ConfigError(
+                "tls.client_ca_file (mutual TLS) needs tls.cert_file and tls.key_file".into(),
             ));
         }
         if self.database_max_connections == 0 {

@@ -15,6 +15,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod delivery;

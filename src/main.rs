@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mailgate::{app::App, config::Config, storage::SqlStore, telemetry};
+use mailgate::{app::App, auth::Role, config::Config, storage::SqlStore, telemetry};
 
 /// Multi-tenant gRPC email notification service.
 #[derive(Debug, Parser)]
@@ -35,6 +35,75 @@ enum Command {
         #[arg(long, default_value = "3s", value_parser = humantime_parse)]
         timeout: Duration,
     },
+    /// Make or hash API keys (needs no configuration).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a new random key: prints the token once (give it to the caller) and the entry for
+    /// auth.keys_file (which holds only the token's hash).
+    New {
+        /// The key's name, recorded as the email log's source.
+        #[arg(long)]
+        name: String,
+        /// service, admin, member or operator.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// The tenant the key is bound to (required for admin and member).
+        #[arg(long, default_value = "")]
+        tenant: String,
+    },
+    /// Read a token on standard input and print its hash for auth.keys_file.
+    Hash,
+}
+
+fn parse_role(value: &str) -> Result<Role, String> {
+    match value {
+        "service" => Ok(Role::Service),
+        "admin" => Ok(Role::Admin),
+        "member" => Ok(Role::Member),
+        "operator" => Ok(Role::Operator),
+        other => Err(format!(
+            "{other:?} is not a role: service, admin, member or operator"
+        )),
+    }
+}
+
+fn keys(command: KeysCommand) -> ExitCode {
+    match command {
+        KeysCommand::New { name, role, tenant } => {
+            if matches!(role, Role::Admin | Role::Member) && tenant.is_empty() {
+                eprintln!("mailgate: a {} key needs --tenant", role.as_str());
+                return ExitCode::from(2);
+            }
+            let key = mailgate::auth::new_key(&name, role, &tenant);
+            eprintln!("token (shown once; the caller sends `authorization: Bearer <token>`):");
+            println!("{}", key.token);
+            eprintln!("entry for auth.keys_file:");
+            println!();
+            println!("[[keys]]");
+            println!("name = {:?}", key.entry.name);
+            println!("role = {:?}", key.entry.role.as_str());
+            if !key.entry.tenant.is_empty() {
+                println!("tenant = {:?}", key.entry.tenant);
+            }
+            println!("hash = {:?}", key.entry.hash);
+            ExitCode::SUCCESS
+        }
+        KeysCommand::Hash => {
+            let mut token = String::new();
+            if std::io::stdin().read_line(&mut token).is_err() || token.trim().is_empty() {
+                eprintln!("mailgate: give the token on standard input");
+                return ExitCode::from(2);
+            }
+            println!("{}", mailgate::auth::hash_token(token.trim()));
+            ExitCode::SUCCESS
+        }
+    }
 }
 
 fn humantime_parse(value: &str) -> Result<Duration, String> {
@@ -44,6 +113,9 @@ fn humantime_parse(value: &str) -> Result<Duration, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Keys { command }) = cli.command {
+        return keys(command);
+    }
     let config = match Config::load(cli.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {
@@ -67,6 +139,7 @@ async fn main() -> ExitCode {
         Command::Healthcheck { addr, timeout } => {
             healthcheck(addr.unwrap_or(config.listen_addr), timeout).await
         }
+        Command::Keys { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

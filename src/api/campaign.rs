@@ -82,7 +82,7 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::CreateCampaignRequest>,
     ) -> Result<Response<pb::CreateCampaignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let c = request
             .into_inner()
             .campaign
@@ -98,7 +98,7 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::GetCampaignRequest>,
     ) -> Result<Response<pb::GetCampaignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let stored = self.docs.get(&caller, &request.get_ref().id).await?;
         Ok(Response::new(pb::GetCampaignResponse {
             campaign: Some(to_proto(&stored)),
@@ -110,7 +110,7 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::ListCampaignsRequest>,
     ) -> Result<Response<pb::ListCampaignsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let (stored, next_page_token) = self
             .docs
@@ -127,7 +127,7 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::UpdateCampaignRequest>,
     ) -> Result<Response<pb::UpdateCampaignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let c = req
             .campaign
@@ -144,7 +144,7 @@ impl CampaignService for CampaignApi {
         &self,
         request: Request<pb::DeleteCampaignRequest>,
     ) -> Result<Response<pb::DeleteCampaignResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         self.docs.delete(&caller, &request.get_ref().id).await?;
         Ok(Response::new(pb::DeleteCampaignResponse {}))
     }

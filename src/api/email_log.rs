@@ -109,12 +109,17 @@ impl EmailLogService for EmailLogApi {
         &self,
         request: Request<pb::ListEmailLogsRequest>,
     ) -> Result<Response<pb::ListEmailLogsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
-        let filter = filter_from_proto(req.filter)?;
+        let mut filter = filter_from_proto(req.filter)?;
         let limit = page_size(req.page_size);
         let before = decode_token(&req.page_token)?;
+        if !super::restrict_to_caller(&caller, &mut filter) {
+            return Err(Status::permission_denied(
+                "a member key sees only the emails it sent: filter.source must be empty or its own name",
+            ));
+        }
         let mut entries = self
             .ctx
             .store
@@ -141,7 +146,7 @@ impl EmailLogService for EmailLogApi {
         &self,
         request: Request<pb::GetEmailLogRequest>,
     ) -> Result<Response<pb::GetEmailLogResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let id = &request.get_ref().id;
         let store = &self.ctx.store;
@@ -149,6 +154,9 @@ impl EmailLogService for EmailLogApi {
             .get_message(&caller.tenant_id, id)
             .await
             .map_err(ApiError::from)?;
+        if caller.own_emails_only() && message.source != caller.source {
+            return Err(ApiError::NotFound("email").into());
+        }
         let attempts = store
             .list_attempts(&caller.tenant_id, id)
             .await
@@ -163,7 +171,7 @@ impl EmailLogService for EmailLogApi {
         &self,
         request: Request<pb::GetEmailStatsRequest>,
     ) -> Result<Response<pb::GetEmailStatsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let start = req
             .start_time
@@ -228,8 +236,13 @@ impl EmailLogService for EmailLogApi {
         &self,
         request: Request<pb::WatchEmailLogsRequest>,
     ) -> Result<Response<WatchStream>, Status> {
-        let caller = caller(request.metadata())?;
-        let filter = filter_from_proto(request.into_inner().filter)?;
+        let caller = caller(&request)?;
+        let mut filter = filter_from_proto(request.into_inner().filter)?;
+        if !super::restrict_to_caller(&caller, &mut filter) {
+            return Err(Status::permission_denied(
+                "a member key sees only the emails it sent: filter.source must be empty or its own name",
+            ));
+        }
         let mut events = self.ctx.engine.subscribe();
         let store = self.ctx.store.clone();
         let mut shutdown = self.ctx.shutdown.clone();

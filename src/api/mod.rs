@@ -15,8 +15,6 @@ mod test_email;
 
 use std::sync::Arc;
 
-use tonic::{metadata::MetadataMap, Status};
-
 pub use campaign::CampaignApi;
 pub use email_log::EmailLogApi;
 pub use send::SendApi;
@@ -25,10 +23,7 @@ pub use template::TemplateApi;
 
 use crate::{crypto::SecretBox, delivery::Engine, domain::Mailbox, storage::Store};
 
-/// Metadata key naming the tenant a call acts for.
-pub const TENANT_HEADER: &str = "x-tenant-id";
-/// Metadata key naming the calling service (recorded as the log's `source`).
-pub const SOURCE_HEADER: &str = "x-source";
+pub use crate::auth::{caller, Caller, SOURCE_HEADER, TENANT_HEADER};
 
 /// What every service shares.
 #[derive(Debug, Clone)]
@@ -45,48 +40,38 @@ pub struct ApiContext {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Whether profiles may turn certificate verification off (operator setting).
     pub allow_insecure_tls: bool,
+    /// Request limits (recipients per email, batch size).
+    pub limits: crate::auth::LimitsConfig,
 }
 
-/// Who is calling: the tenant and the calling service.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The tenant.
-    pub tenant_id: String,
-    /// The calling service's name.
-    pub source: String,
+/// Narrows a log filter to what the caller may read: a member sees only the emails it sent.
+/// Returns false when the filter asks for another source, which a member cannot see.
+pub(crate) fn restrict_to_caller(caller: &Caller, filter: &mut crate::domain::LogFilter) -> bool {
+    if !caller.own_emails_only() {
+        return true;
+    }
+    match &filter.source {
+        Some(source) if *source != caller.source => false,
+        _ => {
+            filter.source = Some(caller.source.clone());
+            true
+        }
+    }
 }
 
-/// Reads the caller from request metadata. The tenant never comes from the request body.
-pub fn caller(metadata: &MetadataMap) -> Result<Caller, Status> {
-    let tenant = metadata
-        .get(TENANT_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or_default();
-    if tenant.is_empty() {
-        return Err(Status::unauthenticated(format!(
-            "missing tenant: set the {TENANT_HEADER} request metadata"
-        )));
+/// Refuses, as NOT_FOUND exactly like a missing id, an email the caller may not see.
+pub(crate) async fn ensure_visible(
+    ctx: &ApiContext,
+    caller: &Caller,
+    id: &str,
+) -> Result<(), crate::error::ApiError> {
+    if caller.own_emails_only() {
+        let message = ctx.store.get_message(&caller.tenant_id, id).await?;
+        if message.source != caller.source {
+            return Err(crate::error::ApiError::NotFound("email"));
+        }
     }
-    if tenant.len() > 128
-        || !tenant
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
-    {
-        return Err(Status::invalid_argument(format!(
-            "{TENANT_HEADER} must be 1 to 128 characters of letters, digits, '-', '_' or '.'"
-        )));
-    }
-    let source = metadata
-        .get(SOURCE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .map(|s| s.trim().chars().take(128).collect::<String>())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".to_owned());
-    Ok(Caller {
-        tenant_id: tenant.to_owned(),
-        source,
-    })
+    Ok(())
 }
 
 /// Clamps a requested page size to 1..=1000, defaulting to 100.

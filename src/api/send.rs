@@ -23,10 +23,6 @@ use crate::{
 
 /// Largest total size of an email's attachments.
 const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
-/// Most recipients of one SendBatch call.
-const MAX_BATCH: usize = 1000;
-/// Most recipients (to + cc + bcc) of one email.
-const MAX_RECIPIENTS: usize = 100;
 
 /// The SendService implementation.
 #[derive(Debug, Clone)]
@@ -116,10 +112,11 @@ impl SendApi {
         if req.to.is_empty() && req.cc.is_empty() && req.bcc.is_empty() {
             v.add("to", "at least one recipient (to, cc or bcc) is required");
         }
-        if req.to.len() + req.cc.len() + req.bcc.len() > MAX_RECIPIENTS {
+        let max_recipients = self.ctx.limits.max_recipients;
+        if req.to.len() + req.cc.len() + req.bcc.len() > max_recipients {
             v.add(
                 "to",
-                format!("at most {MAX_RECIPIENTS} recipients (to, cc and bcc together)"),
+                format!("at most {max_recipients} recipients (to, cc and bcc together)"),
             );
         }
         if req.template_id.is_empty() {
@@ -437,7 +434,7 @@ impl SendService for SendApi {
         &self,
         request: Request<pb::SendEmailRequest>,
     ) -> Result<Response<pb::SendEmailResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let message = self.build(&caller, &req, None).await?;
@@ -477,7 +474,7 @@ impl SendService for SendApi {
         &self,
         request: Request<pb::SendBatchRequest>,
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         tracing::Span::current().record("recipients", req.recipients.len());
         let base = req
@@ -488,9 +485,10 @@ impl SendService for SendApi {
                 ApiError::invalid("recipients", "at least one recipient is required").into(),
             );
         }
-        if req.recipients.len() > MAX_BATCH {
+        let max_batch = self.ctx.limits.max_batch;
+        if req.recipients.len() > max_batch {
             return Err(Status::resource_exhausted(format!(
-                "recipients: at most {MAX_BATCH} per batch; split the batch"
+                "recipients: at most {max_batch} per batch; split the batch"
             )));
         }
         // Route once for the whole batch: every email goes through the same profile.
@@ -564,8 +562,9 @@ impl SendService for SendApi {
         &self,
         request: Request<pb::CancelEmailRequest>,
     ) -> Result<Response<pb::CancelEmailResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let id = &request.get_ref().message_id;
+        super::ensure_visible(&self.ctx, &caller, id).await?;
         let status = self
             .ctx
             .store
@@ -583,8 +582,9 @@ impl SendService for SendApi {
         &self,
         request: Request<pb::RetryEmailRequest>,
     ) -> Result<Response<pb::RetryEmailResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let id = &request.get_ref().message_id;
+        super::ensure_visible(&self.ctx, &caller, id).await?;
         let status = self
             .ctx
             .store
@@ -603,7 +603,7 @@ impl SendService for SendApi {
         &self,
         request: Request<pb::RequeueEmailsRequest>,
     ) -> Result<Response<pb::RequeueEmailsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let filter = super::email_log::filter_from_proto(request.into_inner().filter)?;
         let count = self
             .ctx

@@ -163,6 +163,19 @@ fn validated(
     }
 }
 
+/// Sharing profiles across tenants is the operator's (or a reseller's) decision.
+fn check_may_share(caller: &crate::auth::Caller) -> Result<(), Status> {
+    if caller.may_share_profiles() {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "profile.shared_with: only an operator key may share profiles with other tenants; \
+             this key has the {} role",
+            caller.role.as_str()
+        )))
+    }
+}
+
 #[tonic::async_trait]
 impl SmtpConfigService for SmtpConfigApi {
     #[instrument(skip_all, fields(tenant_id))]
@@ -170,13 +183,16 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::CreateSmtpProfileRequest>,
     ) -> Result<Response<pb::CreateSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let p = req
             .profile
             .ok_or_else(|| ApiError::invalid("profile", "is required"))?;
         let settings = validated(&p, "profile", self.ctx.allow_insecure_tls)?;
+        if !settings.shared_with.is_empty() {
+            check_may_share(&caller)?;
+        }
         let mut verification = Verification::default();
         let mut report = None;
         if req.verify {
@@ -228,7 +244,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::GetSmtpProfileRequest>,
     ) -> Result<Response<pb::GetSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let profile = self
             .ctx
@@ -246,7 +262,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::ListSmtpProfilesRequest>,
     ) -> Result<Response<pb::ListSmtpProfilesResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let limit = page_size(req.page_size);
@@ -277,7 +293,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::ActivateSmtpProfileRequest>,
     ) -> Result<Response<pb::ActivateSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let store = &self.ctx.store;
         let profile = store
             .get_profile(&caller.tenant_id, &request.get_ref().id)
@@ -324,7 +340,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::DeactivateSmtpProfileRequest>,
     ) -> Result<Response<pb::DeactivateSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let store = &self.ctx.store;
         let profile = store
             .get_profile(&caller.tenant_id, &request.get_ref().id)
@@ -350,7 +366,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::VerifySmtpProfileRequest>,
     ) -> Result<Response<pb::VerifySmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         if !req.recipient.is_empty() {
             EmailAddress::parse("recipient", &req.recipient).map_err(ApiError::from)?;
@@ -400,7 +416,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::UpdateSmtpProfileRequest>,
     ) -> Result<Response<pb::UpdateSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let input = req
             .profile
@@ -412,6 +428,9 @@ impl SmtpConfigService for SmtpConfigApi {
             .await
             .map_err(ApiError::from)?;
         let update = profile_mask::apply(&current, &input, &paths).map_err(ApiError::from)?;
+        if update.settings.shared_with != current.settings.shared_with {
+            check_may_share(&caller)?;
+        }
         if update.name.is_empty() {
             return Err(ApiError::invalid("profile.name", "is required").into());
         }
@@ -490,7 +509,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::DeleteSmtpProfileRequest>,
     ) -> Result<Response<pb::DeleteSmtpProfileResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let store = &self.ctx.store;
         // Ownership first: a grantee or another tenant gets NOT_FOUND.
@@ -537,7 +556,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::SendTestEmailRequest>,
     ) -> Result<Response<pb::SendTestEmailResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let to = EmailAddress::parse("to", &req.to).map_err(ApiError::from)?;
         let (settings, target, profile_id) = match req.target {
@@ -595,7 +614,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::GetTenantSettingsRequest>,
     ) -> Result<Response<pb::GetTenantSettingsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let settings = self
             .ctx
             .store
@@ -612,7 +631,7 @@ impl SmtpConfigService for SmtpConfigApi {
         &self,
         request: Request<pb::UpdateTenantSettingsRequest>,
     ) -> Result<Response<pb::UpdateTenantSettingsResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let store = &self.ctx.store;
         let current = store

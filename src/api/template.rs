@@ -120,7 +120,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::CreateEmailTemplateRequest>,
     ) -> Result<Response<pb::CreateEmailTemplateResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let t = request
             .into_inner()
             .template
@@ -136,7 +136,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::GetEmailTemplateRequest>,
     ) -> Result<Response<pb::GetEmailTemplateResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let stored = self.docs.get(&caller, &request.get_ref().id).await?;
         Ok(Response::new(pb::GetEmailTemplateResponse {
             template: Some(to_proto(&stored)),
@@ -148,7 +148,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::ListEmailTemplatesRequest>,
     ) -> Result<Response<pb::ListEmailTemplatesResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let (stored, next_page_token) = self
             .docs
@@ -165,7 +165,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::UpdateEmailTemplateRequest>,
     ) -> Result<Response<pb::UpdateEmailTemplateResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let t = req
             .template
@@ -182,7 +182,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::DeleteEmailTemplateRequest>,
     ) -> Result<Response<pb::DeleteEmailTemplateResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         self.docs.delete(&caller, &request.get_ref().id).await?;
         Ok(Response::new(pb::DeleteEmailTemplateResponse {}))
     }
@@ -192,7 +192,7 @@ impl TemplateService for TemplateApi {
         &self,
         request: Request<pb::RenderTemplateRequest>,
     ) -> Result<Response<pb::RenderTemplateResponse>, Status> {
-        let caller = caller(request.metadata())?;
+        let caller = caller(&request)?;
         let req = request.into_inner();
         let context = match req.source {
             None => return Err(ApiError::invalid("source", "set template_id or template").into()),

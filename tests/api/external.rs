@@ -40,6 +40,8 @@ fn tool(name: &str) -> Option<PathBuf> {
 pub struct TestPki {
     pub dir: tempfile::TempDir,
     pub ca_pem: String,
+    /// A client certificate (PEM) and key signed by the CA, for mutual TLS.
+    client: (String, String),
 }
 
 impl TestPki {
@@ -66,10 +68,23 @@ impl TestPki {
         )
         .unwrap();
         std::fs::write(dir.path().join("key.pem"), leaf_key.serialize_pem()).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        let client_key = KeyPair::generate().unwrap();
+        let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        client_params
+            .distinguished_name
+            .push(DnType::CommonName, "mailgate test client");
+        let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
         Self {
             dir,
             ca_pem: ca.pem(),
+            client: (client_cert.pem(), client_key.serialize_pem()),
         }
+    }
+
+    /// The client certificate and key (PEM).
+    pub fn client_identity(&self) -> (String, String) {
+        self.client.clone()
     }
 }
 

@@ -110,6 +110,7 @@ pub fn test_config(db: &TestDatabase) -> Config {
 /// The running app and typed clients.
 pub struct TestApp {
     pub engine: Arc<Engine>,
+    pub addr: std::net::SocketAddr,
     pub data_dir: PathBuf,
     pub channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
@@ -148,6 +149,7 @@ impl TestApp {
             });
         }
         let data_dir = config.data_dir.clone();
+        let tls = config.tls.cert_file.is_some();
         let app = App::build(config).await.expect("app builds");
         let addr = app.local_addr();
         let engine = app.engine();
@@ -155,12 +157,15 @@ impl TestApp {
         let task = tokio::spawn(app.run(async {
             let _ = rx.await;
         }));
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        // A TLS listener gets a lazy plaintext channel that tests do not use.
+        let endpoint = Channel::from_shared(format!("http://{addr}")).unwrap();
+        let channel = if tls {
+            endpoint.connect_lazy()
+        } else {
+            endpoint.connect().await.unwrap()
+        };
         Self {
+            addr,
             engine,
             data_dir,
             channel,

@@ -9,6 +9,7 @@
     missing_debug_implementations
 )]
 
+mod access;
 mod external;
 mod helpers;
 mod limits;

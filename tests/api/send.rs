@@ -381,7 +381,12 @@ async fn tenants_are_isolated_and_required() {
         .get_email_log(tonic::Request::new(GetEmailLogRequest { id }))
         .await
         .unwrap_err();
-    assert_eq!(anonymous.code(), Code::Unauthenticated);
+    assert_eq!(
+        anonymous.code(),
+        Code::InvalidArgument,
+        "development mode still needs the tenant: {anonymous:?}"
+    );
+    assert!(anonymous.message().contains("x-tenant-id"));
     app.stop().await.unwrap();
 }
 

@@ -65,10 +65,58 @@ message when neither an existing Secret nor the required values are given.
 {{- if .Values.secrets.existingSecret }}
 {{- .Values.secrets.existingSecret }}
 {{- else }}
-{{- $_ := required "mailgate needs a database: set secrets.existingSecret (a Secret with the keys database-url and encryption-key) or secrets.databaseUrl (e.g. postgres://user:pass@host:5432/mailgate)" .Values.secrets.databaseUrl }}
+{{- $_ := required "mailgate needs a database: set secrets.existingSecret (a Secret with the keys database-url, encryption-key and api-keys) or secrets.databaseUrl (e.g. postgres://user:pass@host:5432/mailgate)" .Values.secrets.databaseUrl }}
 {{- $_ := required "mailgate needs an encryption key shared by all pods: set secrets.existingSecret or secrets.encryptionKey (openssl rand -base64 32)" .Values.secrets.encryptionKey }}
+{{- $apiKeys := toString .Values.secrets.apiKeys }}
+{{- if not (trim $apiKeys) }}
+{{- fail (printf "mailgate requires API keys: set secrets.existingSecret (a Secret whose key %s holds the keys file) or secrets.apiKeys (the keys file's content). Run `mailgate keys new --name NAME --role service` (add --tenant TENANT for a key bound to one tenant): it prints the token once, to give to the client, and the [[keys]] entry to put in the file" .Values.secrets.keys.apiKeys) }}
+{{- end }}
+{{- if not (regexMatch "sha256:[0-9a-fA-F]{64}" $apiKeys) }}
+{{- fail "secrets.apiKeys has no entry with hash = \"sha256:<64 hex digits>\": it must hold the keys file ([[keys]] entries as printed by `mailgate keys new`), never a token itself" }}
+{{- end }}
 {{- include "mailgate.fullname" . }}
 {{- end }}
+{{- end }}
+
+{{/*
+API-key authentication, always on: mailgate runs with auth.mode=keys (it refuses to start
+without at least one key) and reads the [[keys]] entries from the file mounted from the Secret.
+*/}}
+{{- define "mailgate.apiKeysFile" -}}
+{{- printf "%s/%s" .Values.apiKeys.mountPath .Values.secrets.keys.apiKeys | clean }}
+{{- end }}
+
+{{- define "mailgate.authEnv" -}}
+- name: MAILGATE_AUTH__MODE
+  value: "keys"
+- name: MAILGATE_AUTH__KEYS_FILE
+  value: {{ include "mailgate.apiKeysFile" . | quote }}
+{{- end }}
+
+{{/* Refuses extra environment that would override the authentication settings. */}}
+{{- define "mailgate.checkAuth" -}}
+{{- range (concat .Values.extraEnv .Values.roles.api.extraEnv .Values.roles.worker.extraEnv) }}
+{{- if hasPrefix "MAILGATE_AUTH__" (toString .name) }}
+{{- fail (printf "extraEnv sets %s: the chart always runs mailgate with API keys (MAILGATE_AUTH__MODE=keys, the keys file from secrets.keys.apiKeys); change the keys in the Secret instead" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Not optional: a Secret without the keys file keeps the pod from starting. */}}
+{{- define "mailgate.apiKeysVolume" -}}
+- name: api-keys
+  secret:
+    secretName: {{ include "mailgate.secretName" . }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.secrets.keys.apiKeys }}
+        path: {{ .Values.secrets.keys.apiKeys }}
+{{- end }}
+
+{{- define "mailgate.apiKeysMount" -}}
+- name: api-keys
+  mountPath: {{ .Values.apiKeys.mountPath | clean }}
+  readOnly: true
 {{- end }}
 
 {{/* Whether the operator relay URL comes from the Secret. */}}
