@@ -544,7 +544,7 @@ impl Store for SqlStore {
         let sql = format!(
             "UPDATE messages SET status = 'QUEUED', due_at = $1, updated_at = $1, \
              lease_token = NULL WHERE tenant_id = $2 AND status IN ('FAILED', 'DEFERRED'){}",
-            filter_clauses(filter, &mut binds)
+            filter_clauses(filter, &mut binds, 2)
         );
         let done = bind_all(sqlx::query(&sql), &binds)
             .execute(&self.pool)
@@ -772,7 +772,7 @@ impl Store for SqlStore {
         let mut binds = vec![Bind::Text(tenant_id.to_owned())];
         let mut sql = format!(
             "SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1{}",
-            filter_clauses(filter, &mut binds)
+            filter_clauses(filter, &mut binds, 1)
         );
         if let Some(before) = before_id {
             binds.push(Bind::Text(before.to_owned()));
@@ -902,6 +902,37 @@ impl Store for SqlStore {
     }
 }
 
+/// Indexes the message's recipients for the log's recipient filter: one statement.
+async fn insert_recipients(
+    conn: &mut sqlx::AnyConnection,
+    m: &NewMessage,
+) -> Result<(), StoreError> {
+    let mut emails: Vec<String> = m
+        .content
+        .recipients()
+        .map(|r| r.email.as_str().to_ascii_lowercase())
+        .collect();
+    emails.sort_unstable();
+    emails.dedup();
+    if emails.is_empty() {
+        return Ok(());
+    }
+    let values = (0..emails.len())
+        .map(|i| format!("($1, ${}, $2)", i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
+         ON CONFLICT DO NOTHING"
+    );
+    let mut query = sqlx::query(&sql).bind(&m.tenant_id).bind(&m.id);
+    for email in &emails {
+        query = query.bind(email);
+    }
+    query.execute(&mut *conn).await.map_err(db_error)?;
+    Ok(())
+}
+
 pub(super) async fn insert_one(
     conn: &mut sqlx::AnyConnection,
     m: &NewMessage,
@@ -956,6 +987,7 @@ pub(super) async fn insert_one(
     .await
     .map_err(db_error)?;
     if inserted.is_some() {
+        insert_recipients(conn, m).await?;
         return Ok(InsertOutcome::Created);
     }
     // The idempotency key exists: a replay if the request is the same, else a conflict.
@@ -1081,7 +1113,8 @@ pub(super) async fn claim_one(
 }
 
 /// The `AND ...` clauses of a log filter; binds are appended to `binds`.
-fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>) -> String {
+/// The WHERE clauses of a log filter; `tenant` is the number of the `$n` bound to the tenant.
+fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>, tenant: usize) -> String {
     let mut sql = String::new();
     let mut push = |sql: &mut String, clause: &str, bind: Bind| {
         binds.push(bind);
@@ -1114,11 +1147,13 @@ fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>) -> String {
         }
     }
     if let Some(recipient) = &filter.recipient {
-        let pattern = format!("% {} %", escape_like(&recipient.to_ascii_lowercase()));
         push(
             &mut sql,
-            " AND recipients LIKE $? ESCAPE '\\'",
-            Bind::Text(pattern),
+            &format!(
+                " AND id IN (SELECT message_id FROM message_recipients \
+                 WHERE tenant_id = ${tenant} AND email = $?)"
+            ),
+            Bind::Text(recipient.to_ascii_lowercase()),
         );
     }
     if let Some(text) = &filter.subject_contains {
