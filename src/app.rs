@@ -54,6 +54,7 @@ pub struct App {
     ctx: ApiContext,
     auth: Arc<Authenticator>,
     tls: Option<ServerTlsConfig>,
+    relay: Option<crate::delivery::Relay>,
     config: Config,
 }
 
@@ -226,6 +227,15 @@ impl App {
                 helo_name: config.smtp.helo_name.clone(),
             },
         ));
+        // On PostgreSQL, live watchers also see the changes other replicas make.
+        let relay = match store.backend() {
+            crate::storage::Backend::Postgres => Some(
+                crate::delivery::Relay::connect(engine.clone(), &config.effective_database_url())
+                    .await
+                    .context("listening for other replicas' changes (LISTEN)")?,
+            ),
+            crate::storage::Backend::Sqlite => None,
+        };
         let prometheus = match config.metrics.prometheus_addr {
             Some(addr) => Some((
                 TcpListener::bind(addr)
@@ -259,6 +269,7 @@ impl App {
             ctx,
             auth,
             tls,
+            relay,
             config,
         })
     }
@@ -309,6 +320,9 @@ impl App {
             .delivery
             .enabled
             .then(|| tokio::spawn(self.engine.clone().run(stop_rx.clone())));
+        if let Some(relay) = self.relay {
+            tokio::spawn(relay.run(stop_rx.clone()));
+        }
         let housekeeping_task = tokio::spawn(crate::housekeeping::run(
             self.store.clone(),
             self.config.retention.clone(),

@@ -213,9 +213,11 @@ impl Authenticator {
                 }
                 (_, "") => None,
                 (_, t) if valid_tenant(t) => Some(t.to_owned()),
-                (_, _) => return Err(format!(
+                (_, _) => {
+                    return Err(format!(
                     "{at}: tenant must be 1 to 128 characters of letters, digits, '-', '_' or '.'"
-                )),
+                ))
+                }
             };
             let key = Key {
                 name: entry.name.trim().to_owned(),

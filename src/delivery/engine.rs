@@ -82,6 +82,8 @@ pub struct Engine {
     profiles: Mutex<HashMap<(String, String), (SmtpProfile, std::time::Instant)>>,
     /// Per-profile rates and daily quotas.
     limiter: Limiter,
+    /// Where status changes go for other replicas (PostgreSQL only).
+    relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<MessageEvent>>,
 }
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
@@ -127,6 +129,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             profiles: Mutex::new(HashMap::new()),
             limiter: Limiter::default(),
+            relay: std::sync::OnceLock::new(),
         }
     }
 
@@ -140,13 +143,29 @@ impl Engine {
         self.events.subscribe()
     }
 
-    /// Announces a status change.
+    /// Announces a status change to this process's watchers and, through the relay, to the
+    /// other replicas'.
     pub fn publish(&self, tenant_id: &str, message_id: &str, status: MessageStatus) {
-        let _ = self.events.send(MessageEvent {
+        let event = MessageEvent {
             tenant_id: tenant_id.to_owned(),
             message_id: message_id.to_owned(),
             status,
-        });
+        };
+        if let Some(relay) = self.relay.get() {
+            // A full relay drops the notice for other replicas rather than hold up delivery.
+            let _ = relay.try_send(event.clone());
+        }
+        let _ = self.events.send(event);
+    }
+
+    /// Sends this engine's status changes to `relay` as well.
+    pub(super) fn relay_to(&self, relay: tokio::sync::mpsc::Sender<MessageEvent>) {
+        let _ = self.relay.set(relay);
+    }
+
+    /// Hands another replica's status change to this process's watchers.
+    pub(super) fn rebroadcast(&self, event: MessageEvent) {
+        let _ = self.events.send(event);
     }
 
     /// Claims what is due now and delivers it all; returns how many were claimed.

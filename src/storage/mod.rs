@@ -16,7 +16,7 @@ use crate::domain::{
     SmtpProfile, StoredMessage, TenantSettings, Verification,
 };
 
-pub use sql::SqlStore;
+pub use sql::{Backend, SqlStore};
 
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
