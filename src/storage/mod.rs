@@ -5,6 +5,7 @@
 //! while they still hold its lease. Failed messages are never deleted.
 
 mod housekeeping;
+mod logquery;
 mod rows;
 mod sql;
 mod writer;

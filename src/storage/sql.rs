@@ -18,6 +18,7 @@ use super::{
         attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
         DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
+    logquery::{filter_clauses, list_query},
     writer::Writer,
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
@@ -46,12 +47,12 @@ pub struct SqlStore {
 
 /// A value bound to a `$n` placeholder of a statement built at run time.
 #[derive(Debug, Clone)]
-enum Bind {
+pub(super) enum Bind {
     Text(String),
     Int(i64),
 }
 
-fn bind_all<'q>(
+pub(super) fn bind_all<'q>(
     mut query: Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     binds: &'q [Bind],
 ) -> Query<'q, Any, sqlx::any::AnyArguments<'q>> {
@@ -86,7 +87,7 @@ fn name_conflict(err: sqlx::Error, kind: DocumentKind, name: &str) -> StoreError
     }
 }
 
-fn decode<T>(result: anyhow::Result<T>) -> Result<T, StoreError> {
+pub(super) fn decode<T>(result: anyhow::Result<T>) -> Result<T, StoreError> {
     result.map_err(StoreError::Other)
 }
 
@@ -262,7 +263,7 @@ impl SqlStore {
         self.pool.close().await;
     }
 
-    async fn fetch_messages(
+    pub(super) async fn fetch_messages(
         &self,
         sql: &str,
         binds: &[Bind],
@@ -769,17 +770,7 @@ impl Store for SqlStore {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let mut binds = vec![Bind::Text(tenant_id.to_owned())];
-        let mut sql = format!(
-            "SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1{}",
-            filter_clauses(filter, &mut binds, 1)
-        );
-        if let Some(before) = before_id {
-            binds.push(Bind::Text(before.to_owned()));
-            sql.push_str(&format!(" AND id < ${}", binds.len()));
-        }
-        binds.push(Bind::Int(i64::from(limit)));
-        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", binds.len()));
+        let (sql, binds) = list_query(tenant_id, filter, before_id, limit);
         self.fetch_messages(&sql, &binds).await
     }
 
@@ -790,58 +781,7 @@ impl Store for SqlStore {
         end: i64,
         bucket: Option<i64>,
     ) -> Result<EmailStats, StoreError> {
-        use sqlx::Row as _;
-        let window = "FROM messages WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3";
-        let mut stats = EmailStats::default();
-        for (column, target) in [
-            ("status", &mut stats.by_status),
-            ("email_type", &mut stats.by_type),
-            ("COALESCE(profile_id, '')", &mut stats.by_profile),
-        ] {
-            let sql = format!(
-                "SELECT {column} AS k, COUNT(*) AS n {window} GROUP BY {column} ORDER BY n DESC, k"
-            );
-            let rows = sqlx::query(&sql)
-                .bind(tenant_id)
-                .bind(start)
-                .bind(end)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-            for row in rows {
-                target.push((
-                    row.try_get("k").map_err(db_error)?,
-                    row.try_get("n").map_err(db_error)?,
-                ));
-            }
-        }
-        stats.total = stats.by_status.iter().map(|(_, n)| n).sum();
-        if let Some(width) = bucket {
-            let sql = format!(
-                "SELECT created_at / $4 AS b, status AS k, COUNT(*) AS n {window} \
-                 GROUP BY created_at / $4, status ORDER BY b, k"
-            );
-            let rows = sqlx::query(&sql)
-                .bind(tenant_id)
-                .bind(start)
-                .bind(end)
-                .bind(width)
-                .fetch_all(&self.pool)
-                .await
-                .map_err(db_error)?;
-            for row in rows {
-                let b: i64 = row.try_get("b").map_err(db_error)?;
-                let entry = (
-                    row.try_get("k").map_err(db_error)?,
-                    row.try_get("n").map_err(db_error)?,
-                );
-                match stats.buckets.last_mut() {
-                    Some((at, counts)) if *at == b * width => counts.push(entry),
-                    _ => stats.buckets.push((b * width, vec![entry])),
-                }
-            }
-        }
-        Ok(stats)
+        self.stats(tenant_id, start, end, bucket).await
     }
 
     async fn claim_due(
@@ -1110,72 +1050,4 @@ pub(super) async fn claim_one(
             })
         })
         .collect()
-}
-
-/// The `AND ...` clauses of a log filter; binds are appended to `binds`.
-/// The WHERE clauses of a log filter; `tenant` is the number of the `$n` bound to the tenant.
-fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>, tenant: usize) -> String {
-    let mut sql = String::new();
-    let mut push = |sql: &mut String, clause: &str, bind: Bind| {
-        binds.push(bind);
-        sql.push_str(&clause.replace("$?", &format!("${}", binds.len())));
-    };
-    if !filter.statuses.is_empty() {
-        // Status names are fixed identifiers from an enum, never caller text.
-        let list = filter
-            .statuses
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        sql.push_str(&format!(" AND status IN ({list})"));
-    }
-    let exact = [
-        ("email_type", &filter.email_type),
-        ("source", &filter.source),
-        ("profile_id", &filter.profile_id),
-        ("template_id", &filter.template_id),
-        ("campaign_id", &filter.campaign_id),
-    ];
-    for (column, value) in exact {
-        if let Some(value) = value {
-            push(
-                &mut sql,
-                &format!(" AND {column} = $?"),
-                Bind::Text(value.clone()),
-            );
-        }
-    }
-    if let Some(recipient) = &filter.recipient {
-        push(
-            &mut sql,
-            &format!(
-                " AND id IN (SELECT message_id FROM message_recipients \
-                 WHERE tenant_id = ${tenant} AND email = $?)"
-            ),
-            Bind::Text(recipient.to_ascii_lowercase()),
-        );
-    }
-    if let Some(text) = &filter.subject_contains {
-        let pattern = format!("%{}%", escape_like(&text.to_lowercase()));
-        push(
-            &mut sql,
-            " AND LOWER(subject) LIKE $? ESCAPE '\\'",
-            Bind::Text(pattern),
-        );
-    }
-    if let Some(start) = filter.start {
-        push(&mut sql, " AND created_at >= $?", Bind::Int(start));
-    }
-    if let Some(end) = filter.end {
-        push(&mut sql, " AND created_at < $?", Bind::Int(end));
-    }
-    sql
-}
-
-fn escape_like(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('%', "\\%")
-        .replace('_', "\\_")
 }
