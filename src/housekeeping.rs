@@ -16,6 +16,10 @@ use crate::{
 /// Sending-limit windows are kept this long after they end (seconds).
 const USAGE_KEPT_SECS: i64 = 2 * 86_400;
 
+/// Hours of log statistics one pass rolls up at most (a first pass over an old log catches up
+/// over several passes).
+const ROLLUP_HOURS_PER_PASS: i64 = 500;
+
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Pass {
@@ -25,6 +29,8 @@ pub struct Pass {
     pub batches: u64,
     /// Usage windows forgotten.
     pub pruned_windows: u64,
+    /// Hours of log statistics rolled up or recomputed.
+    pub rolled_hours: u64,
 }
 
 /// One pass at `now` (unix microseconds): deletes final entries older than the retention
@@ -51,6 +57,7 @@ pub async fn run_once(
         }
     }
     pass.pruned_windows = store.prune_usage(now / 1_000_000 - USAGE_KEPT_SECS).await?;
+    pass.rolled_hours = store.roll_up_log(now, ROLLUP_HOURS_PER_PASS).await?;
     Ok(pass)
 }
 

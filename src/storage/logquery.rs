@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use sqlx::Row as _;
 
 use super::{
-    sql::{bind_all, db_error, Bind, Backend, SqlStore},
+    sql::{bind_all, db_error, Backend, Bind, SqlStore},
     EmailStats, StoreError,
 };
 use crate::domain::LogFilter;
@@ -33,15 +33,89 @@ pub(super) fn list_query(
 }
 
 /// The statement counting a window of a tenant's log in one pass: by status, type, profile
-/// and (with `$4`) bucket.
-fn stats_query(bucketed: bool) -> String {
+/// and (with `$4`) bucket, from the covering index alone.
+fn stats_query(backend: Backend, bucketed: bool) -> String {
     let bucket = if bucketed { ", created_at / $4" } else { "" };
+    // SQLite's planner would take the (tenant, status) index to save the GROUP BY sort and
+    // then read every row of the table; the covering index reads no row at all.
+    let index = match backend {
+        Backend::Sqlite => " INDEXED BY messages_tenant_created_counts",
+        Backend::Postgres => "",
+    };
     format!(
         "SELECT status, email_type, COALESCE(profile_id, '') AS p{bucket} AS b, COUNT(*) AS n \
-         FROM messages WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 \
+         FROM messages{index} WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 \
          GROUP BY status, email_type, COALESCE(profile_id, ''){bucket}"
     )
-    .replace(", COALESCE(profile_id, '') AS p AS b", ", COALESCE(profile_id, '') AS p, 0 AS b")
+    .replace(
+        ", COALESCE(profile_id, '') AS p AS b",
+        ", COALESCE(profile_id, '') AS p, CAST(0 AS BIGINT) AS b",
+    )
+}
+
+/// Microseconds in an hour: the rollup's unit.
+const HOUR: i64 = 3_600_000_000;
+
+/// Counts gathered from rollup rows and live rows.
+#[derive(Debug, Default)]
+struct Counts {
+    by_status: BTreeMap<String, i64>,
+    by_type: BTreeMap<String, i64>,
+    by_profile: BTreeMap<String, i64>,
+    buckets: BTreeMap<i64, BTreeMap<String, i64>>,
+}
+
+impl Counts {
+    /// Adds rows of (status, email_type, p, b, n); `b` times the bucket width is the bucket.
+    fn add_rows(
+        &mut self,
+        rows: &[sqlx::any::AnyRow],
+        bucket: Option<i64>,
+    ) -> Result<(), StoreError> {
+        for row in rows {
+            let status: String = row.try_get("status").map_err(db_error)?;
+            let kind: String = row.try_get("email_type").map_err(db_error)?;
+            let profile: String = row.try_get("p").map_err(db_error)?;
+            let b: i64 = row.try_get("b").map_err(db_error)?;
+            let n: i64 = row.try_get("n").map_err(db_error)?;
+            *self.by_status.entry(status.clone()).or_default() += n;
+            *self.by_type.entry(kind).or_default() += n;
+            *self.by_profile.entry(profile).or_default() += n;
+            if let Some(width) = bucket {
+                *self
+                    .buckets
+                    .entry(b * width)
+                    .or_default()
+                    .entry(status)
+                    .or_default() += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(self, bucketed: bool) -> EmailStats {
+        // Largest count first, then by key.
+        let ordered = |m: BTreeMap<String, i64>| {
+            let mut v: Vec<(String, i64)> = m.into_iter().filter(|(_, n)| *n != 0).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v
+        };
+        let by_status = ordered(self.by_status);
+        EmailStats {
+            total: by_status.iter().map(|(_, n)| n).sum(),
+            by_status,
+            by_type: ordered(self.by_type),
+            by_profile: ordered(self.by_profile),
+            buckets: if bucketed {
+                self.buckets
+                    .into_iter()
+                    .map(|(at, counts)| (at, counts.into_iter().collect()))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+        }
+    }
 }
 
 impl SqlStore {
@@ -52,50 +126,187 @@ impl SqlStore {
         end: i64,
         bucket: Option<i64>,
     ) -> Result<EmailStats, StoreError> {
-        let sql = stats_query(bucket.is_some());
-        let mut query = sqlx::query(&sql).bind(tenant_id).bind(start).bind(end);
-        if let Some(width) = bucket {
-            query = query.bind(width);
-        }
-        let rows = query.fetch_all(&self.pool).await.map_err(db_error)?;
-        let mut by_status: BTreeMap<String, i64> = BTreeMap::new();
-        let mut by_type: BTreeMap<String, i64> = BTreeMap::new();
-        let mut by_profile: BTreeMap<String, i64> = BTreeMap::new();
-        let mut buckets: BTreeMap<i64, BTreeMap<String, i64>> = BTreeMap::new();
-        for row in rows {
-            let status: String = row.try_get("status").map_err(db_error)?;
-            let kind: String = row.try_get("email_type").map_err(db_error)?;
-            let profile: String = row.try_get("p").map_err(db_error)?;
-            let b: i64 = row.try_get("b").map_err(db_error)?;
-            let n: i64 = row.try_get("n").map_err(db_error)?;
-            *by_status.entry(status.clone()).or_default() += n;
-            *by_type.entry(kind).or_default() += n;
-            *by_profile.entry(profile).or_default() += n;
-            if let Some(width) = bucket {
-                *buckets
-                    .entry(b * width)
-                    .or_default()
-                    .entry(status)
-                    .or_default() += n;
+        let mut acc = Counts::default();
+        // Whole hours of the window that are rolled up and clean come from log_rollup; the
+        // window's ragged ends, the hours not rolled up yet and dirty hours are counted live.
+        let rolled_until: i64 =
+            sqlx::query("SELECT rolled_until FROM log_rollup_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(db_error)?;
+        let first_hour = start.div_euclid(HOUR) + i64::from(start.rem_euclid(HOUR) != 0);
+        let rolled_end = end.div_euclid(HOUR).min(rolled_until);
+        let hour_buckets = bucket.is_none_or(|w| w % HOUR == 0);
+        let mut live = Vec::new();
+        if first_hour < rolled_end && hour_buckets {
+            let dirty: Vec<i64> = sqlx::query(
+                "SELECT hour FROM log_rollup_dirty WHERE tenant_id = $1 AND hour >= $2 \
+                 AND hour < $3 ORDER BY hour",
+            )
+            .bind(tenant_id)
+            .bind(first_hour)
+            .bind(rolled_end)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()
+            .map_err(db_error)?;
+            let per = bucket.map_or(0, |w| w / HOUR);
+            let (group, group_by) = if per > 0 {
+                ("hour / $4", ", hour / $4")
+            } else {
+                ("0", "")
+            };
+            let sql = format!(
+                "SELECT status, email_type, profile_id AS p, CAST({group} AS BIGINT) AS b, \
+                 CAST(SUM(n) AS BIGINT) AS n \
+                 FROM log_rollup WHERE tenant_id = $1 AND hour >= $2 AND hour < $3 \
+                 AND hour NOT IN (SELECT hour FROM log_rollup_dirty WHERE tenant_id = $1) \
+                 GROUP BY status, email_type, profile_id{group_by}"
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(tenant_id)
+                .bind(first_hour)
+                .bind(rolled_end);
+            if per > 0 {
+                query = query.bind(per);
             }
+            let rows = query.fetch_all(&self.pool).await.map_err(db_error)?;
+            acc.add_rows(&rows, bucket)?;
+            live.push((start, first_hour * HOUR));
+            live.push((rolled_end * HOUR, end));
+            live.extend(dirty.into_iter().map(|h| (h * HOUR, (h + 1) * HOUR)));
+        } else {
+            live.push((start, end));
         }
-        // Largest count first, then by key.
-        let ordered = |m: BTreeMap<String, i64>| {
-            let mut v: Vec<(String, i64)> = m.into_iter().collect();
-            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            v
-        };
-        let by_status = ordered(by_status);
-        Ok(EmailStats {
-            total: by_status.iter().map(|(_, n)| n).sum(),
-            by_status,
-            by_type: ordered(by_type),
-            by_profile: ordered(by_profile),
-            buckets: buckets
-                .into_iter()
-                .map(|(at, counts)| (at, counts.into_iter().collect()))
-                .collect(),
-        })
+        let sql = stats_query(self.backend, bucket.is_some());
+        for (from, to) in live.into_iter().filter(|(a, b)| a < b) {
+            // Planned with its values (see list_messages): the range decides the index.
+            let mut query = sqlx::query(&sql)
+                .persistent(false)
+                .bind(tenant_id)
+                .bind(from)
+                .bind(to);
+            if let Some(width) = bucket {
+                query = query.bind(width);
+            }
+            let rows = query.fetch_all(&self.pool).await.map_err(db_error)?;
+            acc.add_rows(&rows, bucket)?;
+        }
+        Ok(acc.finish(bucket.is_some()))
+    }
+
+    /// Rolls up, for every tenant, the hours the triggers have watched since the previous
+    /// pass (at most `max_hours` of them) and recomputes up to 1,000 dirty hours. Returns the
+    /// hours written.
+    pub(super) async fn roll_up_log_hours(
+        &self,
+        now: i64,
+        max_hours: i64,
+    ) -> Result<u64, StoreError> {
+        let row =
+            sqlx::query("SELECT watched_until, rolled_until FROM log_rollup_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db_error)?;
+        let watched: i64 = row.try_get(0).map_err(db_error)?;
+        let mut rolled: i64 = row.try_get(1).map_err(db_error)?;
+        // Hours watched since the previous pass are safe to roll up: a change that began
+        // before the triggers watched them has long committed. Ended hours get watched now.
+        let current = now.div_euclid(HOUR);
+        if watched < current {
+            sqlx::query("UPDATE log_rollup_state SET watched_until = $1 WHERE id = 1 AND watched_until < $1")
+                .bind(current)
+                .execute(&self.pool)
+                .await
+                .map_err(db_error)?;
+        }
+        if rolled == 0 {
+            let oldest: Option<i64> = sqlx::query("SELECT MIN(created_at) FROM messages")
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(db_error)?;
+            rolled = oldest.map_or(watched, |t| t.div_euclid(HOUR)).min(watched);
+        }
+        let mut written = 0;
+        let to = watched.min(rolled.saturating_add(max_hours));
+        for hour in rolled..to {
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            sqlx::query("DELETE FROM log_rollup WHERE hour = $1")
+                .bind(hour)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            sqlx::query(
+                "INSERT INTO log_rollup (tenant_id, hour, status, email_type, profile_id, n) \
+                 SELECT tenant_id, $1, status, email_type, COALESCE(profile_id, ''), COUNT(*) \
+                 FROM messages WHERE created_at >= $2 AND created_at < $3 \
+                 GROUP BY tenant_id, status, email_type, COALESCE(profile_id, '')",
+            )
+            .bind(hour)
+            .bind(hour * HOUR)
+            .bind((hour + 1) * HOUR)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            sqlx::query("UPDATE log_rollup_state SET rolled_until = $1 WHERE id = 1")
+                .bind(hour + 1)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            written += 1;
+        }
+        let dirty = sqlx::query(
+            "SELECT tenant_id, hour, version FROM log_rollup_dirty WHERE hour < $1 \
+             ORDER BY hour LIMIT 1000",
+        )
+        .bind(rolled.max(to))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_error)?;
+        for row in dirty {
+            let tenant: String = row.try_get(0).map_err(db_error)?;
+            let hour: i64 = row.try_get(1).map_err(db_error)?;
+            let version: i64 = row.try_get(2).map_err(db_error)?;
+            let mut tx = self.pool.begin().await.map_err(db_error)?;
+            sqlx::query("DELETE FROM log_rollup WHERE tenant_id = $1 AND hour = $2")
+                .bind(&tenant)
+                .bind(hour)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_error)?;
+            sqlx::query(
+                "INSERT INTO log_rollup (tenant_id, hour, status, email_type, profile_id, n) \
+                 SELECT tenant_id, $2, status, email_type, COALESCE(profile_id, ''), COUNT(*) \
+                 FROM messages WHERE tenant_id = $1 AND created_at >= $3 AND created_at < $4 \
+                 GROUP BY tenant_id, status, email_type, COALESCE(profile_id, '')",
+            )
+            .bind(&tenant)
+            .bind(hour)
+            .bind(hour * HOUR)
+            .bind((hour + 1) * HOUR)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            // A change made meanwhile bumped the version: the mark stays for the next pass.
+            sqlx::query(
+                "DELETE FROM log_rollup_dirty WHERE tenant_id = $1 AND hour = $2 AND version = $3",
+            )
+            .bind(&tenant)
+            .bind(hour)
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            tx.commit().await.map_err(db_error)?;
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// The database's plan for listing the log with `filter` (EXPLAIN QUERY PLAN on SQLite,
@@ -127,7 +338,8 @@ impl SqlStore {
         if let Some(width) = bucket {
             binds.push(Bind::Int(width));
         }
-        self.explain(&stats_query(bucket.is_some()), &binds).await
+        self.explain(&stats_query(self.backend, bucket.is_some()), &binds)
+            .await
     }
 
     async fn explain(&self, sql: &str, binds: &[Bind]) -> Result<Vec<String>, StoreError> {

@@ -278,6 +278,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         window_start: i64,
         limit: u32,
     ) -> Result<bool, StoreError>;
+    /// Keeps the hourly counts behind GetEmailStats current: rolls up hours that ended
+    /// (at most `max_hours` a pass) and recomputes hours changed since. Returns hours written.
+    async fn roll_up_log(&self, now: i64, max_hours: i64) -> Result<u64, StoreError>;
     /// Forgets usage windows that ended before `before` (unix seconds).
     async fn prune_usage(&self, before: i64) -> Result<u64, StoreError>;
     /// Deletes up to `batch` final log entries (SENT, FAILED, CANCELLED) created before

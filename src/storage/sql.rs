@@ -14,11 +14,11 @@ use sqlx::{
 };
 
 use super::{
+    logquery::{filter_clauses, list_query},
     rows::{
         attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
         DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
-    logquery::{filter_clauses, list_query},
     writer::Writer,
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
@@ -771,7 +771,14 @@ impl Store for SqlStore {
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
         let (sql, binds) = list_query(tenant_id, filter, before_id, limit);
-        self.fetch_messages(&sql, &binds).await
+        // Not a named prepared statement: PostgreSQL then plans each call with its values.
+        // A cached generic plan knows neither the cursor nor the time range and can pick an
+        // index that reads a million rows where 50 suffice (seen: 230 ms instead of 0.9 ms).
+        let rows = bind_all(sqlx::query(&sql).persistent(false), &binds)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_error)?;
+        rows.iter().map(|r| decode(message_from_row(r))).collect()
     }
 
     async fn email_stats(
@@ -817,6 +824,10 @@ impl Store for SqlStore {
     ) -> Result<bool, StoreError> {
         self.reserve_usage_slot(profile_id, window_secs, window_start, limit)
             .await
+    }
+
+    async fn roll_up_log(&self, now: i64, max_hours: i64) -> Result<u64, StoreError> {
+        self.roll_up_log_hours(now, max_hours).await
     }
 
     async fn prune_usage(&self, before: i64) -> Result<u64, StoreError> {

@@ -327,14 +327,7 @@ async fn a_housekeeping_pass_deletes_in_batches_until_done() {
     let pass = mailgate::housekeeping::run_once(&store, &config, now_micros())
         .await
         .unwrap();
-    assert_eq!(
-        pass,
-        mailgate::housekeeping::Pass {
-            deleted: 5,
-            batches: 3,
-            pruned_windows: 1
-        }
-    );
+    assert_eq!((pass.deleted, pass.batches, pass.pruned_windows), (5, 3, 1));
     let keep = mailgate::config::RetentionConfig {
         max_age: std::time::Duration::ZERO,
         ..Default::default()
@@ -352,4 +345,101 @@ async fn a_housekeeping_pass_deletes_in_batches_until_done() {
         .await
         .unwrap();
     assert_eq!(pass.deleted, 0, "max_age 0s keeps everything");
+}
+
+#[tokio::test]
+async fn statistics_from_the_hourly_rollup_match_live_counts_and_follow_later_changes() {
+    let (store, _db) = store().await;
+    const HOUR: i64 = 3_600_000_000;
+    let now = now_micros();
+    let base = (now / HOUR - 72) * HOUR; // three days ago, on the hour
+                                         // 30 emails of t1 and 10 of t2 over 10 hours, a few minutes past each hour.
+    for i in 0..40i64 {
+        let tenant = if i < 30 { "t1" } else { "t2" };
+        let mut m = message(tenant, None);
+        m.email_type = ["welcome", "notification"][usize::try_from(i % 2).unwrap()].into();
+        store
+            .insert_message(&m, base + (i % 10) * HOUR + 60_000_000 * (i / 10 + 1))
+            .await
+            .unwrap();
+    }
+    // Half of them sent, at the time they were created.
+    let claimed = store
+        .claim_due(base + 11 * HOUR, base + 12 * HOUR, 20)
+        .await
+        .unwrap();
+    for c in &claimed {
+        assert!(store
+            .complete(c, &[attempt(1)], &sent(), base)
+            .await
+            .unwrap());
+    }
+    let day = Some(86_400_000_000);
+    let hour = Some(HOUR);
+    // A window with ragged ends: from 30 minutes into the first hour to 30 minutes into the
+    // eighth.
+    let (start, end) = (base + HOUR / 2, base + 7 * HOUR + HOUR / 2);
+    let live: Vec<_> = [None, hour, day]
+        .iter()
+        .map(|b| (*b, store.email_stats("t1", start, end, *b)))
+        .collect();
+    let mut before = Vec::new();
+    for (b, fut) in live {
+        before.push((b, fut.await.unwrap()));
+    }
+    assert!(before[0].1.total > 0);
+
+    // The first pass starts watching the ended hours, the second rolls them up.
+    store.roll_up_log(now, 500).await.unwrap();
+    assert!(store.roll_up_log(now, 500).await.unwrap() >= 10);
+    for (b, expected) in &before {
+        assert_eq!(
+            &store.email_stats("t1", start, end, *b).await.unwrap(),
+            expected,
+            "rolled-up statistics equal the live count (bucket {b:?})"
+        );
+    }
+
+    // Later changes to rolled-up hours: a late delivery, an old email stored now, retention.
+    let late = store
+        .claim_due(base + 11 * HOUR, base + 12 * HOUR, 1)
+        .await
+        .unwrap();
+    let late_status = late[0].message.tenant_id.clone();
+    assert!(store
+        .complete(&late[0], &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    let extra = message("t1", None);
+    store
+        .insert_message(&extra, base + 3 * HOUR + 1)
+        .await
+        .unwrap();
+    let after = store.email_stats("t1", start, end, None).await.unwrap();
+    let count = |s: &mailgate::storage::EmailStats, k: &str| {
+        s.by_status
+            .iter()
+            .find(|(status, _)| status == k)
+            .map_or(0, |(_, n)| *n)
+    };
+    let moved = i64::from(
+        late_status == "t1" && {
+            let created = late[0].message.created_at;
+            created >= start && created < end
+        },
+    );
+    assert_eq!(
+        after.total,
+        before[0].1.total + 1,
+        "the old email stored now counts"
+    );
+    assert_eq!(count(&after, "SENT"), count(&before[0].1, "SENT") + moved);
+    // The next pass recomputes the dirty hours; the answer stays the same and nothing is
+    // left to do.
+    assert!(store.roll_up_log(now, 500).await.unwrap() >= 1);
+    assert_eq!(
+        store.email_stats("t1", start, end, None).await.unwrap(),
+        after
+    );
+    assert_eq!(store.roll_up_log(now, 500).await.unwrap(), 0);
 }
