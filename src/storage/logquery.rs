@@ -118,6 +118,23 @@ impl Counts {
     }
 }
 
+/// The statement summing clean rolled-up hours `[$2, $3)`, in buckets of `$4` hours when
+/// `per` (hours a bucket) is not zero.
+fn rollup_query(per: i64) -> String {
+    let (group, group_by) = if per > 0 {
+        ("hour / $4", ", hour / $4")
+    } else {
+        ("0", "")
+    };
+    format!(
+        "SELECT status, email_type, profile_id AS p, CAST({group} AS BIGINT) AS b, \
+         CAST(SUM(n) AS BIGINT) AS n \
+         FROM log_rollup WHERE tenant_id = $1 AND hour >= $2 AND hour < $3 \
+         AND hour NOT IN (SELECT hour FROM log_rollup_dirty WHERE tenant_id = $1) \
+         GROUP BY status, email_type, profile_id{group_by}"
+    )
+}
+
 impl SqlStore {
     pub(super) async fn stats(
         &self,
@@ -155,18 +172,7 @@ impl SqlStore {
             .collect::<Result<_, _>>()
             .map_err(db_error)?;
             let per = bucket.map_or(0, |w| w / HOUR);
-            let (group, group_by) = if per > 0 {
-                ("hour / $4", ", hour / $4")
-            } else {
-                ("0", "")
-            };
-            let sql = format!(
-                "SELECT status, email_type, profile_id AS p, CAST({group} AS BIGINT) AS b, \
-                 CAST(SUM(n) AS BIGINT) AS n \
-                 FROM log_rollup WHERE tenant_id = $1 AND hour >= $2 AND hour < $3 \
-                 AND hour NOT IN (SELECT hour FROM log_rollup_dirty WHERE tenant_id = $1) \
-                 GROUP BY status, email_type, profile_id{group_by}"
-            );
+            let sql = rollup_query(per);
             let mut query = sqlx::query(&sql)
                 .bind(tenant_id)
                 .bind(first_hour)
@@ -322,7 +328,8 @@ impl SqlStore {
         self.explain(&sql, &binds).await
     }
 
-    /// The database's plan for GetEmailStats over `[start, end)`.
+    /// The database's plans for GetEmailStats over `[start, end)`: the rollup's whole hours,
+    /// then the live count of the window's end after the last rolled-up hour.
     pub async fn explain_stats(
         &self,
         tenant_id: &str,
@@ -330,16 +337,45 @@ impl SqlStore {
         end: i64,
         bucket: Option<i64>,
     ) -> Result<Vec<String>, StoreError> {
+        let rolled_until: i64 =
+            sqlx::query("SELECT rolled_until FROM log_rollup_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(db_error)?;
+        let first_hour = start.div_euclid(HOUR) + i64::from(start.rem_euclid(HOUR) != 0);
+        let rolled_end = end.div_euclid(HOUR).min(rolled_until).max(first_hour);
+        let per = bucket.map_or(0, |w| w / HOUR);
         let mut binds = vec![
             Bind::Text(tenant_id.to_owned()),
-            Bind::Int(start),
+            Bind::Int(first_hour),
+            Bind::Int(rolled_end),
+        ];
+        if per > 0 {
+            binds.push(Bind::Int(per));
+        }
+        let mut plan = vec![format!(
+            "-- rollup: hours {first_hour}..{rolled_end} ({} hours)",
+            rolled_end - first_hour
+        )];
+        plan.extend(self.explain(&rollup_query(per), &binds).await?);
+        let mut binds = vec![
+            Bind::Text(tenant_id.to_owned()),
+            Bind::Int(rolled_end * HOUR),
             Bind::Int(end),
         ];
         if let Some(width) = bucket {
             binds.push(Bind::Int(width));
         }
-        self.explain(&stats_query(self.backend, bucket.is_some()), &binds)
-            .await
+        plan.push(format!(
+            "-- live: the last {} minutes of the window",
+            (end - rolled_end * HOUR) / 60_000_000
+        ));
+        plan.extend(
+            self.explain(&stats_query(self.backend, bucket.is_some()), &binds)
+                .await?,
+        );
+        Ok(plan)
     }
 
     async fn explain(&self, sql: &str, binds: &[Bind]) -> Result<Vec<String>, StoreError> {

@@ -4,6 +4,7 @@
 //! lease token in one short statement, send outside any transaction, and complete a row only
 //! while they still hold its lease. Failed messages are never deleted.
 
+mod batch;
 mod housekeeping;
 mod logquery;
 mod rows;

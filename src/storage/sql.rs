@@ -853,95 +853,12 @@ impl Store for SqlStore {
     }
 }
 
-/// Indexes the message's recipients for the log's recipient filter: one statement.
-async fn insert_recipients(
+/// For a message whose insert hit an existing idempotency key: the earlier message if the
+/// request is the same, else a conflict.
+pub(super) async fn replay_or_conflict(
     conn: &mut sqlx::AnyConnection,
     m: &NewMessage,
-) -> Result<(), StoreError> {
-    let mut emails: Vec<String> = m
-        .content
-        .recipients()
-        .map(|r| r.email.as_str().to_ascii_lowercase())
-        .collect();
-    emails.sort_unstable();
-    emails.dedup();
-    if emails.is_empty() {
-        return Ok(());
-    }
-    let values = (0..emails.len())
-        .map(|i| format!("($1, ${}, $2)", i + 3))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let sql = format!(
-        "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
-         ON CONFLICT DO NOTHING"
-    );
-    let mut query = sqlx::query(&sql).bind(&m.tenant_id).bind(&m.id);
-    for email in &emails {
-        query = query.bind(email);
-    }
-    query.execute(&mut *conn).await.map_err(db_error)?;
-    Ok(())
-}
-
-pub(super) async fn insert_one(
-    conn: &mut sqlx::AnyConnection,
-    m: &NewMessage,
-    now: i64,
 ) -> Result<InsertOutcome, StoreError> {
-    let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
-    let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
-    let recipients = format!(
-        " {} ",
-        m.content
-            .recipients()
-            .map(|r| r.email.as_str().to_ascii_lowercase())
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
-    let (status, due_at) = match m.send_at {
-        Some(at) if at > now => (MessageStatus::Scheduled, at),
-        _ => (MessageStatus::Queued, now),
-    };
-    let inserted: Option<AnyRow> = sqlx::query(
-        "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-         recipients, profile_id, profile_reason, template_id, campaign_id, content, \
-         message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-         updated_at, send_at, due_at, traceparent) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-         $18, $19, $19, $20, $21, $22) \
-         ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id",
-    )
-    .bind(&m.id)
-    .bind(&m.tenant_id)
-    .bind(status.as_str())
-    .bind(&m.source)
-    .bind(&m.email_type)
-    .bind(&m.content.subject)
-    .bind(m.content.from.to_string())
-    .bind(recipients)
-    .bind(m.profile_id.as_deref())
-    .bind(m.profile_reason.as_str())
-    .bind(m.template_id.as_deref())
-    .bind(m.campaign_id.as_deref())
-    .bind(content)
-    .bind(&m.message_id_header)
-    .bind(&m.trace_id)
-    .bind(tags)
-    .bind(m.idempotency_key.as_deref())
-    .bind(&m.request_hash)
-    .bind(now)
-    .bind(m.send_at)
-    .bind(due_at)
-    .bind(&m.traceparent)
-    .fetch_optional(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    if inserted.is_some() {
-        insert_recipients(conn, m).await?;
-        return Ok(InsertOutcome::Created);
-    }
-    // The idempotency key exists: a replay if the request is the same, else a conflict.
     let key = m.idempotency_key.as_deref().unwrap_or_default();
     let row: Option<AnyRow> = sqlx::query(
         "SELECT id, status, request_hash FROM messages \
@@ -967,63 +884,6 @@ pub(super) async fn insert_one(
         id: row.try_get("id").map_err(db_error)?,
         status: decode(MessageStatus::parse(&status).context("message status"))?,
     })
-}
-
-/// Records attempts and the new state inside the caller's transaction, if the lease is
-/// still held; false when it was lost (nothing written).
-pub(super) async fn complete_one(
-    conn: &mut sqlx::AnyConnection,
-    claimed: &Claimed,
-    attempts: &[AttemptRecord],
-    c: &Completion,
-    now: i64,
-) -> Result<bool, StoreError> {
-    let updated = sqlx::query(
-        "UPDATE messages SET status = $1, due_at = $2, lease_token = NULL, \
-         attempt_count = attempt_count + $9, last_error = $3, fallback = $4, \
-         fallback_reason = $5, updated_at = $6, \
-         sent_at = CASE WHEN $1 = 'SENT' THEN $6 ELSE sent_at END \
-         WHERE id = $7 AND lease_token = $8",
-    )
-    .bind(c.status.as_str())
-    .bind(c.retry_at)
-    .bind(&c.last_error)
-    .bind(i64::from(c.fallback))
-    .bind(&c.fallback_reason)
-    .bind(now)
-    .bind(&claimed.message.id)
-    .bind(&claimed.lease_token)
-    .bind(i64::try_from(attempts.len()).unwrap_or(1))
-    .execute(&mut *conn)
-    .await
-    .map_err(db_error)?;
-    if updated.rows_affected() == 0 {
-        return Ok(false);
-    }
-    for a in attempts {
-        let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
-        sqlx::query(
-            "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
-         profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
-         rejected_recipients) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&claimed.message.id)
-        .bind(i64::from(a.number))
-        .bind(a.started_at)
-        .bind(a.duration_us)
-        .bind(&a.server)
-        .bind(a.profile_id.as_deref())
-        .bind(i64::from(a.fallback))
-        .bind(i64::from(a.reply_code))
-        .bind(&a.enhanced_code)
-        .bind(&a.reply_text)
-        .bind(a.outcome.as_str())
-        .bind(rejected)
-        .execute(&mut *conn)
-        .await
-        .map_err(db_error)?;
-    }
-    Ok(true)
 }
 
 /// Leases up to `limit` due messages with one statement (atomic on both backends);

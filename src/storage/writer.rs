@@ -9,7 +9,8 @@ use sqlx::AnyPool;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    sql::{claim_one, complete_one, db_error, insert_one, Backend},
+    batch::{complete_many, insert_many},
+    sql::{claim_one, db_error, Backend},
     Claimed, Completion, InsertOutcome, StoreError,
 };
 use crate::domain::{AttemptRecord, NewMessage};
@@ -157,36 +158,6 @@ impl Done {
     }
 }
 
-async fn apply(conn: &mut sqlx::AnyConnection, op: Op) -> Done {
-    match op {
-        Op::Insert(m, now, tx) => Done::Insert(insert_one(conn, &m, now).await, tx),
-        Op::InsertMany(ms, now, tx) => {
-            let mut out = Vec::with_capacity(ms.len());
-            let mut fatal = None;
-            for m in &ms {
-                match insert_one(conn, m, now).await {
-                    Err(e @ (StoreError::Unavailable(_) | StoreError::Other(_))) => {
-                        fatal = Some(e);
-                        break;
-                    }
-                    r => out.push(r),
-                }
-            }
-            Done::InsertMany(fatal.map_or(Ok(out), Err), tx)
-        }
-        Op::Claim(backend, now, until, limit, tx) => {
-            Done::Claim(claim_one(conn, backend, now, until, limit).await, tx)
-        }
-        Op::Complete(c, now, tx) => {
-            let (claimed, attempts, completion) = *c;
-            Done::Complete(
-                complete_one(conn, &claimed, &attempts, &completion, now).await,
-                tx,
-            )
-        }
-    }
-}
-
 async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>) {
     loop {
         // Take a group while holding the queue, then commit it without: another writer
@@ -207,6 +178,122 @@ async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver
     }
 }
 
+/// A reply still owed to a caller, for when the whole group fails.
+type Owed = Box<dyn FnOnce(&StoreError) + Send>;
+
+/// Applies a group's operations with a few multi-row statements: all accepts together, all
+/// completions together, then the claims.
+async fn apply_group(
+    conn: &mut sqlx::AnyConnection,
+    ops: Vec<Op>,
+) -> Result<Vec<Done>, (StoreError, Vec<Owed>)> {
+    let mut inserts: Vec<(NewMessage, i64)> = Vec::new();
+    // For each insert op: where its messages sit in `inserts`, and its reply.
+    let mut insert_ops: Vec<(std::ops::Range<usize>, InsertReply)> = Vec::new();
+    let mut finished = Vec::new();
+    let mut complete_replies = Vec::new();
+    let mut claims = Vec::new();
+    for op in ops {
+        match op {
+            Op::Insert(m, now, reply) => {
+                let at = inserts.len();
+                inserts.push((*m, now));
+                insert_ops.push((at..at + 1, InsertReply::One(reply)));
+            }
+            Op::InsertMany(ms, now, reply) => {
+                let at = inserts.len();
+                inserts.extend(ms.into_iter().map(|m| (m, now)));
+                insert_ops.push((at..inserts.len(), InsertReply::Many(reply)));
+            }
+            Op::Complete(c, now, reply) => {
+                let (claimed, attempts, completion) = *c;
+                finished.push((claimed, attempts, completion, now));
+                complete_replies.push(reply);
+            }
+            Op::Claim(backend, now, until, limit, reply) => {
+                claims.push((backend, now, until, limit, reply));
+            }
+        }
+    }
+    let owed = |insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+                complete_replies: Vec<Reply<bool>>,
+                claims: Vec<PendingClaim>| {
+        let mut owed: Vec<Owed> = Vec::new();
+        for (_, reply) in insert_ops {
+            owed.push(match reply {
+                InsertReply::One(tx) => Box::new(move |e: &StoreError| {
+                    let _ = tx.send(Err(dup(e)));
+                }),
+                InsertReply::Many(tx) => Box::new(move |e: &StoreError| {
+                    let _ = tx.send(Err(dup(e)));
+                }),
+            });
+        }
+        for tx in complete_replies {
+            owed.push(Box::new(move |e: &StoreError| {
+                let _ = tx.send(Err(dup(e)));
+            }));
+        }
+        for (.., tx) in claims {
+            owed.push(Box::new(move |e: &StoreError| {
+                let _ = tx.send(Err(dup(e)));
+            }));
+        }
+        owed
+    };
+    let mut done = Vec::new();
+    if !inserts.is_empty() {
+        let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
+        match insert_many(conn, &refs).await {
+            Ok(mut results) => {
+                // Hand each op its slice of the results, last op first.
+                for (range, reply) in insert_ops.into_iter().rev() {
+                    let mine: Vec<_> = results.drain(range.start..).collect();
+                    done.push(match reply {
+                        InsertReply::One(tx) => {
+                            Done::Insert(mine.into_iter().next().unwrap_or_else(|| Err(gone())), tx)
+                        }
+                        InsertReply::Many(tx) => Done::InsertMany(Ok(mine), tx),
+                    });
+                }
+            }
+            Err(e) => return Err((e, owed(insert_ops, complete_replies, claims))),
+        }
+    }
+    if !finished.is_empty() {
+        match complete_many(conn, &finished).await {
+            Ok(held) => done.extend(
+                held.into_iter()
+                    .zip(complete_replies)
+                    .map(|(h, reply)| Done::Complete(Ok(h), reply)),
+            ),
+            Err(e) => {
+                let mut all = owed(Vec::new(), complete_replies, claims);
+                for d in done {
+                    all.push(Box::new(move |e: &StoreError| d.answer(Err(e))));
+                }
+                return Err((e, all));
+            }
+        }
+    }
+    for (backend, now, until, limit, reply) in claims {
+        done.push(Done::Claim(
+            claim_one(conn, backend, now, until, limit).await,
+            reply,
+        ));
+    }
+    Ok(done)
+}
+
+/// A claim waiting for its turn in the group.
+type PendingClaim = (Backend, i64, i64, u32, Reply<Vec<Claimed>>);
+
+/// Where an insert op's answer goes.
+enum InsertReply {
+    One(Reply<InsertOutcome>),
+    Many(Reply<Vec<Result<InsertOutcome, StoreError>>>),
+}
+
 /// Applies a group in one transaction. If the transaction cannot be used or committed, every
 /// caller hears the error (nothing of theirs was committed).
 async fn commit_group(pool: &AnyPool, ops: Vec<Op>) {
@@ -220,10 +307,17 @@ async fn commit_group(pool: &AnyPool, ops: Vec<Op>) {
             return;
         }
     };
-    let mut done = Vec::with_capacity(ops.len());
-    for op in ops {
-        done.push(apply(&mut tx, op).await);
-    }
+    let done = match apply_group(&mut tx, ops).await {
+        Ok(done) => done,
+        Err((e, replies)) => {
+            // The transaction is unusable: nothing of this group is committed.
+            let _ = tx.rollback().await;
+            for reply in replies {
+                reply(&e);
+            }
+            return;
+        }
+    };
     // A database error inside the group aborts the transaction (PostgreSQL refuses further
     // statements): nothing is committed and every caller hears it; they retry on their own
     // (a worker's lease expires, an RPC answers UNAVAILABLE or INTERNAL).
