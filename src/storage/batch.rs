@@ -17,6 +17,19 @@ pub(super) type Finished = (Claimed, Vec<AttemptRecord>, Completion, i64);
 /// Rows per statement: keeps every statement under SQLite's 32,766 parameters.
 const CHUNK: usize = 256;
 
+/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered placeholders.
+fn placeholders(rows: usize, columns: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let p: Vec<String> = (1..=columns)
+                .map(|c| format!("${}", r * columns + c))
+                .collect();
+            format!("({})", p.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Records the completions whose lease is still held; returns, for each, whether it was.
 pub(super) async fn complete_many(
     conn: &mut sqlx::AnyConnection,
@@ -44,16 +57,7 @@ async fn update_chunk(
     conn: &mut sqlx::AnyConnection,
     chunk: &[Finished],
 ) -> Result<Vec<String>, StoreError> {
-    const COLUMNS: usize = 9;
-    let values = (0..chunk.len())
-        .map(|r| {
-            let p: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
-                .collect();
-            format!("({})", p.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let values = placeholders(chunk.len(), 9);
     // The same statement on both backends: a CTE names the VALUES columns.
     let sql = format!(
         "WITH v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, \
@@ -65,7 +69,8 @@ async fn update_chunk(
          FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
          RETURNING messages.id"
     );
-    let mut query = sqlx::query(&sql);
+    // Not cached: every group size is another statement text.
+    let mut query = sqlx::query(&sql).persistent(false);
     for (claimed, attempts, c, now) in chunk {
         query = query
             .bind(&claimed.message.id)
@@ -88,22 +93,14 @@ async fn insert_attempts(
     conn: &mut sqlx::AnyConnection,
     part: &[(&str, &AttemptRecord)],
 ) -> Result<(), StoreError> {
-    const COLUMNS: usize = 12;
-    let values = (0..part.len())
-        .map(|r| {
-            let p: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
-                .collect();
-            format!("({})", p.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let values = placeholders(part.len(), 12);
     let sql = format!(
         "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
          profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
          rejected_recipients) VALUES {values}"
     );
-    let mut query = sqlx::query(&sql);
+    // Not cached: every group size is another statement text.
+    let mut query = sqlx::query(&sql).persistent(false);
     for (id, a) in part {
         let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
         query = query
@@ -155,15 +152,13 @@ pub(super) async fn insert_many(
         })
         .collect();
     for part in recipients.chunks(CHUNK * 4) {
-        let values = (0..part.len())
-            .map(|r| format!("(${}, ${}, ${})", r * 3 + 1, r * 3 + 2, r * 3 + 3))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = placeholders(part.len(), 3);
         let sql = format!(
             "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
              ON CONFLICT DO NOTHING"
         );
-        let mut query = sqlx::query(&sql);
+        // Not cached: every group size is another statement text.
+        let mut query = sqlx::query(&sql).persistent(false);
         for (tenant, email, id) in part {
             query = query.bind(*tenant).bind(email.as_str()).bind(*id);
         }
@@ -188,16 +183,7 @@ async fn insert_chunk(
     conn: &mut sqlx::AnyConnection,
     chunk: &[Accepted<'_>],
 ) -> Result<Vec<String>, StoreError> {
-    const COLUMNS: usize = 23;
-    let values = (0..chunk.len())
-        .map(|r| {
-            let p: Vec<String> = (1..=COLUMNS)
-                .map(|c| format!("${}", r * COLUMNS + c))
-                .collect();
-            format!("({})", p.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ");
+    let values = placeholders(chunk.len(), 23);
     let sql = format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
          recipients, profile_id, profile_reason, template_id, campaign_id, content, \
@@ -205,7 +191,8 @@ async fn insert_chunk(
          updated_at, send_at, due_at, traceparent) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
     );
-    let mut query = sqlx::query(&sql);
+    // Not cached: every group size is another statement text.
+    let mut query = sqlx::query(&sql).persistent(false);
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;

@@ -136,6 +136,19 @@ fn rollup_query(per: i64) -> String {
 }
 
 impl SqlStore {
+    /// The whole hours of `[start, end)` that are rolled up: `first..end` (empty when
+    /// `end <= first`).
+    async fn rolled_span(&self, start: i64, end: i64) -> Result<(i64, i64), StoreError> {
+        let rolled_until: i64 =
+            sqlx::query("SELECT rolled_until FROM log_rollup_state WHERE id = 1")
+                .fetch_one(&self.pool)
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(db_error)?;
+        let first_hour = start.div_euclid(HOUR) + i64::from(start.rem_euclid(HOUR) != 0);
+        Ok((first_hour, end.div_euclid(HOUR).min(rolled_until)))
+    }
+
     pub(super) async fn stats(
         &self,
         tenant_id: &str,
@@ -146,14 +159,7 @@ impl SqlStore {
         let mut acc = Counts::default();
         // Whole hours of the window that are rolled up and clean come from log_rollup; the
         // window's ragged ends, the hours not rolled up yet and dirty hours are counted live.
-        let rolled_until: i64 =
-            sqlx::query("SELECT rolled_until FROM log_rollup_state WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(db_error)?;
-        let first_hour = start.div_euclid(HOUR) + i64::from(start.rem_euclid(HOUR) != 0);
-        let rolled_end = end.div_euclid(HOUR).min(rolled_until);
+        let (first_hour, rolled_end) = self.rolled_span(start, end).await?;
         let hour_buckets = bucket.is_none_or(|w| w % HOUR == 0);
         let mut live = Vec::new();
         if first_hour < rolled_end && hour_buckets {
@@ -337,14 +343,8 @@ impl SqlStore {
         end: i64,
         bucket: Option<i64>,
     ) -> Result<Vec<String>, StoreError> {
-        let rolled_until: i64 =
-            sqlx::query("SELECT rolled_until FROM log_rollup_state WHERE id = 1")
-                .fetch_one(&self.pool)
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(db_error)?;
-        let first_hour = start.div_euclid(HOUR) + i64::from(start.rem_euclid(HOUR) != 0);
-        let rolled_end = end.div_euclid(HOUR).min(rolled_until).max(first_hour);
+        let (first_hour, rolled_end) = self.rolled_span(start, end).await?;
+        let rolled_end = rolled_end.max(first_hour);
         let per = bucket.map_or(0, |w| w / HOUR);
         let mut binds = vec![
             Bind::Text(tenant_id.to_owned()),
