@@ -30,6 +30,13 @@ fn placeholders(rows: usize, columns: usize) -> String {
         .join(", ")
 }
 
+/// Whether a statement of `rows` rows is worth keeping prepared: only full chunks, the
+/// common size of large batches. Every other group size is another statement text, and
+/// caching them all piles up prepared statements on each connection (peak RSS 133 MiB).
+fn cacheable(rows: usize) -> bool {
+    rows == CHUNK
+}
+
 /// Records the completions whose lease is still held; returns, for each, whether it was.
 pub(super) async fn complete_many(
     conn: &mut sqlx::AnyConnection,
@@ -69,8 +76,7 @@ async fn update_chunk(
          FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
          RETURNING messages.id"
     );
-    // Not cached: every group size is another statement text.
-    let mut query = sqlx::query(&sql).persistent(false);
+    let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
     for (claimed, attempts, c, now) in chunk {
         query = query
             .bind(&claimed.message.id)
@@ -99,8 +105,7 @@ async fn insert_attempts(
          profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
          rejected_recipients) VALUES {values}"
     );
-    // Not cached: every group size is another statement text.
-    let mut query = sqlx::query(&sql).persistent(false);
+    let mut query = sqlx::query(&sql).persistent(cacheable(part.len()));
     for (id, a) in part {
         let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
         query = query
@@ -151,14 +156,13 @@ pub(super) async fn insert_many(
                 .map(|e| (m.tenant_id.as_str(), e, m.id.as_str()))
         })
         .collect();
-    for part in recipients.chunks(CHUNK * 4) {
+    for part in recipients.chunks(CHUNK) {
         let values = placeholders(part.len(), 3);
         let sql = format!(
             "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
              ON CONFLICT DO NOTHING"
         );
-        // Not cached: every group size is another statement text.
-        let mut query = sqlx::query(&sql).persistent(false);
+        let mut query = sqlx::query(&sql).persistent(cacheable(part.len()));
         for (tenant, email, id) in part {
             query = query.bind(*tenant).bind(email.as_str()).bind(*id);
         }
@@ -191,8 +195,7 @@ async fn insert_chunk(
          updated_at, send_at, due_at, traceparent) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
     );
-    // Not cached: every group size is another statement text.
-    let mut query = sqlx::query(&sql).persistent(false);
+    let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
