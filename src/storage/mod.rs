@@ -120,6 +120,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         verification: &Verification,
         now: i64,
     ) -> Result<SmtpProfile, StoreError>;
+    /// Records a profile's health as its verification (e.g. a failed AUTH while delivering),
+    /// leaving its status alone; bumps its version.
+    async fn set_profile_verification(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        verification: &Verification,
+        now: i64,
+    ) -> Result<(), StoreError>;
     /// Replaces a profile's name, settings, secret, status and verification; bumps its
     /// version. With `expected_version`, only if the stored version still equals it.
     async fn update_profile(

@@ -353,6 +353,28 @@ impl Store for SqlStore {
         }
     }
 
+    async fn set_profile_verification(
+        &self,
+        tenant_id: &str,
+        id: &str,
+        verification: &Verification,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let verification = decode(serde_json::to_string(verification).map_err(Into::into))?;
+        sqlx::query(
+            "UPDATE smtp_profiles SET verification = $1, updated_at = $2, \
+             version = version + 1 WHERE tenant_id = $3 AND id = $4",
+        )
+        .bind(verification)
+        .bind(now)
+        .bind(tenant_id)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_error)?;
+        Ok(())
+    }
+
     async fn set_profile_state(
         &self,
         tenant_id: &str,

@@ -172,7 +172,7 @@ async fn auth_failure_retries_without_fallback_and_falls_back_when_allowed() {
     });
 
     let mut req = simple_email("bob@example.com");
-    req.profile_id = strict;
+    req.profile_id = strict.clone();
     let (id, status) = app.send_and_settle("acme", req).await;
     assert_eq!(
         status,
@@ -186,6 +186,27 @@ async fn auth_failure_retries_without_fallback_and_falls_back_when_allowed() {
     assert_eq!(entry.attempts[0].outcome(), AttemptOutcome::Deferred);
     assert!(entry.next_attempt_time.is_some());
     assert!(!format!("{entry:?}").contains("right-password"));
+    // The profile's health shows the failure; it stays in service.
+    let profile = app
+        .config_client()
+        .get_smtp_profile(as_tenant(
+            "acme",
+            GetSmtpProfileRequest { id: strict.clone() },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .profile
+        .unwrap();
+    let verification = profile.verification.clone().unwrap();
+    assert_eq!(verification.state(), VerificationState::Failed);
+    assert!(
+        verification.last_error.contains("535"),
+        "{}",
+        verification.last_error
+    );
+    assert!(!verification.last_error.contains("right-password"));
+    assert_eq!(profile.status(), ProfileStatus::Active);
 
     let mut req = simple_email("bob@example.com");
     req.profile_id = lenient;
