@@ -258,6 +258,7 @@ impl App {
             allow_insecure_tls: config.smtp.allow_insecure_tls,
             system_sender,
             limits: config.limits.clone(),
+            reads: Arc::default(),
         };
         Ok(Self {
             stop,
@@ -360,6 +361,9 @@ impl App {
             .trace_fn(crate::telemetry::grpc_server_span)
             .layer(crate::metrics::RpcMetricsLayer)
             .layer(AuthLayer::new(self.auth.clone(), max))
+            .layer(crate::api::read_cache::InvalidateOnWriteLayer::new(
+                ctx.reads.clone(),
+            ))
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -4,10 +4,49 @@
 //! default > the operator's system default service. A named profile that is inactive or not
 //! usable by the tenant is an error; a bound or default one that is not usable is skipped.
 
+use async_trait::async_trait;
+
 use crate::{
-    domain::{DocumentKind, Mailbox, ProfileReason, ProfileStatus, SendingContext, SmtpProfile},
+    domain::{
+        Document, DocumentKind, Mailbox, ProfileReason, ProfileStatus, SendingContext, SmtpProfile,
+        TenantSettings,
+    },
     storage::{Store, StoreError},
 };
+
+/// What routing reads: straight from the store, or through the API's short-lived cache.
+#[async_trait]
+pub trait RouteReads: Send + Sync {
+    /// The tenant's settings.
+    async fn tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError>;
+    /// A profile the tenant may send through (its own or shared with it).
+    async fn usable_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError>;
+    /// A template or campaign of the tenant.
+    async fn document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Document, StoreError>;
+}
+
+#[async_trait]
+impl RouteReads for dyn Store {
+    async fn tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError> {
+        self.get_tenant_settings(tenant_id).await
+    }
+    async fn usable_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
+        self.get_usable_profile(tenant_id, id).await
+    }
+    async fn document(
+        &self,
+        kind: DocumentKind,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Document, StoreError> {
+        self.get_document(kind, tenant_id, id).await
+    }
+}
 
 /// Why an email cannot be routed.
 #[derive(Debug, thiserror::Error)]
@@ -50,7 +89,7 @@ pub struct Route {
 }
 
 async fn load(
-    store: &dyn Store,
+    store: &dyn RouteReads,
     kind: DocumentKind,
     tenant_id: &str,
     id: &str,
@@ -58,7 +97,7 @@ async fn load(
     if id.is_empty() {
         return Ok(None);
     }
-    let doc = match store.get_document(kind, tenant_id, id).await {
+    let doc = match store.document(kind, tenant_id, id).await {
         Ok(doc) => doc,
         Err(StoreError::NotFound(what)) => return Err(RoutingError::NotFound(what)),
         Err(e) => return Err(e.into()),
@@ -75,10 +114,10 @@ async fn load(
 }
 
 /// A bound profile, if it is usable: active and owned by or shared with the tenant.
-async fn usable(store: &dyn Store, tenant_id: &str, id: Option<&str>) -> Option<SmtpProfile> {
+async fn usable(store: &dyn RouteReads, tenant_id: &str, id: Option<&str>) -> Option<SmtpProfile> {
     let id = id?;
     store
-        .get_usable_profile(tenant_id, id)
+        .usable_profile(tenant_id, id)
         .await
         .ok()
         .filter(|p| p.status == ProfileStatus::Active)
@@ -87,18 +126,18 @@ async fn usable(store: &dyn Store, tenant_id: &str, id: Option<&str>) -> Option<
 /// Routes a request of `tenant_id` naming (maybe empty) a profile, campaign and template.
 #[tracing::instrument(name = "routing", skip_all, fields(tenant_id, profile_id = tracing::field::Empty, reason = tracing::field::Empty))]
 pub async fn route(
-    store: &dyn Store,
+    store: &dyn RouteReads,
     operator_sender: &Mailbox,
     tenant_id: &str,
     profile_id: &str,
     campaign_id: &str,
     template_id: &str,
 ) -> Result<Route, RoutingError> {
-    let tenant = store.get_tenant_settings(tenant_id).await?;
+    let tenant = store.tenant_settings(tenant_id).await?;
     let campaign = load(store, DocumentKind::Campaign, tenant_id, campaign_id).await?;
     let template = load(store, DocumentKind::Template, tenant_id, template_id).await?;
     let (profile, reason) = if !profile_id.is_empty() {
-        let profile = match store.get_usable_profile(tenant_id, profile_id).await {
+        let profile = match store.usable_profile(tenant_id, profile_id).await {
             Ok(p) => p,
             Err(StoreError::NotFound(what)) => return Err(RoutingError::NotFound(what)),
             Err(e) => return Err(e.into()),

@@ -7,6 +7,7 @@ mod documents;
 mod email_log;
 mod presets;
 mod profile_mask;
+pub mod read_cache;
 mod send;
 mod smtp_config;
 mod template;
@@ -42,6 +43,8 @@ pub struct ApiContext {
     pub allow_insecure_tls: bool,
     /// Request limits (recipients per email, batch size).
     pub limits: crate::auth::LimitsConfig,
+    /// Routing's reads, cached for a moment (emptied by every configuration write).
+    pub reads: std::sync::Arc<read_cache::ReadCache>,
 }
 
 /// Narrows a log filter to what the caller may read: a member sees only the emails it sent.

@@ -87,7 +87,7 @@ impl SendApi {
     /// Routes a request: profile, template, campaign (see [`crate::routing`]).
     async fn route(&self, caller: &Caller, req: &pb::SendEmailRequest) -> Result<Route, ApiError> {
         Ok(routing::route(
-            self.ctx.store.as_ref(),
+            &self.ctx.reads.over(self.ctx.store.as_ref()),
             &self.ctx.system_sender,
             &caller.tenant_id,
             &req.profile_id,

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::{Header, Mailbox};
 
 /// Which kind of named document.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DocumentKind {
     /// An email template.
     Template,

@@ -867,3 +867,64 @@ async fn watch_streams_matching_changes_and_ends_on_shutdown() {
         "the stream ended"
     );
 }
+
+#[tokio::test]
+async fn a_configuration_change_reaches_the_very_next_email() {
+    // Routing's reads are cached for a moment; a change made through this process empties
+    // the cache, so the next email already sees it.
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn_with(|c| c.delivery.enabled = false).await;
+    let id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    let mut send = app.send_client();
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = id.clone();
+    send.send_email(as_tenant("acme", req.clone()))
+        .await
+        .expect("active: accepted (and its reads cached)");
+    app.config_client()
+        .deactivate_smtp_profile(as_tenant(
+            "acme",
+            DeactivateSmtpProfileRequest { id: id.clone() },
+        ))
+        .await
+        .unwrap();
+    let err = send
+        .send_email(as_tenant("acme", req.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    // The tenant default changes routing of the next email too.
+    app.config_client()
+        .activate_smtp_profile(as_tenant(
+            "acme",
+            ActivateSmtpProfileRequest { id: id.clone() },
+        ))
+        .await
+        .unwrap();
+    app.config_client()
+        .update_tenant_settings(as_tenant(
+            "acme",
+            UpdateTenantSettingsRequest {
+                settings: Some(TenantSettings {
+                    default_profile_id: id.clone(),
+                    ..Default::default()
+                }),
+                update_mask: Some(prost_types::FieldMask {
+                    paths: vec!["default_profile_id".into()],
+                }),
+            },
+        ))
+        .await
+        .unwrap();
+    let accepted = send
+        .send_email(as_tenant("acme", simple_email("carol@example.com")))
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = app.log_entry("acme", &accepted.message_id).await;
+    assert_eq!(entry.profile_id, id);
+    assert_eq!(entry.profile_reason(), ProfileReason::TenantDefault);
+    app.stop().await.unwrap();
+}
