@@ -135,6 +135,36 @@ fn rollup_query(per: i64) -> String {
     )
 }
 
+/// Rewrites the rollup of `hour` from the log: for every tenant, or for one.
+async fn recount(
+    conn: &mut sqlx::AnyConnection,
+    tenant: Option<&str>,
+    hour: i64,
+) -> Result<(), StoreError> {
+    // The tenant parameter is NULL for all of them.
+    sqlx::query("DELETE FROM log_rollup WHERE hour = $1 AND ($2 IS NULL OR tenant_id = $2)")
+        .bind(hour)
+        .bind(tenant)
+        .execute(&mut *conn)
+        .await
+        .map_err(db_error)?;
+    sqlx::query(
+        "INSERT INTO log_rollup (tenant_id, hour, status, email_type, profile_id, n) \
+         SELECT tenant_id, $1, status, email_type, COALESCE(profile_id, ''), COUNT(*) \
+         FROM messages WHERE created_at >= $2 AND created_at < $3 \
+         AND ($4 IS NULL OR tenant_id = $4) \
+         GROUP BY tenant_id, status, email_type, COALESCE(profile_id, '')",
+    )
+    .bind(hour)
+    .bind(hour * HOUR)
+    .bind((hour + 1) * HOUR)
+    .bind(tenant)
+    .execute(&mut *conn)
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 impl SqlStore {
     /// The whole hours of `[start, end)` that are rolled up: `first..end` (empty when
     /// `end <= first`).
@@ -248,23 +278,7 @@ impl SqlStore {
         let to = watched.min(rolled.saturating_add(max_hours));
         for hour in rolled..to {
             let mut tx = self.pool.begin().await.map_err(db_error)?;
-            sqlx::query("DELETE FROM log_rollup WHERE hour = $1")
-                .bind(hour)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            sqlx::query(
-                "INSERT INTO log_rollup (tenant_id, hour, status, email_type, profile_id, n) \
-                 SELECT tenant_id, $1, status, email_type, COALESCE(profile_id, ''), COUNT(*) \
-                 FROM messages WHERE created_at >= $2 AND created_at < $3 \
-                 GROUP BY tenant_id, status, email_type, COALESCE(profile_id, '')",
-            )
-            .bind(hour)
-            .bind(hour * HOUR)
-            .bind((hour + 1) * HOUR)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            recount(&mut tx, None, hour).await?;
             sqlx::query("UPDATE log_rollup_state SET rolled_until = $1 WHERE id = 1")
                 .bind(hour + 1)
                 .execute(&mut *tx)
@@ -286,25 +300,7 @@ impl SqlStore {
             let hour: i64 = row.try_get(1).map_err(db_error)?;
             let version: i64 = row.try_get(2).map_err(db_error)?;
             let mut tx = self.pool.begin().await.map_err(db_error)?;
-            sqlx::query("DELETE FROM log_rollup WHERE tenant_id = $1 AND hour = $2")
-                .bind(&tenant)
-                .bind(hour)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
-            sqlx::query(
-                "INSERT INTO log_rollup (tenant_id, hour, status, email_type, profile_id, n) \
-                 SELECT tenant_id, $2, status, email_type, COALESCE(profile_id, ''), COUNT(*) \
-                 FROM messages WHERE tenant_id = $1 AND created_at >= $3 AND created_at < $4 \
-                 GROUP BY tenant_id, status, email_type, COALESCE(profile_id, '')",
-            )
-            .bind(&tenant)
-            .bind(hour)
-            .bind(hour * HOUR)
-            .bind((hour + 1) * HOUR)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_error)?;
+            recount(&mut tx, Some(&tenant), hour).await?;
             // A change made meanwhile bumped the version: the mark stays for the next pass.
             sqlx::query(
                 "DELETE FROM log_rollup_dirty WHERE tenant_id = $1 AND hour = $2 AND version = $3",
