@@ -17,12 +17,21 @@ pub(super) type Finished = (Claimed, Vec<AttemptRecord>, Completion, i64);
 /// Rows per statement: keeps every statement under SQLite's 32,766 parameters.
 const CHUNK: usize = 256;
 
-/// `($1, $2), ($3, $4), ...`: `rows` tuples of `columns` numbered placeholders.
-fn placeholders(rows: usize, columns: usize) -> String {
+/// `rows` tuples of `columns` placeholders, bound in order: `($1, $2), ($3, $4), ...` on
+/// PostgreSQL, `(?, ?), (?, ?), ...` on SQLite. SQLite looks every `$n` up in a list of the
+/// names seen so far while it parses, which is quadratic in a statement of thousands.
+fn placeholders(conn: &sqlx::AnyConnection, rows: usize, columns: usize) -> String {
+    let anonymous = conn.backend_name() == "SQLite";
     (0..rows)
         .map(|r| {
             let p: Vec<String> = (1..=columns)
-                .map(|c| format!("${}", r * columns + c))
+                .map(|c| {
+                    if anonymous {
+                        "?".to_owned()
+                    } else {
+                        format!("${}", r * columns + c)
+                    }
+                })
                 .collect();
             format!("({})", p.join(", "))
         })
@@ -64,7 +73,7 @@ async fn update_chunk(
     conn: &mut sqlx::AnyConnection,
     chunk: &[Finished],
 ) -> Result<Vec<String>, StoreError> {
-    let values = placeholders(chunk.len(), 9);
+    let values = placeholders(conn, chunk.len(), 9);
     // The same statement on both backends: a CTE names the VALUES columns.
     let sql = format!(
         "WITH v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, \
@@ -99,7 +108,7 @@ async fn insert_attempts(
     conn: &mut sqlx::AnyConnection,
     part: &[(&str, &AttemptRecord)],
 ) -> Result<(), StoreError> {
-    let values = placeholders(part.len(), 12);
+    let values = placeholders(conn, part.len(), 12);
     let sql = format!(
         "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
          profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
@@ -157,7 +166,7 @@ pub(super) async fn insert_many(
         })
         .collect();
     for part in recipients.chunks(CHUNK) {
-        let values = placeholders(part.len(), 3);
+        let values = placeholders(conn, part.len(), 3);
         let sql = format!(
             "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
              ON CONFLICT DO NOTHING"
@@ -187,7 +196,7 @@ async fn insert_chunk(
     conn: &mut sqlx::AnyConnection,
     chunk: &[Accepted<'_>],
 ) -> Result<Vec<String>, StoreError> {
-    let values = placeholders(chunk.len(), 23);
+    let values = placeholders(conn, chunk.len(), 23);
     let sql = format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
          recipients, profile_id, profile_reason, template_id, campaign_id, content, \
