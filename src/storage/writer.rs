@@ -127,14 +127,25 @@ fn dup(e: &StoreError) -> StoreError {
 }
 
 impl Done {
-    fn failed(&self) -> bool {
+    /// The error that spoils the whole group, if this operation failed in the database. (A
+    /// single accept refused for its idempotency key does not: the group commits.) Every
+    /// caller hears it, so a database outage is UNAVAILABLE for all of them.
+    fn failure(&self) -> Option<StoreError> {
+        let group_error = |e: &StoreError| {
+            let spoiled = match e {
+                StoreError::Unavailable(_) => dup(e),
+                _ => StoreError::Other(anyhow::anyhow!(
+                    "a write in the same group failed; nothing was committed"
+                )),
+            };
+            Some(spoiled)
+        };
         match self {
-            Done::Insert(r, _) => {
-                matches!(r, Err(StoreError::Unavailable(_) | StoreError::Other(_)))
-            }
-            Done::InsertMany(r, _) => r.is_err(),
-            Done::Complete(r, _) => r.is_err(),
-            Done::Claim(r, _) => r.is_err(),
+            Done::Insert(Err(e @ (StoreError::Unavailable(_) | StoreError::Other(_))), _)
+            | Done::InsertMany(Err(e), _)
+            | Done::Complete(Err(e), _)
+            | Done::Claim(Err(e), _) => group_error(e),
+            _ => None,
         }
     }
 
@@ -178,15 +189,11 @@ async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver
     }
 }
 
-/// A reply still owed to a caller, for when the whole group fails.
-type Owed = Box<dyn FnOnce(&StoreError) + Send>;
-
 /// Applies a group's operations with a few multi-row statements: all accepts together, all
-/// completions together, then the claims.
-async fn apply_group(
-    conn: &mut sqlx::AnyConnection,
-    ops: Vec<Op>,
-) -> Result<Vec<Done>, (StoreError, Vec<Owed>)> {
+/// completions together, then the claims. Once a statement fails, the operations left get
+/// its error without touching the database (PostgreSQL refuses statements in a failed
+/// transaction anyway); `commit_group` then rolls the whole group back.
+async fn apply_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> Vec<Done> {
     let mut inserts: Vec<(NewMessage, i64)> = Vec::new();
     // For each insert op: where its messages sit in `inserts`, and its reply.
     let mut insert_ops: Vec<(std::ops::Range<usize>, InsertReply)> = Vec::new();
@@ -215,78 +222,63 @@ async fn apply_group(
             }
         }
     }
-    let owed = |insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
-                complete_replies: Vec<Reply<bool>>,
-                claims: Vec<PendingClaim>| {
-        let mut owed: Vec<Owed> = Vec::new();
-        for (_, reply) in insert_ops {
-            owed.push(match reply {
-                InsertReply::One(tx) => Box::new(move |e: &StoreError| {
-                    let _ = tx.send(Err(dup(e)));
-                }),
-                InsertReply::Many(tx) => Box::new(move |e: &StoreError| {
-                    let _ = tx.send(Err(dup(e)));
-                }),
-            });
-        }
-        for tx in complete_replies {
-            owed.push(Box::new(move |e: &StoreError| {
-                let _ = tx.send(Err(dup(e)));
-            }));
-        }
-        for (.., tx) in claims {
-            owed.push(Box::new(move |e: &StoreError| {
-                let _ = tx.send(Err(dup(e)));
-            }));
-        }
-        owed
-    };
-    let mut done = Vec::new();
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    let mut failure: Option<StoreError> = None;
     if !inserts.is_empty() {
         let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
-        match insert_many(conn, &refs).await {
-            Ok(mut results) => {
-                // Hand each op its slice of the results, last op first.
-                for (range, reply) in insert_ops.into_iter().rev() {
-                    let mine: Vec<_> = results.drain(range.start..).collect();
-                    done.push(match reply {
-                        InsertReply::One(tx) => {
-                            Done::Insert(mine.into_iter().next().unwrap_or_else(|| Err(gone())), tx)
-                        }
-                        InsertReply::Many(tx) => Done::InsertMany(Ok(mine), tx),
-                    });
-                }
+        let mut results = match insert_many(conn, &refs).await {
+            Ok(results) => Ok(results),
+            Err(e) => {
+                let copy = dup(&e);
+                failure = Some(e);
+                Err(copy)
             }
-            Err(e) => return Err((e, owed(insert_ops, complete_replies, claims))),
+        };
+        // Hand each op its slice of the results, last op first.
+        for (range, reply) in insert_ops.into_iter().rev() {
+            let mine = match &mut results {
+                Ok(all) => Ok(all.drain(range.start..).collect::<Vec<_>>()),
+                Err(e) => Err(dup(e)),
+            };
+            done.push(match reply {
+                InsertReply::One(tx) => Done::Insert(
+                    mine.and_then(|m| m.into_iter().next().unwrap_or_else(|| Err(gone()))),
+                    tx,
+                ),
+                InsertReply::Many(tx) => Done::InsertMany(mine, tx),
+            });
         }
     }
     if !finished.is_empty() {
-        match complete_many(conn, &finished).await {
+        let held = match &failure {
+            Some(e) => Err(dup(e)),
+            None => complete_many(conn, &finished).await,
+        };
+        match held {
             Ok(held) => done.extend(
                 held.into_iter()
                     .zip(complete_replies)
                     .map(|(h, reply)| Done::Complete(Ok(h), reply)),
             ),
             Err(e) => {
-                let mut all = owed(Vec::new(), complete_replies, claims);
-                for d in done {
-                    all.push(Box::new(move |e: &StoreError| d.answer(Err(e))));
-                }
-                return Err((e, all));
+                done.extend(
+                    complete_replies
+                        .into_iter()
+                        .map(|reply| Done::Complete(Err(dup(&e)), reply)),
+                );
+                failure.get_or_insert(e);
             }
         }
     }
     for (backend, now, until, limit, reply) in claims {
-        done.push(Done::Claim(
-            claim_one(conn, backend, now, until, limit).await,
-            reply,
-        ));
+        let claimed = match &failure {
+            Some(e) => Err(dup(e)),
+            None => claim_one(conn, backend, now, until, limit).await,
+        };
+        done.push(Done::Claim(claimed, reply));
     }
-    Ok(done)
+    done
 }
-
-/// A claim waiting for its turn in the group.
-type PendingClaim = (Backend, i64, i64, u32, Reply<Vec<Claimed>>);
 
 /// Where an insert op's answer goes.
 enum InsertReply {
@@ -307,25 +299,12 @@ async fn commit_group(pool: &AnyPool, ops: Vec<Op>) {
             return;
         }
     };
-    let done = match apply_group(&mut tx, ops).await {
-        Ok(done) => done,
-        Err((e, replies)) => {
-            // The transaction is unusable: nothing of this group is committed.
-            let _ = tx.rollback().await;
-            for reply in replies {
-                reply(&e);
-            }
-            return;
-        }
-    };
+    let done = apply_group(&mut tx, ops).await;
     // A database error inside the group aborts the transaction (PostgreSQL refuses further
     // statements): nothing is committed and every caller hears it; they retry on their own
     // (a worker's lease expires, an RPC answers UNAVAILABLE or INTERNAL).
-    if done.iter().any(Done::failed) {
+    if let Some(e) = done.iter().find_map(Done::failure) {
         let _ = tx.rollback().await;
-        let e = StoreError::Other(anyhow::anyhow!(
-            "a write in the same group failed; nothing was committed"
-        ));
         for d in done {
             d.answer(Err(&e));
         }
