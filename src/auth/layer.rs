@@ -7,8 +7,6 @@ use std::{
     task::{Context, Poll},
 };
 
-use tonic::metadata::MetadataMap;
-
 use super::Authenticator;
 
 /// Authenticates and authorizes each request; refused requests never reach a handler.
@@ -90,11 +88,8 @@ where
         if self.auth.is_public(path) {
             return Box::pin(self.inner.call(req));
         }
-        // Only the header map is copied, not the body.
-        let metadata = MetadataMap::from_headers(req.headers().clone());
-        match self.auth.authorize(path, &metadata) {
+        match self.auth.authorize(path, req.headers()) {
             Ok(caller) => {
-                tracing::Span::current().record("mailgate.caller", caller.source.as_str());
                 req.extensions_mut().insert(caller);
                 let max = self.max_request_bytes;
                 let fut = self.inner.call(req);

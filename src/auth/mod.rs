@@ -12,8 +12,9 @@ pub mod settings;
 use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use base64::Engine as _;
+use http::HeaderMap;
 use ring::digest;
-use tonic::{metadata::MetadataMap, Code, Status};
+use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
 pub use layer::AuthLayer;
@@ -270,8 +271,9 @@ impl Authenticator {
         self.public_services.iter().any(|s| s == service)
     }
 
-    /// Resolves the caller of `path` from the request metadata, or the status refusing it.
-    pub fn authorize(&self, path: &str, metadata: &MetadataMap) -> Result<Caller, Status> {
+    /// Resolves the caller of `path` from the request metadata (the HTTP/2 headers), or the
+    /// status refusing it.
+    pub fn authorize(&self, path: &str, metadata: &HeaderMap) -> Result<Caller, Status> {
         let (name, role, bound) = if self.dev_mode {
             let source = metadata
                 .get(SOURCE_HEADER)
@@ -334,7 +336,7 @@ impl Authenticator {
         })
     }
 
-    fn key(&self, metadata: &MetadataMap) -> Result<&Key, Status> {
+    fn key(&self, metadata: &HeaderMap) -> Result<&Key, Status> {
         let Some(value) = metadata.get("authorization") else {
             return Err(Status::unauthenticated(
                 "missing credentials: send the metadata `authorization: Bearer <API key>`",
@@ -420,8 +422,8 @@ mod tests {
         .unwrap()
     }
 
-    fn metadata(pairs: &[(&'static str, &str)]) -> MetadataMap {
-        let mut m = MetadataMap::new();
+    fn metadata(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
         for (k, v) in pairs {
             m.insert(*k, v.parse().unwrap());
         }
