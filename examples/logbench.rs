@@ -167,35 +167,26 @@ async fn write_chunk(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     chunk: &[Row],
 ) -> anyhow::Result<()> {
-    const COLUMNS: usize = 14;
+    const COLUMNS: usize = 13;
     let values = (0..chunk.len())
         .map(|r| {
-            let p = |c: usize| format!("${}", r * COLUMNS + c);
+            let p: Vec<String> = (1..=COLUMNS)
+                .map(|c| format!("${}", r * COLUMNS + c))
+                .collect();
+            // Constant columns after the first five and the eighth.
             format!(
-                "({}, {}, {}, {}, {}, 'Your code', 'noreply@big.example', {}, {}, 'REQUEST', \
-                 {}, {}, {}, {}, {}, {}, {}, 1)",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8),
-                p(9),
-                p(10),
-                p(11),
-                p(12),
-                p(13),
-                p(14)
+                "({}, 'Your code', 'noreply@big.example', {}, 'REQUEST', {}, 1)",
+                p[..5].join(", "),
+                p[5..6].join(", "),
+                p[6..].join(", ")
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-         recipients, profile_id, profile_reason, content, message_id_header, request_hash, \
-         created_at, updated_at, sent_at, due_at, attempt_count) VALUES {values}"
+         profile_id, profile_reason, content, message_id_header, request_hash, created_at, \
+         updated_at, sent_at, due_at, attempt_count) VALUES {values}"
     );
     let mut query = sqlx::query(&sql);
     for row in chunk {
@@ -210,7 +201,6 @@ async fn write_chunk(
             .bind(row.status.as_str())
             .bind(row.source)
             .bind(row.email_type)
-            .bind(format!(" {} ", row.to))
             .bind(row.profile)
             .bind(row.content.clone())
             .bind(format!("<{}@big.example>", row.id))

@@ -196,10 +196,10 @@ async fn insert_chunk(
     conn: &mut sqlx::AnyConnection,
     chunk: &[Accepted<'_>],
 ) -> Result<Vec<String>, StoreError> {
-    let values = placeholders(conn, chunk.len(), 23);
+    let values = placeholders(conn, chunk.len(), 22);
     let sql = format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-         recipients, profile_id, profile_reason, template_id, campaign_id, content, \
+         profile_id, profile_reason, template_id, campaign_id, content, \
          message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
          updated_at, send_at, due_at, traceparent) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
@@ -208,14 +208,6 @@ async fn insert_chunk(
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
-        let recipients = format!(
-            " {} ",
-            m.content
-                .recipients()
-                .map(|r| r.email.as_str().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
         let (status, due_at) = match m.send_at {
             Some(at) if at > *now => (MessageStatus::Scheduled, at),
             _ => (MessageStatus::Queued, *now),
@@ -228,7 +220,6 @@ async fn insert_chunk(
             .bind(&m.email_type)
             .bind(&m.content.subject)
             .bind(m.content.from.to_string())
-            .bind(recipients)
             .bind(m.profile_id.as_deref())
             .bind(m.profile_reason.as_str())
             .bind(m.template_id.as_deref())
