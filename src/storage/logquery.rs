@@ -255,7 +255,8 @@ impl SqlStore {
                 .await
                 .map_err(db_error)?;
         let watched: i64 = row.try_get(0).map_err(db_error)?;
-        let mut rolled: i64 = row.try_get(1).map_err(db_error)?;
+        let stored_rolled: i64 = row.try_get(1).map_err(db_error)?;
+        let mut rolled = stored_rolled;
         // Hours watched since the previous pass are safe to roll up: a change that began
         // before the triggers watched them has long committed. Ended hours get watched now.
         let current = now.div_euclid(HOUR);
@@ -276,15 +277,26 @@ impl SqlStore {
         }
         let mut written = 0;
         let to = watched.min(rolled.saturating_add(max_hours));
+        // Replicas run this pass too: each hour's transaction first moves rolled_until on
+        // from the value this pass expects, which locks the row. A replica that finds it
+        // moved already stops instead of counting the same hour.
+        let mut expected = stored_rolled;
         for hour in rolled..to {
             let mut tx = self.pool.begin().await.map_err(db_error)?;
+            let claimed = sqlx::query(
+                "UPDATE log_rollup_state SET rolled_until = $1 WHERE id = 1 AND rolled_until = $2",
+            )
+            .bind(hour + 1)
+            .bind(expected)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_error)?;
+            if claimed.rows_affected() == 0 {
+                break;
+            }
             recount(&mut tx, None, hour).await?;
-            sqlx::query("UPDATE log_rollup_state SET rolled_until = $1 WHERE id = 1")
-                .bind(hour + 1)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_error)?;
             tx.commit().await.map_err(db_error)?;
+            expected = hour + 1;
             written += 1;
         }
         let dirty = sqlx::query(
@@ -299,10 +311,12 @@ impl SqlStore {
             let tenant: String = row.try_get(0).map_err(db_error)?;
             let hour: i64 = row.try_get(1).map_err(db_error)?;
             let version: i64 = row.try_get(2).map_err(db_error)?;
+            // The mark goes first, which locks it: a replica recounting the same hour waits
+            // and then finds nothing to do, and a change whose trigger bumped the version
+            // keeps the mark for the next pass (its own transaction holds the row until it
+            // commits, so the recount below never misses it silently).
             let mut tx = self.pool.begin().await.map_err(db_error)?;
-            recount(&mut tx, Some(&tenant), hour).await?;
-            // A change made meanwhile bumped the version: the mark stays for the next pass.
-            sqlx::query(
+            let taken = sqlx::query(
                 "DELETE FROM log_rollup_dirty WHERE tenant_id = $1 AND hour = $2 AND version = $3",
             )
             .bind(&tenant)
@@ -311,6 +325,10 @@ impl SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(db_error)?;
+            if taken.rows_affected() == 0 {
+                continue;
+            }
+            recount(&mut tx, Some(&tenant), hour).await?;
             tx.commit().await.map_err(db_error)?;
             written += 1;
         }
