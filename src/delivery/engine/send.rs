@@ -193,39 +193,30 @@ impl Engine {
                 enhanced_code: String::new(),
                 text,
             }),
-            Ok(target) => {
-                let content = &message.content;
-                match compose(content, &message.message_id_header, &message.id) {
-                    Err(e) => Err(compose_failure(e)),
-                    Ok(body) => {
-                        let recipients = envelope_recipients(content);
-                        let envelope_from = content
-                            .error_to
-                            .clone()
-                            .unwrap_or_else(|| content.from.email.to_string());
-                        let out = Outgoing {
-                            tenant_id: &message.tenant_id,
-                            message_id: &message.id,
-                            envelope_from: &envelope_from,
-                            recipients: &recipients,
-                            body: &body,
-                        };
-                        let span = attempt_span(
-                            &target.host,
-                            target.port,
-                            &format!("{:?}", target.security),
-                            false,
-                        );
-                        let result = self
-                            .transports
-                            .send_smtp(&profile.id, profile.version, &target, &out, deadline)
-                            .instrument(span.clone())
-                            .await;
-                        record_reply(&span, &result);
-                        result
-                    }
+            Ok(target) => match Prepared::new(&message.content, message) {
+                Err(failure) => Err(failure),
+                Ok(prepared) => {
+                    let span = attempt_span(
+                        &target.host,
+                        target.port,
+                        &format!("{:?}", target.security),
+                        false,
+                    );
+                    let result = self
+                        .transports
+                        .send_smtp(
+                            &profile.id,
+                            profile.version,
+                            &target,
+                            &prepared.outgoing(message),
+                            deadline,
+                        )
+                        .instrument(span.clone())
+                        .await;
+                    record_reply(&span, &result);
+                    result
                 }
-            }
+            },
         };
         let server = format!("{}:{}", profile.settings.host, profile.settings.port);
         let record = attempt_record(
@@ -267,25 +258,13 @@ impl Engine {
             };
             content.error_to = None;
         }
-        let result = match compose(&content, &message.message_id_header, &message.id) {
-            Err(e) => Err(compose_failure(e)),
-            Ok(body) => {
-                let recipients = envelope_recipients(&content);
-                let envelope_from = content
-                    .error_to
-                    .clone()
-                    .unwrap_or_else(|| content.from.email.to_string());
-                let out = Outgoing {
-                    tenant_id: &message.tenant_id,
-                    message_id: &message.id,
-                    envelope_from: &envelope_from,
-                    recipients: &recipients,
-                    body: &body,
-                };
+        let result = match Prepared::new(&content, message) {
+            Err(failure) => Err(failure),
+            Ok(prepared) => {
                 let span = attempt_span(&self.transports.system_server(), 0, "system", fallback);
                 let result = self
                     .transports
-                    .send_system(&out, deadline)
+                    .send_system(&prepared.outgoing(message), deadline)
                     .instrument(span.clone())
                     .await;
                 record_reply(&span, &result);
@@ -357,6 +336,42 @@ pub(super) fn record_metrics(tenant_id: &str, attempts: &[AttemptRecord]) {
         if a.fallback {
             m.fallbacks
                 .add(1, &[KeyValue::new("tenant", tenant_id.to_owned())]);
+        }
+    }
+}
+
+/// An email composed for the wire, with its envelope.
+struct Prepared {
+    body: Vec<u8>,
+    recipients: Vec<String>,
+    envelope_from: String,
+}
+
+impl Prepared {
+    /// Composes `content` (the stored content, or the fallback's rewrite of it).
+    fn new(
+        content: &crate::domain::MessageContent,
+        message: &crate::domain::StoredMessage,
+    ) -> Result<Self, SmtpFailure> {
+        let body =
+            compose(content, &message.message_id_header, &message.id).map_err(compose_failure)?;
+        Ok(Self {
+            body,
+            recipients: envelope_recipients(content),
+            envelope_from: content
+                .error_to
+                .clone()
+                .unwrap_or_else(|| content.from.email.to_string()),
+        })
+    }
+
+    fn outgoing<'a>(&'a self, message: &'a crate::domain::StoredMessage) -> Outgoing<'a> {
+        Outgoing {
+            tenant_id: &message.tenant_id,
+            message_id: &message.id,
+            envelope_from: &self.envelope_from,
+            recipients: &self.recipients,
+            body: &self.body,
         }
     }
 }
