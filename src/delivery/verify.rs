@@ -80,7 +80,7 @@ pub async fn verify(
     let mut capabilities = Vec::new();
     let result = async {
         let mut session = Session::open_traced(target, guard, deadline, &mut progress).await?;
-        capabilities = capabilities_of(&session.server_info());
+        capabilities = session.capabilities();
         let probe = session
             .probe(envelope_from, recipient, deadline, &mut progress)
             .await;

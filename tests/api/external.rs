@@ -18,7 +18,7 @@ use crate::helpers::{as_tenant, mailbox, simple_email, Binary, TestApp};
 const USER: &str = "mailer@acme.test";
 const PASSWORD: &str = "canary-aiosmtpd-5d21";
 
-fn tool(name: &str) -> Option<PathBuf> {
+pub fn tool(name: &str) -> Option<PathBuf> {
     let dir = std::env::var("MAILGATE_TOOLS_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".tools"));

@@ -13,6 +13,7 @@ mod access;
 mod external;
 mod helpers;
 mod limits;
+mod pipelining;
 mod profiles;
 mod replicas;
 mod send;

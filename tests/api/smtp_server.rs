@@ -33,6 +33,11 @@ pub struct Behavior {
     pub reject_mail_from: bool,
     /// Wait this long before answering the end of DATA (a slow server).
     pub data_delay: std::time::Duration,
+    /// Announce PIPELINING (RFC 2920) in the EHLO reply. Commands are answered in order
+    /// either way.
+    pub pipelining: bool,
+    /// Recipients refused with 450 (temporarily).
+    pub transient_rcpt: Vec<String>,
 }
 
 impl Default for Behavior {
@@ -45,6 +50,8 @@ impl Default for Behavior {
             auth: None,
             reject_mail_from: false,
             data_delay: std::time::Duration::ZERO,
+            pipelining: true,
+            transient_rcpt: Vec::new(),
         }
     }
 }
@@ -66,6 +73,8 @@ struct State {
     data_ended: tokio::sync::watch::Sender<usize>,
     behavior: Mutex<Behavior>,
     arrived: Notify,
+    /// Connections accepted so far.
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A running server; stops when dropped.
@@ -116,6 +125,8 @@ impl TestSmtpServer {
                     return;
                 };
                 let s = s.clone();
+                s.connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     let _ = match tls {
@@ -147,6 +158,13 @@ impl TestSmtpServer {
         .expect("server alive");
     }
 
+    /// How many connections the server has accepted.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     pub fn received(&self) -> Vec<Received> {
         self.state.received.lock().unwrap().clone()
     }
@@ -173,6 +191,7 @@ where
     }
     let mut mail_from = String::new();
     let mut rcpt_to = Vec::new();
+    let mut in_transaction = false;
     let mut helo = String::new();
     let mut line = String::new();
     loop {
@@ -191,7 +210,12 @@ where
             } else {
                 ""
             };
-            format!("250-test.smtp\r\n{auth}250-8BITMIME\r\n250 SIZE 10485760")
+            let pipelining = if behavior.pipelining {
+                "250-PIPELINING\r\n"
+            } else {
+                ""
+            };
+            format!("250-test.smtp\r\n{auth}{pipelining}250-8BITMIME\r\n250 SIZE 10485760")
         } else if upper.starts_with("AUTH PLAIN") {
             let (user, pass) = behavior.auth.clone().unwrap_or_default();
             let expected = base64_encode(format!("\0{user}\0{pass}").as_bytes());
@@ -201,14 +225,26 @@ where
                 "535 5.7.8 Authentication credentials invalid".into()
             }
         } else if upper.starts_with("MAIL FROM:") && behavior.reject_mail_from {
+            in_transaction = false;
             "553 5.7.1 Sender address rejected: not owned by user".into()
         } else if upper.starts_with("MAIL FROM:") {
             mail_from = addr(&cmd[10..]);
             rcpt_to.clear();
+            in_transaction = true;
             "250 2.1.0 OK".into()
+        } else if (upper.starts_with("RCPT TO:") || upper == "DATA") && !in_transaction {
+            // As a real server: commands out of sequence (e.g. pipelined after a refused
+            // MAIL FROM) are refused.
+            "503 5.5.1 Error: need MAIL command".into()
         } else if upper.starts_with("RCPT TO:") {
             let rcpt = addr(&cmd[8..]);
             if behavior
+                .transient_rcpt
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(&rcpt))
+            {
+                "450 4.2.0 Mailbox busy, try later".into()
+            } else if behavior
                 .reject_rcpt
                 .iter()
                 .any(|r| r.eq_ignore_ascii_case(&rcpt))
@@ -218,6 +254,9 @@ where
                 rcpt_to.push(rcpt);
                 "250 2.1.5 OK".into()
             }
+        } else if upper == "DATA" && rcpt_to.is_empty() {
+            // As a real server: no transaction without a recipient (RFC 2920 relies on it).
+            "554 5.5.1 No valid recipients".into()
         } else if upper == "DATA" {
             write
                 .write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")
@@ -237,6 +276,7 @@ where
                         .unwrap_or(&l),
                 );
             }
+            in_transaction = false;
             state.data_ended.send_modify(|n| *n += 1);
             if behavior.drop_after_dot {
                 return Ok(());
@@ -254,7 +294,10 @@ where
                 state.arrived.notify_waiters();
             }
             behavior.data_reply.clone()
-        } else if upper == "RSET" || upper == "NOOP" {
+        } else if upper == "RSET" {
+            in_transaction = false;
+            "250 2.0.0 OK".into()
+        } else if upper == "NOOP" {
             "250 2.0.0 OK".into()
         } else if upper == "QUIT" {
             write.write_all(b"221 2.0.0 Bye\r\n").await?;

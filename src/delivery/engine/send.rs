@@ -103,7 +103,7 @@ impl Engine {
                         &mut progress,
                     )
                     .await?;
-                    capabilities = crate::delivery::verify::capabilities_of(&session.server_info());
+                    capabilities = session.capabilities();
                     let sent = session
                         .send(&envelope_from, &recipients, &body, deadline)
                         .await;

@@ -9,13 +9,16 @@ use lettre::{
     transport::smtp::{
         authentication::{Credentials, Mechanism},
         client::AsyncSmtpConnection,
-        commands::{Data, Mail, Rcpt},
-        extension::{ClientId, Extension, MailBodyParameter, MailParameter},
+        commands::{Ehlo, Mail, Rcpt},
+        extension::{ClientId, Extension},
+        response::Response,
         Error as LettreError,
     },
     Address,
 };
 use tokio::{net::TcpStream, time::Instant};
+
+mod transaction;
 
 use super::{
     guard::{Guard, GuardError},
@@ -267,6 +270,13 @@ pub struct Accepted {
 /// An open, greeted, secured and authenticated session.
 pub(super) struct Session {
     conn: AsyncSmtpConnection,
+    /// What the server announced in its EHLO reply on the connection mailgate sends over
+    /// (after STARTTLS, before AUTH): one keyword with its parameters per entry, e.g.
+    /// `PIPELINING` or `SIZE 10485760`.
+    keywords: Vec<String>,
+    /// Set when the conversation fell out of step (an I/O error, a timeout, or a reply that
+    /// leaves the server waiting for data mailgate will not send): never reuse the session.
+    broken: bool,
 }
 
 impl fmt::Debug for Session {
@@ -365,6 +375,15 @@ impl Session {
             .await?;
             progress.passed(Stage::Tls, "STARTTLS established".to_owned());
         }
+        // lettre keeps only the EHLO keywords it uses itself; ask again for the whole list
+        // (PIPELINING, SIZE, ...). Before AUTH: some servers forget a login on a new EHLO.
+        let keywords = step(deadline, Stage::Greeting, async {
+            conn.command(Ehlo::new(helo.clone()))
+                .await
+                .map(|reply| ehlo_keywords(&reply))
+                .map_err(|e| SmtpFailure::from_lettre(Stage::Greeting, &e))
+        })
+        .await?;
         if let Some(auth) = &target.auth {
             let mechanisms: &[Mechanism] = match auth.mechanism {
                 AuthMechanism::None => &[],
@@ -408,12 +427,25 @@ impl Session {
                 progress.passed(Stage::Auth, format!("authenticated as {}", auth.username));
             }
         }
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            keywords,
+            broken: false,
+        })
     }
 
-    /// The capabilities the server announced (EHLO keywords).
-    pub(super) fn server_info(&self) -> String {
-        self.conn.server_info().to_string()
+    /// The capabilities the server announced: its EHLO keywords with their parameters.
+    pub(super) fn capabilities(&self) -> Vec<String> {
+        self.keywords.clone()
+    }
+
+    /// Whether the server announced `keyword` (e.g. `PIPELINING`) in its EHLO reply.
+    fn offers(&self, keyword: &str) -> bool {
+        self.keywords.iter().any(|k| {
+            k.split_whitespace()
+                .next()
+                .is_some_and(|w| w.eq_ignore_ascii_case(keyword))
+        })
     }
 
     /// MAIL FROM and RCPT TO without DATA, then RSET: checks that the server accepts the
@@ -463,95 +495,24 @@ impl Session {
 
     /// Whether the session can carry another message.
     pub(super) fn is_usable(&self) -> bool {
-        !self.conn.has_broken()
-    }
-
-    /// Sends one message: MAIL FROM, one RCPT per recipient, DATA. Recipients refused with a
-    /// 5xx are reported while the others still get the message.
-    pub(super) async fn send(
-        &mut self,
-        envelope_from: &str,
-        recipients: &[String],
-        body: &[u8],
-        deadline: Instant,
-    ) -> Result<Accepted, SmtpFailure> {
-        let from = Address::from_str(envelope_from).map_err(|_| {
-            SmtpFailure::local(
-                Stage::MailFrom,
-                FailureKind::Permanent,
-                "invalid envelope sender",
-            )
-        })?;
-        let mut params = Vec::new();
-        if !body.is_ascii()
-            && self
-                .conn
-                .server_info()
-                .supports_feature(Extension::EightBitMime)
-        {
-            params.push(MailParameter::Body(MailBodyParameter::EightBitMime));
-        }
-        let conn = &mut self.conn;
-        step(deadline, Stage::MailFrom, async {
-            conn.command(Mail::new(Some(from), params))
-                .await
-                .map_err(|e| SmtpFailure::from_lettre(Stage::MailFrom, &e))
-        })
-        .await?;
-        let mut rejected = Vec::new();
-        let mut accepted = 0usize;
-        let mut last_rejection = None;
-        for rcpt in recipients {
-            let Ok(addr) = Address::from_str(rcpt) else {
-                rejected.push(rcpt.clone());
-                continue;
-            };
-            let result = step(deadline, Stage::RcptTo, async {
-                conn.command(Rcpt::new(addr, vec![]))
-                    .await
-                    .map_err(|e| SmtpFailure::from_lettre(Stage::RcptTo, &e))
-            })
-            .await;
-            match result {
-                Ok(_) => accepted += 1,
-                Err(f) if f.kind == FailureKind::Permanent => {
-                    rejected.push(rcpt.clone());
-                    last_rejection = Some(f);
-                }
-                Err(f) => return Err(f),
-            }
-        }
-        if accepted == 0 {
-            let _ = conn.command("RSET\r\n").await;
-            return Err(last_rejection.unwrap_or_else(|| {
-                SmtpFailure::local(Stage::RcptTo, FailureKind::Permanent, "no valid recipient")
-            }));
-        }
-        step(deadline, Stage::Data, async {
-            conn.command(Data)
-                .await
-                .map_err(|e| SmtpFailure::from_lettre(Stage::Data, &e))
-        })
-        .await?;
-        let response = step(deadline, Stage::Data, async {
-            conn.message(body)
-                .await
-                .map_err(|e| SmtpFailure::from_lettre(Stage::Data, &e))
-        })
-        .await?;
-        let text = response.message().collect::<Vec<_>>().join(" ");
-        Ok(Accepted {
-            code: u16::from(response.code()),
-            enhanced_code: enhanced_code(&text),
-            text,
-            rejected,
-        })
+        !self.broken && !self.conn.has_broken()
     }
 
     /// Ends the session politely.
     pub(super) async fn quit(mut self) {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.conn.quit()).await;
     }
+}
+
+/// The keywords of an EHLO reply: every line after the first (the server's name), trimmed.
+fn ehlo_keywords(reply: &Response) -> Vec<String> {
+    reply
+        .message()
+        .skip(1)
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 async fn resolve(target: &SmtpTarget, guard: &Guard) -> Result<Vec<SocketAddr>, SmtpFailure> {
