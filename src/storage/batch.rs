@@ -15,13 +15,20 @@ use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 pub(super) type Finished = (Claimed, Vec<AttemptRecord>, Completion, i64);
 
 /// Rows per statement: keeps every statement under SQLite's 32,766 parameters.
-const CHUNK: usize = 256;
+pub(super) const CHUNK: usize = 256;
+
+/// A query over the Any driver, before it is run.
+pub(super) type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// Whether `conn` takes anonymous `?` placeholders (SQLite) rather than `$n`.
+pub(super) fn anonymous(conn: &sqlx::AnyConnection) -> bool {
+    conn.backend_name() == "SQLite"
+}
 
 /// `rows` tuples of `columns` placeholders, bound in order: `($1, $2), ($3, $4), ...` on
 /// PostgreSQL, `(?, ?), (?, ?), ...` on SQLite. SQLite looks every `$n` up in a list of the
 /// names seen so far while it parses, which is quadratic in a statement of thousands.
-fn placeholders(conn: &sqlx::AnyConnection, rows: usize, columns: usize) -> String {
-    let anonymous = conn.backend_name() == "SQLite";
+pub(super) fn placeholders(anonymous: bool, rows: usize, columns: usize) -> String {
     (0..rows)
         .map(|r| {
             let p: Vec<String> = (1..=columns)
@@ -69,13 +76,11 @@ pub(super) async fn complete_many(
         .collect())
 }
 
-async fn update_chunk(
-    conn: &mut sqlx::AnyConnection,
-    chunk: &[Finished],
-) -> Result<Vec<String>, StoreError> {
-    let values = placeholders(conn, chunk.len(), 9);
-    // The same statement on both backends: a CTE names the VALUES columns.
-    let sql = format!(
+/// `WITH v AS (VALUES ...) UPDATE messages ... RETURNING messages.id` for `rows` completions:
+/// records each one whose lease token still matches. The same statement on both backends.
+pub(super) fn complete_sql(anonymous: bool, rows: usize) -> String {
+    let values = placeholders(anonymous, rows, 9);
+    format!(
         "WITH v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, \
          now) AS (VALUES {values}) \
          UPDATE messages SET status = v.status, due_at = v.due_at, lease_token = NULL, \
@@ -84,8 +89,11 @@ async fn update_chunk(
          sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
          FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
          RETURNING messages.id"
-    );
-    let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
+    )
+}
+
+/// Binds [`complete_sql`]'s values.
+pub(super) fn bind_completions<'q>(mut query: AnyQuery<'q>, chunk: &'q [Finished]) -> AnyQuery<'q> {
     for (claimed, attempts, c, now) in chunk {
         query = query
             .bind(&claimed.message.id)
@@ -98,41 +106,86 @@ async fn update_chunk(
             .bind(&c.fallback_reason)
             .bind(*now);
     }
+    query
+}
+
+async fn update_chunk(
+    conn: &mut sqlx::AnyConnection,
+    chunk: &[Finished],
+) -> Result<Vec<String>, StoreError> {
+    let sql = complete_sql(anonymous(conn), chunk.len());
+    let query = bind_completions(sqlx::query(&sql).persistent(cacheable(chunk.len())), chunk);
     let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
     rows.iter()
         .map(|r| r.try_get::<String, _>(0).map_err(db_error))
         .collect()
 }
 
+pub(super) const ATTEMPT_COLUMNS: &str = "message_id, number, started_at, duration_us, server, \
+     profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, rejected_recipients";
+
+/// Binds one attempt's columns, in [`ATTEMPT_COLUMNS`] order.
+pub(super) fn bind_attempt<'q>(
+    query: AnyQuery<'q>,
+    id: &'q str,
+    a: &'q AttemptRecord,
+) -> Result<AnyQuery<'q>, StoreError> {
+    let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
+    Ok(query
+        .bind(id)
+        .bind(i64::from(a.number))
+        .bind(a.started_at)
+        .bind(a.duration_us)
+        .bind(&a.server)
+        .bind(a.profile_id.as_deref())
+        .bind(i64::from(a.fallback))
+        .bind(i64::from(a.reply_code))
+        .bind(&a.enhanced_code)
+        .bind(&a.reply_text)
+        .bind(a.outcome.as_str())
+        .bind(rejected))
+}
+
 async fn insert_attempts(
     conn: &mut sqlx::AnyConnection,
     part: &[(&str, &AttemptRecord)],
 ) -> Result<(), StoreError> {
-    let values = placeholders(conn, part.len(), 12);
-    let sql = format!(
-        "INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
-         profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
-         rejected_recipients) VALUES {values}"
-    );
+    let values = placeholders(anonymous(conn), part.len(), 12);
+    let sql = format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES {values}");
     let mut query = sqlx::query(&sql).persistent(cacheable(part.len()));
     for (id, a) in part {
-        let rejected = decode(serde_json::to_string(&a.rejected_recipients).map_err(Into::into))?;
-        query = query
-            .bind(*id)
-            .bind(i64::from(a.number))
-            .bind(a.started_at)
-            .bind(a.duration_us)
-            .bind(&a.server)
-            .bind(a.profile_id.as_deref())
-            .bind(i64::from(a.fallback))
-            .bind(i64::from(a.reply_code))
-            .bind(&a.enhanced_code)
-            .bind(&a.reply_text)
-            .bind(a.outcome.as_str())
-            .bind(rejected);
+        query = bind_attempt(query, id, a)?;
     }
     query.execute(&mut *conn).await.map_err(db_error)?;
     Ok(())
+}
+
+/// Inserts the attempts of `rows` completions whose lease token is still held: the same
+/// check as [`complete_sql`], made before it (which clears the token). Values are the
+/// token followed by [`ATTEMPT_COLUMNS`].
+pub(super) fn held_attempts_sql(anonymous: bool, rows: usize) -> String {
+    let values = placeholders(anonymous, rows, 13);
+    let picked: Vec<String> = ATTEMPT_COLUMNS
+        .split(", ")
+        .map(|c| format!("a.{c}"))
+        .collect();
+    format!(
+        "WITH a (token, {ATTEMPT_COLUMNS}) AS (VALUES {values}) \
+         INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {} FROM a \
+         JOIN messages m ON m.id = a.message_id AND m.lease_token = a.token",
+        picked.join(", ")
+    )
+}
+
+/// Binds [`held_attempts_sql`]'s values: (token, message id, attempt) each.
+pub(super) fn bind_held_attempts<'q>(
+    mut query: AnyQuery<'q>,
+    part: &[(&'q str, &'q str, &'q AttemptRecord)],
+) -> Result<AnyQuery<'q>, StoreError> {
+    for (token, id, a) in part {
+        query = bind_attempt(query.bind(*token), id, a)?;
+    }
+    Ok(query)
 }
 
 /// An email to store, and when it was accepted.
@@ -149,32 +202,14 @@ pub(super) async fn insert_many(
     for chunk in items.chunks(CHUNK) {
         created.extend(insert_chunk(conn, chunk).await?);
     }
-    let recipients: Vec<(&str, String, &str)> = items
-        .iter()
-        .filter(|(m, _)| created.contains(&m.id))
-        .flat_map(|(m, _)| {
-            let mut emails: Vec<String> = m
-                .content
-                .recipients()
-                .map(|r| r.email.as_str().to_ascii_lowercase())
-                .collect();
-            emails.sort_unstable();
-            emails.dedup();
-            emails
-                .into_iter()
-                .map(|e| (m.tenant_id.as_str(), e, m.id.as_str()))
-        })
-        .collect();
+    let recipients = recipient_rows(items.iter().filter(|(m, _)| created.contains(&m.id)));
     for part in recipients.chunks(CHUNK) {
-        let values = placeholders(conn, part.len(), 3);
+        let values = placeholders(anonymous(conn), part.len(), 3);
         let sql = format!(
             "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
              ON CONFLICT DO NOTHING"
         );
-        let mut query = sqlx::query(&sql).persistent(cacheable(part.len()));
-        for (tenant, email, id) in part {
-            query = query.bind(*tenant).bind(email.as_str()).bind(*id);
-        }
+        let query = bind_recipients(sqlx::query(&sql).persistent(cacheable(part.len())), part);
         query.execute(&mut *conn).await.map_err(db_error)?;
     }
     let mut out = Vec::with_capacity(items.len());
@@ -191,20 +226,68 @@ pub(super) async fn insert_many(
     Ok(out)
 }
 
-/// Inserts a chunk; returns the ids stored (an existing idempotency key stores nothing).
-async fn insert_chunk(
-    conn: &mut sqlx::AnyConnection,
-    chunk: &[Accepted<'_>],
-) -> Result<Vec<String>, StoreError> {
-    let values = placeholders(conn, chunk.len(), 22);
-    let sql = format!(
+/// (tenant, lowercased email, message id) for every distinct recipient of `items`.
+pub(super) fn recipient_rows<'a>(
+    items: impl Iterator<Item = &'a Accepted<'a>>,
+) -> Vec<(&'a str, String, &'a str)> {
+    items
+        .flat_map(|(m, _)| {
+            let mut emails: Vec<String> = m
+                .content
+                .recipients()
+                .map(|r| r.email.as_str().to_ascii_lowercase())
+                .collect();
+            emails.sort_unstable();
+            emails.dedup();
+            emails
+                .into_iter()
+                .map(|e| (m.tenant_id.as_str(), e, m.id.as_str()))
+        })
+        .collect()
+}
+
+/// Binds (tenant, email, message id) rows.
+pub(super) fn bind_recipients<'q>(
+    mut query: AnyQuery<'q>,
+    part: &'q [(&'q str, String, &'q str)],
+) -> AnyQuery<'q> {
+    for (tenant, email, id) in part {
+        query = query.bind(*tenant).bind(email.as_str()).bind(*id);
+    }
+    query
+}
+
+/// Inserts the recipients of the emails among `rows` that exist (were stored): the emails
+/// of a script whose idempotency key was taken already are left out.
+pub(super) fn stored_recipients_sql(anonymous: bool, rows: usize) -> String {
+    let values = placeholders(anonymous, rows, 3);
+    format!(
+        "WITH r (tenant_id, email, message_id) AS (VALUES {values}) \
+         INSERT INTO message_recipients (tenant_id, email, message_id) \
+         SELECT r.tenant_id, r.email, r.message_id FROM r \
+         WHERE EXISTS (SELECT 1 FROM messages m WHERE m.id = r.message_id) \
+         ON CONFLICT DO NOTHING"
+    )
+}
+
+/// `INSERT INTO messages ... RETURNING id` for `rows` emails; an email whose idempotency key
+/// exists already is skipped (no id returned).
+pub(super) fn insert_messages_sql(anonymous: bool, rows: usize) -> String {
+    let values = placeholders(anonymous, rows, 22);
+    format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
          profile_id, profile_reason, template_id, campaign_id, content, \
          message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
          updated_at, send_at, due_at, traceparent) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
-    );
-    let mut query = sqlx::query(&sql).persistent(cacheable(chunk.len()));
+    )
+}
+
+/// Binds [`insert_messages_sql`]'s values.
+pub(super) fn bind_messages<'q>(
+    mut query: AnyQuery<'q>,
+    chunk: &'q [Accepted<'q>],
+) -> Result<AnyQuery<'q>, StoreError> {
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
@@ -236,6 +319,16 @@ async fn insert_chunk(
             .bind(due_at)
             .bind(&m.traceparent);
     }
+    Ok(query)
+}
+
+/// Inserts a chunk; returns the ids stored (an existing idempotency key stores nothing).
+async fn insert_chunk(
+    conn: &mut sqlx::AnyConnection,
+    chunk: &[Accepted<'_>],
+) -> Result<Vec<String>, StoreError> {
+    let sql = insert_messages_sql(anonymous(conn), chunk.len());
+    let query = bind_messages(sqlx::query(&sql).persistent(cacheable(chunk.len())), chunk)?;
     let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
     rows.iter()
         .map(|r| r.try_get::<String, _>(0).map_err(db_error))

@@ -5,9 +5,11 @@
 //! while they still hold its lease. Failed messages are never deleted.
 
 mod batch;
+mod combined;
 mod housekeeping;
 mod logquery;
 mod rows;
+mod script;
 mod sql;
 mod writer;
 

@@ -5,12 +5,13 @@
 //!
 //! An answer still means "committed": nothing is acknowledged before its transaction is.
 
-use sqlx::AnyPool;
+use sqlx::{pool::PoolConnection, Any, AnyPool, Connection as _};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    batch::{complete_many, insert_many},
-    sql::{claim_one, db_error, Backend},
+    batch::{anonymous, complete_many, insert_many, Finished},
+    combined, script,
+    sql::{claim_one, db_error, replay_or_conflict, Backend},
     Claimed, Completion, InsertOutcome, StoreError,
 };
 use crate::domain::{AttemptRecord, NewMessage};
@@ -169,72 +170,134 @@ impl Done {
     }
 }
 
+/// Moves every operation already queued into `ops`, up to [`MAX_GROUP`].
+fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
+    while ops.len() < MAX_GROUP {
+        match rx.try_recv() {
+            Ok(op) => ops.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
 async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>) {
+    // The writer keeps one connection: taking one from the pool and giving it back costs a
+    // round trip to the database each time (sqlx pings a returned connection). A connection
+    // that failed is dropped and replaced for the next group.
+    let mut conn: Option<PoolConnection<Any>> = None;
+    let mut last_group = 0;
+    // Closing the pool waits for every connection to come back: give ours back then.
+    let mut closed = Box::pin(pool.close_event());
     loop {
         // Take a group while holding the queue, then commit it without: another writer
         // gathers the next group meanwhile.
         let ops = {
-            let mut rx = rx.lock().await;
-            let Some(first) = rx.recv().await else { return };
+            let mut rx = tokio::select! {
+                rx = rx.lock() => rx,
+                () = &mut closed => return,
+            };
+            let first = tokio::select! {
+                op = rx.recv() => op,
+                () = &mut closed => None,
+            };
+            let Some(first) = first else { return };
             let mut ops = vec![first];
-            while ops.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
+            drain(&mut rx, &mut ops);
+            // Under concurrent load (the last group had company), let the callers that are
+            // running now reach the queue before committing: one commit then covers more
+            // emails. Each turn lets the runtime poll its sockets; stop after two turns that
+            // brought nothing. A lone caller is never held up.
+            let mut quiet = 0;
+            while last_group > 1 && quiet < 2 && ops.len() < MAX_GROUP {
+                let before = ops.len();
+                tokio::task::yield_now().await;
+                drain(&mut rx, &mut ops);
+                quiet = if ops.len() == before { quiet + 1 } else { 0 };
             }
             ops
         };
-        commit_group(&pool, ops).await;
-    }
-}
-
-/// Applies a group's operations with a few multi-row statements: all accepts together, all
-/// completions together, then the claims. Once a statement fails, the operations left get
-/// its error without touching the database (PostgreSQL refuses statements in a failed
-/// transaction anyway); `commit_group` then rolls the whole group back.
-async fn apply_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> Vec<Done> {
-    let mut inserts: Vec<(NewMessage, i64)> = Vec::new();
-    // For each insert op: where its messages sit in `inserts`, and its reply.
-    let mut insert_ops: Vec<(std::ops::Range<usize>, InsertReply)> = Vec::new();
-    let mut finished = Vec::new();
-    let mut complete_replies = Vec::new();
-    let mut claims = Vec::new();
-    for op in ops {
-        match op {
-            Op::Insert(m, now, reply) => {
-                let at = inserts.len();
-                inserts.push((*m, now));
-                insert_ops.push((at..at + 1, InsertReply::One(reply)));
+        last_group = ops.len();
+        if conn.is_none() {
+            match pool.acquire().await {
+                Ok(c) => conn = Some(c),
+                Err(e) => {
+                    let e = db_error(e);
+                    for op in ops {
+                        fail(op, &e);
+                    }
+                    continue;
+                }
             }
-            Op::InsertMany(ms, now, reply) => {
-                let at = inserts.len();
-                inserts.extend(ms.into_iter().map(|m| (m, now)));
-                insert_ops.push((at..inserts.len(), InsertReply::Many(reply)));
-            }
-            Op::Complete(c, now, reply) => {
-                let (claimed, attempts, completion) = *c;
-                finished.push((claimed, attempts, completion, now));
-                complete_replies.push(reply);
-            }
-            Op::Claim(backend, now, until, limit, reply) => {
-                claims.push((backend, now, until, limit, reply));
+        }
+        if let Some(c) = conn.as_mut() {
+            if !commit_group(c, ops).await {
+                conn = None;
             }
         }
     }
-    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
-    let mut failure: Option<StoreError> = None;
-    if !inserts.is_empty() {
-        let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
-        let mut results = match insert_many(conn, &refs).await {
-            Ok(results) => Ok(results),
-            Err(e) => {
-                let copy = dup(&e);
-                failure = Some(e);
-                Err(copy)
-            }
+}
+
+/// A group's operations sorted by kind, with where each answer goes.
+struct Group {
+    inserts: Vec<(NewMessage, i64)>,
+    /// For each insert op: where its messages sit in `inserts`, and its reply.
+    insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+    finished: Vec<Finished>,
+    complete_replies: Vec<Reply<bool>>,
+    claims: Vec<ClaimOp>,
+}
+
+/// A claim: backend, now, lease end, most messages, and where the answer goes.
+type ClaimOp = (Backend, i64, i64, u32, Reply<Vec<Claimed>>);
+
+impl Group {
+    fn new(ops: Vec<Op>) -> Self {
+        let mut g = Group {
+            inserts: Vec::new(),
+            insert_ops: Vec::new(),
+            finished: Vec::new(),
+            complete_replies: Vec::new(),
+            claims: Vec::new(),
         };
-        // Hand each op its slice of the results, last op first.
+        for op in ops {
+            match op {
+                Op::Insert(m, now, reply) => {
+                    let at = g.inserts.len();
+                    g.inserts.push((*m, now));
+                    g.insert_ops.push((at..at + 1, InsertReply::One(reply)));
+                }
+                Op::InsertMany(ms, now, reply) => {
+                    let at = g.inserts.len();
+                    g.inserts.extend(ms.into_iter().map(|m| (m, now)));
+                    g.insert_ops
+                        .push((at..g.inserts.len(), InsertReply::Many(reply)));
+                }
+                Op::Complete(c, now, reply) => {
+                    let (claimed, attempts, completion) = *c;
+                    g.finished.push((claimed, attempts, completion, now));
+                    g.complete_replies.push(reply);
+                }
+                Op::Claim(backend, now, until, limit, reply) => {
+                    g.claims.push((backend, now, until, limit, reply));
+                }
+            }
+        }
+        g
+    }
+
+    /// Whether the group's writes fit in one PostgreSQL statement.
+    fn fits_one_statement(&self) -> bool {
+        let refs: Vec<(&NewMessage, i64)> = self.inserts.iter().map(|(m, now)| (m, *now)).collect();
+        combined::fits(&refs, &self.finished)
+    }
+
+    /// Hands each insert op its slice of `results` (one per email, in order).
+    fn insert_dones(
+        insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+        mut results: Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>,
+        done: &mut Vec<Done>,
+    ) {
+        // Last op first, so each takes the tail.
         for (range, reply) in insert_ops.into_iter().rev() {
             let mine = match &mut results {
                 Ok(all) => Ok(all.drain(range.start..).collect::<Vec<_>>()),
@@ -248,6 +311,34 @@ async fn apply_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> Vec<Done> 
                 InsertReply::Many(tx) => Done::InsertMany(mine, tx),
             });
         }
+    }
+}
+
+/// Applies a group's operations with a few multi-row statements: all accepts together, all
+/// completions together, then the claims. Once a statement fails, the operations left get
+/// its error without touching the database (PostgreSQL refuses statements in a failed
+/// transaction anyway); `commit_group` then rolls the whole group back.
+async fn apply_group(conn: &mut sqlx::AnyConnection, group: Group) -> Vec<Done> {
+    let Group {
+        inserts,
+        insert_ops,
+        finished,
+        complete_replies,
+        claims,
+    } = group;
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    let mut failure: Option<StoreError> = None;
+    if !inserts.is_empty() {
+        let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
+        let results = match insert_many(conn, &refs).await {
+            Ok(results) => Ok(results),
+            Err(e) => {
+                let copy = dup(&e);
+                failure = Some(e);
+                Err(copy)
+            }
+        };
+        Group::insert_dones(insert_ops, results, &mut done);
     }
     if !finished.is_empty() {
         let held = match &failure {
@@ -280,6 +371,73 @@ async fn apply_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> Vec<Done> 
     done
 }
 
+/// Applies a group in as few round trips as the backend allows: on SQLite one script for
+/// the whole transaction (see [`super::script`]), on PostgreSQL one statement for the
+/// writes and one per claim (see [`super::combined`]). Emails whose idempotency key was
+/// taken are answered after the commit, from the stored email. Returns false when the
+/// connection should not be used again.
+async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool) -> bool {
+    let Group {
+        inserts,
+        insert_ops,
+        finished,
+        complete_replies,
+        claims,
+    } = group;
+    let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
+    let claim_args: Vec<script::Claim> = claims
+        .iter()
+        .map(|(_, now, until, limit, _)| script::Claim::new(*now, *until, *limit))
+        .collect();
+    let outcome = if sqlite {
+        script::run(conn, &refs, &finished, &claim_args).await
+    } else {
+        combined::run(conn, &refs, &finished, &claim_args).await
+    };
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    let (healthy, outcome) = match outcome {
+        Ok(o) => (true, Ok(o)),
+        Err((e, rolled_back)) => (rolled_back, Err(e)),
+    };
+    match outcome {
+        Err(e) => {
+            let results = Err(dup(&e));
+            Group::insert_dones(insert_ops, results, &mut done);
+            for reply in complete_replies {
+                done.push(Done::Complete(Err(dup(&e)), reply));
+            }
+            for (.., reply) in claims {
+                done.push(Done::Claim(Err(dup(&e)), reply));
+            }
+            for d in done {
+                d.answer(Err(&e));
+            }
+        }
+        Ok(mut outcome) => {
+            let mut results = Vec::with_capacity(inserts.len());
+            for (m, _) in &inserts {
+                results.push(if outcome.created.contains(&m.id) {
+                    Ok(InsertOutcome::Created)
+                } else {
+                    replay_or_conflict(conn, m).await
+                });
+            }
+            Group::insert_dones(insert_ops, Ok(results), &mut done);
+            for ((claimed, ..), reply) in finished.iter().zip(complete_replies) {
+                let held = outcome.held.contains(&claimed.message.id);
+                done.push(Done::Complete(Ok(held), reply));
+            }
+            for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
+                done.push(Done::Claim(Ok(claimed), reply));
+            }
+            for d in done {
+                d.answer(Ok(()));
+            }
+        }
+    }
+    healthy
+}
+
 /// Where an insert op's answer goes.
 enum InsertReply {
     One(Reply<InsertOutcome>),
@@ -287,33 +445,55 @@ enum InsertReply {
 }
 
 /// Applies a group in one transaction. If the transaction cannot be used or committed, every
-/// caller hears the error (nothing of theirs was committed).
-async fn commit_group(pool: &AnyPool, ops: Vec<Op>) {
-    let mut tx = match pool.begin().await {
+/// caller hears the error (nothing of theirs was committed). Returns false when the
+/// connection should not be used again.
+async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
+    let group = Group::new(ops);
+    let sqlite = anonymous(conn);
+    if sqlite || group.fits_one_statement() {
+        return commit_fast(conn, group, sqlite).await;
+    }
+    let mut tx = match conn.begin().await {
         Ok(tx) => tx,
         Err(e) => {
             let e = db_error(e);
-            for op in ops {
-                fail(op, &e);
+            let mut done = Vec::new();
+            Group::insert_dones(group.insert_ops, Err(dup(&e)), &mut done);
+            done.extend(
+                group
+                    .complete_replies
+                    .into_iter()
+                    .map(|reply| Done::Complete(Err(dup(&e)), reply)),
+            );
+            done.extend(
+                group
+                    .claims
+                    .into_iter()
+                    .map(|(.., reply)| Done::Claim(Err(dup(&e)), reply)),
+            );
+            for d in done {
+                d.answer(Err(&e));
             }
-            return;
+            return false;
         }
     };
-    let done = apply_group(&mut tx, ops).await;
+    let done = apply_group(&mut tx, group).await;
     // A database error inside the group aborts the transaction (PostgreSQL refuses further
     // statements): nothing is committed and every caller hears it; they retry on their own
     // (a worker's lease expires, an RPC answers UNAVAILABLE or INTERNAL).
     if let Some(e) = done.iter().find_map(Done::failure) {
-        let _ = tx.rollback().await;
+        let rolled_back = tx.rollback().await.is_ok();
         for d in done {
             d.answer(Err(&e));
         }
-        return;
+        return rolled_back;
     }
     let committed = tx.commit().await.map_err(db_error);
+    let healthy = committed.is_ok();
     for d in done {
         d.answer(committed.as_ref().map(|_| ()));
     }
+    healthy
 }
 
 fn fail(op: Op, e: &StoreError) {

@@ -1,0 +1,201 @@
+//! PostgreSQL: a writer group's writes as one statement.
+//!
+//! Every statement is a network round trip to the database, and a group used to need up to
+//! seven (BEGIN, the accepts, their recipients, the completions, their attempts, the claim,
+//! COMMIT). Here the accepts, their recipients, the completions and their attempts are one
+//! statement of data-modifying CTEs, which PostgreSQL runs atomically as its own
+//! transaction; each claim is a second statement. The conditions the multi-statement path
+//! checks in Rust are in the SQL:
+//! - recipients are stored for the emails the INSERT returned (an email whose idempotency
+//!   key is taken returns nothing);
+//! - attempts are stored for the completions the UPDATE returned (the lease was held).
+//!
+//! Groups too large for one statement's parameters take the multi-statement path.
+
+use sqlx::Row as _;
+
+use super::{
+    batch::{
+        bind_completions, bind_messages, bind_recipients, complete_sql, insert_messages_sql,
+        placeholders, recipient_rows, Accepted, Finished, ATTEMPT_COLUMNS,
+    },
+    script::{Claim, Outcome},
+    sql::{claim_one, db_error, decode, Backend},
+    StoreError,
+};
+use crate::domain::AttemptRecord;
+
+/// Most parameters in the combined statement (PostgreSQL allows 65,535).
+const MAX_PARAMETERS: usize = 60_000;
+
+/// Parameters per row of each part.
+const MESSAGE_PARAMS: usize = 22;
+const RECIPIENT_PARAMS: usize = 3;
+const COMPLETION_PARAMS: usize = 9;
+const ATTEMPT_PARAMS: usize = 12;
+
+/// Whether the group's writes fit in one statement.
+pub(super) fn fits(inserts: &[Accepted<'_>], finished: &[Finished]) -> bool {
+    let recipients: usize = inserts
+        .iter()
+        .map(|(m, _)| m.content.recipients().count())
+        .sum();
+    let attempts: usize = finished.iter().map(|(_, a, ..)| a.len()).sum();
+    inserts.len() * MESSAGE_PARAMS
+        + recipients * RECIPIENT_PARAMS
+        + finished.len() * COMPLETION_PARAMS
+        + attempts * ATTEMPT_PARAMS
+        <= MAX_PARAMETERS
+}
+
+/// Renumbers `$n` placeholders in `sql` by `offset`.
+fn shifted(sql: &str, offset: usize) -> String {
+    let mut out = String::with_capacity(sql.len() + sql.len() / 8);
+    let mut chars = sql.char_indices().peekable();
+    while let Some((_, c)) = chars.next() {
+        out.push(c);
+        if c != '$' {
+            continue;
+        }
+        let mut n = 0usize;
+        let mut digits = false;
+        while let Some(&(_, d)) = chars.peek() {
+            let Some(v) = d.to_digit(10) else { break };
+            n = n * 10 + v as usize;
+            digits = true;
+            chars.next();
+        }
+        if digits {
+            out.push_str(&(n + offset).to_string());
+        }
+    }
+    out
+}
+
+/// Runs the group's writes as one statement, then its claims. On failure, returns the
+/// error and whether the connection may be used again.
+pub(super) async fn run(
+    conn: &mut sqlx::AnyConnection,
+    inserts: &[Accepted<'_>],
+    finished: &[Finished],
+    claims: &[Claim],
+) -> Result<Outcome, (StoreError, bool)> {
+    let mut outcome = Outcome::default();
+    if !inserts.is_empty() || !finished.is_empty() {
+        write(conn, inserts, finished, &mut outcome)
+            .await
+            .map_err(|e| (e, true))?;
+    }
+    for claim in claims {
+        let claimed = claim_one(conn, Backend::Postgres, claim.now, claim.until, claim.limit)
+            .await
+            .map_err(|e| (e, true))?;
+        outcome.claimed.push(claimed);
+    }
+    Ok(outcome)
+}
+
+async fn write(
+    conn: &mut sqlx::AnyConnection,
+    inserts: &[Accepted<'_>],
+    finished: &[Finished],
+    outcome: &mut Outcome,
+) -> Result<(), StoreError> {
+    let recipients = recipient_rows(inserts.iter());
+    let attempts: Vec<(&str, &AttemptRecord)> = finished
+        .iter()
+        .flat_map(|(c, attempts, ..)| attempts.iter().map(move |a| (c.message.id.as_str(), a)))
+        .collect();
+    let mut ctes = Vec::new();
+    let mut selects = Vec::new();
+    let mut used = 0usize;
+    if !inserts.is_empty() {
+        ctes.push(format!(
+            "ins AS ({})",
+            insert_messages_sql(false, inserts.len())
+        ));
+        selects.push("SELECT 'created', id FROM ins");
+        used += inserts.len() * MESSAGE_PARAMS;
+        if !recipients.is_empty() {
+            ctes.push(format!(
+                "rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
+                 SELECT r.tenant_id, r.email, r.message_id \
+                 FROM (VALUES {}) AS r (tenant_id, email, message_id) \
+                 JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
+                shifted(
+                    &placeholders(false, recipients.len(), RECIPIENT_PARAMS),
+                    used
+                )
+            ));
+            used += recipients.len() * RECIPIENT_PARAMS;
+        }
+    }
+    if !finished.is_empty() {
+        // complete_sql is "WITH v (...) AS (VALUES ...) UPDATE ...": split it into a CTE
+        // for the values and one for the update.
+        let complete = shifted(&complete_sql(false, finished.len()), used);
+        let Some((values, update)) = complete
+            .strip_prefix("WITH ")
+            .and_then(|rest| rest.split_once(") UPDATE "))
+        else {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "unexpected completion statement"
+            )));
+        };
+        ctes.push(format!("{values})"));
+        ctes.push(format!("upd AS (UPDATE {update})"));
+        selects.push("SELECT 'held', id FROM upd");
+        used += finished.len() * COMPLETION_PARAMS;
+        if !attempts.is_empty() {
+            let picked: Vec<String> = ATTEMPT_COLUMNS
+                .split(", ")
+                .map(|c| format!("a.{c}"))
+                .collect();
+            ctes.push(format!(
+                "att AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {} \
+                 FROM (VALUES {}) AS a ({ATTEMPT_COLUMNS}) JOIN upd ON upd.id = a.message_id)",
+                picked.join(", "),
+                shifted(&placeholders(false, attempts.len(), ATTEMPT_PARAMS), used)
+            ));
+        }
+    }
+    let sql = format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL "));
+
+    let mut query = sqlx::query(&sql).persistent(false);
+    if !inserts.is_empty() {
+        query = bind_messages(query, inserts)?;
+        query = bind_recipients(query, &recipients);
+    }
+    if !finished.is_empty() {
+        query = bind_completions(query, finished);
+        for (id, a) in &attempts {
+            query = super::batch::bind_attempt(query, id, a)?;
+        }
+    }
+    let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
+    for row in rows {
+        let kind: String = row.try_get(0).map_err(db_error)?;
+        let id: String = row.try_get(1).map_err(db_error)?;
+        match kind.as_str() {
+            "created" => outcome.created.insert(id),
+            "held" => outcome.held.insert(id),
+            other => {
+                return decode(Err(anyhow::anyhow!(
+                    "unexpected row kind {other:?} from a group statement"
+                )))
+            }
+        };
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shifted;
+
+    #[test]
+    fn placeholders_are_renumbered() {
+        assert_eq!(shifted("($1, $2), ($3)", 10), "($11, $12), ($13)");
+        assert_eq!(shifted("a $ b $9", 1), "a $ b $10");
+    }
+}
