@@ -45,7 +45,9 @@ pub struct MessageEvent {
 /// What the engine needs besides storage and transports.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Most deliveries at once.
+    /// Most SMTP sessions sending at once. The engine keeps up to [`CLAIM_AHEAD`] times as
+    /// many messages in hand, so that claiming and recording (database round trips) overlap
+    /// with sending.
     pub concurrency: usize,
     /// Lease length.
     pub lease: Duration,
@@ -83,7 +85,14 @@ pub struct Engine {
     limiter: Limiter,
     /// Where status changes go for other replicas (PostgreSQL only).
     relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<MessageEvent>>,
+    /// One permit per SMTP send at a time (`settings.concurrency`).
+    sending: Semaphore,
 }
+
+/// Messages in hand (claimed, sending, or being recorded) per sending slot. A message waits
+/// for its claim and its completion to be committed, each a group commit of the writer; with
+/// only one message per slot, the slot would sit idle through both.
+pub(super) const CLAIM_AHEAD: usize = 3;
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
 /// message back in the queue.
@@ -122,6 +131,7 @@ impl Engine {
             store,
             transports,
             secrets,
+            sending: Semaphore::new(settings.concurrency),
             settings,
             wake: Notify::new(),
             events,
@@ -207,7 +217,8 @@ impl Engine {
     /// Runs until `shutdown` turns true: then stops claiming, waits up to the grace period
     /// for in-flight deliveries, and gives unfinished ones back to the queue.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let permits = Arc::new(Semaphore::new(self.settings.concurrency));
+        let in_hand = self.settings.concurrency * CLAIM_AHEAD;
+        let permits = Arc::new(Semaphore::new(in_hand));
         let mut tasks = JoinSet::new();
         loop {
             if *shutdown.borrow() {
@@ -232,7 +243,7 @@ impl Engine {
             if claimed_all {
                 // More are due: wait until a quarter of the slots is free, so claims stay
                 // batched instead of one statement per finished delivery.
-                let batch = (self.settings.concurrency / 4).max(1);
+                let batch = (in_hand / 4).max(1);
                 while permits.available_permits() < batch && !tasks.is_empty() {
                     tokio::select! {
                         _ = tasks.join_next() => {}
@@ -292,7 +303,11 @@ impl Engine {
     }
 
     async fn deliver_traced(&self, claimed: Claimed) {
-        let (attempts, completion) = self.attempt(&claimed).await;
+        let (attempts, completion) = {
+            // Closed only when the engine is dropped; then send anyway.
+            let _sending = self.sending.acquire().await.ok();
+            self.attempt(&claimed).await
+        };
         tracing::Span::current().record("mailgate.status", completion.status.as_str());
         record_metrics(&claimed.message.tenant_id, &attempts);
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
@@ -386,20 +401,25 @@ impl Engine {
                 self.mark_auth_failure(&profile, failure).await;
             }
         }
-        let fallback_policy = match profile.settings.fallback_policy {
-            FallbackPolicy::Inherit => self
-                .store
-                .get_tenant_settings(&message.tenant_id)
-                .await
-                .map(|t| t.fallback_policy)
-                .unwrap_or(FallbackPolicy::Never),
-            own => own,
+        // The tenant's policy is read only when a failure could fall back: a send that
+        // succeeded costs no read.
+        let falls_back = match &result {
+            Err(failure) if allows_fallback(failure) => {
+                let policy = match profile.settings.fallback_policy {
+                    FallbackPolicy::Inherit => self
+                        .store
+                        .get_tenant_settings(&message.tenant_id)
+                        .await
+                        .map(|t| t.fallback_policy)
+                        .unwrap_or(FallbackPolicy::Never),
+                    own => own,
+                };
+                policy == FallbackPolicy::OnServerFailure
+            }
+            _ => false,
         };
         match result {
-            Err(failure)
-                if allows_fallback(&failure)
-                    && fallback_policy == FallbackPolicy::OnServerFailure =>
-            {
+            Err(failure) if falls_back => {
                 let code = failure.code.map(|c| format!("{c} ")).unwrap_or_default();
                 let reason = format!("profile {} failed: {code}{}", profile.name, failure.text);
                 let fallback_deadline = Instant::now() + self.settings.attempt_timeout;
