@@ -84,6 +84,7 @@ where
         LogFormat::Json => fmt::layer()
             .json()
             .flatten_event(true)
+            .fmt_fields(AppendJsonFields)
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
@@ -91,6 +92,100 @@ where
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
+    }
+}
+
+/// Span fields as a JSON object, for the JSON log lines of events inside the span.
+///
+/// tracing-subscriber's own `JsonFields` parses the span's JSON back into a map and writes
+/// it anew every time a field is recorded after the span starts; mailgate's RPC, delivery
+/// and attempt spans record fields as they go, for every email. Here a recorded field is
+/// appended to the object instead (a field recorded twice appears twice; a JSON reader keeps
+/// the last).
+#[derive(Debug, Clone, Copy, Default)]
+struct AppendJsonFields;
+
+/// Writes fields as `"name":value` members, comma-separated.
+struct JsonMembers<'a> {
+    out: &'a mut String,
+    first: bool,
+}
+
+impl JsonMembers<'_> {
+    fn member(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Display) {
+        if !self.first {
+            self.out.push(',');
+        }
+        self.first = false;
+        self.out.push_str(&json_string(field.name()));
+        self.out.push(':');
+        let _ = std::fmt::Write::write_fmt(self.out, format_args!("{value}"));
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+}
+
+impl tracing::field::Visit for JsonMembers<'_> {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.member(field, &json_string(value));
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.member(field, &value);
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.member(field, &value);
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.member(field, &value);
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        if value.is_finite() {
+            self.member(field, &value);
+        } else {
+            self.member(field, &json_string(&value.to_string()));
+        }
+    }
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.member(field, &json_string(&format!("{value:?}")));
+    }
+}
+
+impl<'w> fmt::FormatFields<'w> for AppendJsonFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        mut writer: fmt::format::Writer<'w>,
+        fields: R,
+    ) -> std::fmt::Result {
+        let mut out = String::from("{");
+        fields.record(&mut JsonMembers {
+            out: &mut out,
+            first: true,
+        });
+        out.push('}');
+        writer.write_str(&out)
+    }
+
+    fn add_fields(
+        &self,
+        current: &'w mut fmt::FormattedFields<Self>,
+        fields: &tracing::span::Record<'_>,
+    ) -> std::fmt::Result {
+        let existing = current.fields.trim_end_matches('}').len();
+        if existing == 0 {
+            current.fields.clear();
+            current.fields.push('{');
+        } else {
+            current.fields.truncate(existing);
+        }
+        let first = current.fields.len() == 1;
+        fields.record(&mut JsonMembers {
+            out: &mut current.fields,
+            first,
+        });
+        current.fields.push('}');
+        Ok(())
     }
 }
 
