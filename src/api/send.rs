@@ -24,10 +24,16 @@ use crate::{
 /// Largest total size of an email's attachments.
 const MAX_ATTACHMENT_BYTES: usize = 10 * 1024 * 1024;
 
+/// SendBatch calls building and storing their emails at once. A batch of 1,000 holds a few
+/// megabytes until it is stored, and the writer stores one group at a time anyway: more
+/// batches at once would only hold more memory.
+const BATCHES_AT_ONCE: usize = 2;
+
 /// The SendService implementation.
 #[derive(Debug, Clone)]
 pub struct SendApi {
     ctx: ApiContext,
+    batches: std::sync::Arc<tokio::sync::Semaphore>,
 }
 
 fn mailboxes(field: &str, list: &[pb::Mailbox], v: &mut Violations) -> Vec<Mailbox> {
@@ -81,7 +87,10 @@ fn request_hash(req: &pb::SendEmailRequest) -> String {
 impl SendApi {
     /// A service over the shared context.
     pub fn new(ctx: ApiContext) -> Self {
-        Self { ctx }
+        Self {
+            ctx,
+            batches: std::sync::Arc::new(tokio::sync::Semaphore::new(BATCHES_AT_ONCE)),
+        }
     }
 
     /// Routes a request: profile, template, campaign (see [`crate::routing`]).
@@ -491,9 +500,17 @@ impl SendService for SendApi {
                 "recipients: at most {max_batch} per batch; split the batch"
             )));
         }
+        let _turn = self
+            .batches
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("shutting down"))?;
         // Route once for the whole batch: every email goes through the same profile.
         let route = self.route(&caller, &base).await?;
         let mut results: Vec<pb::BatchResult> = Vec::with_capacity(req.recipients.len());
+        // The emails to store, and for each what the answer needs once it is stored (the
+        // emails themselves go to the writer: one copy in memory, not three).
+        let mut messages = Vec::new();
         let mut accepted = Vec::new();
         for (i, recipient) in req.recipients.into_iter().enumerate() {
             let mut one = base.clone();
@@ -516,30 +533,29 @@ impl SendService for SendApi {
                         code: 0,
                         error: String::new(),
                     });
-                    accepted.push((i, message));
+                    let scheduled = message.send_at.is_some_and(|at| at > now_micros());
+                    accepted.push((i, message.id.clone(), scheduled, message.email_type.clone()));
+                    messages.push(message);
                 }
                 Err(e) => results.push(batch_error(index, e)),
             }
         }
-        let messages: Vec<NewMessage> = accepted.iter().map(|(_, m)| m.clone()).collect();
         let outcomes = self
             .ctx
             .store
-            .insert_messages(&messages, now_micros())
+            .insert_messages(messages, now_micros())
             .await
             .map_err(ApiError::from)?;
-        for ((i, message), outcome) in accepted.iter().zip(outcomes) {
+        for ((i, id, scheduled, email_type), outcome) in accepted.iter().zip(outcomes) {
             match outcome {
                 Ok(InsertOutcome::Created) => {
-                    let status = if message.send_at.is_some_and(|at| at > now_micros()) {
+                    let status = if *scheduled {
                         MessageStatus::Scheduled
                     } else {
                         MessageStatus::Queued
                     };
-                    self.ctx
-                        .engine
-                        .publish(&caller.tenant_id, &message.id, status);
-                    count_accepted(&caller.tenant_id, &message.email_type);
+                    self.ctx.engine.publish(&caller.tenant_id, id, status);
+                    count_accepted(&caller.tenant_id, email_type);
                 }
                 Ok(InsertOutcome::Replayed { id, .. }) => results[*i].message_id = id,
                 Err(e) => {

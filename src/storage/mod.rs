@@ -233,7 +233,7 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// conflict affects only its message). Fails as a whole only if storage fails.
     async fn insert_messages(
         &self,
-        messages: &[NewMessage],
+        messages: Vec<NewMessage>,
         now: i64,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>;
     /// One message of a tenant.

@@ -751,10 +751,10 @@ impl Store for SqlStore {
 
     async fn insert_messages(
         &self,
-        messages: &[NewMessage],
+        messages: Vec<NewMessage>,
         now: i64,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
-        self.writer.insert_many(messages.to_vec(), now).await
+        self.writer.insert_many(messages, now).await
     }
 
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {

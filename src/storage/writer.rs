@@ -170,11 +170,28 @@ impl Done {
     }
 }
 
-/// Moves every operation already queued into `ops`, up to [`MAX_GROUP`].
+/// Emails (accepted or completed) in one group at most: beyond that a group only holds
+/// more memory (a SendBatch brings a thousand at once).
+const MAX_GROUP_EMAILS: usize = 1024;
+
+/// How many emails an operation carries.
+fn emails(op: &Op) -> usize {
+    match op {
+        Op::InsertMany(ms, ..) => ms.len(),
+        _ => 1,
+    }
+}
+
+/// Moves the operations already queued into `ops`, up to [`MAX_GROUP`] operations and about
+/// [`MAX_GROUP_EMAILS`] emails.
 fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
-    while ops.len() < MAX_GROUP {
+    let mut carried: usize = ops.iter().map(emails).sum();
+    while ops.len() < MAX_GROUP && carried < MAX_GROUP_EMAILS {
         match rx.try_recv() {
-            Ok(op) => ops.push(op),
+            Ok(op) => {
+                carried += emails(&op);
+                ops.push(op);
+            }
             Err(_) => break,
         }
     }
