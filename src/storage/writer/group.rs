@@ -1,0 +1,271 @@
+//! A writer group: its operations sorted by kind, the two ways to apply it (one round trip
+//! where the backend allows, one statement per kind otherwise), and the answers.
+
+use sqlx::Connection as _;
+
+use super::{dup, gone, Done, Op, Reply};
+use crate::{
+    domain::NewMessage,
+    storage::{
+        batch::{anonymous, complete_many, insert_many, Finished},
+        combined, script,
+        sql::{claim_one, db_error, replay_or_conflict, Backend},
+        Claimed, InsertOutcome, StoreError,
+    },
+};
+
+/// A group's operations sorted by kind, with where each answer goes.
+pub(super) struct Group {
+    inserts: Vec<(NewMessage, i64)>,
+    /// For each insert op: where its messages sit in `inserts`, and its reply.
+    insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+    finished: Vec<Finished>,
+    complete_replies: Vec<Reply<bool>>,
+    claims: Vec<ClaimOp>,
+}
+
+/// A claim: backend, now, lease end, most messages, and where the answer goes.
+type ClaimOp = (Backend, i64, i64, u32, Reply<Vec<Claimed>>);
+
+impl Group {
+    pub(super) fn new(ops: Vec<Op>) -> Self {
+        let mut g = Group {
+            inserts: Vec::new(),
+            insert_ops: Vec::new(),
+            finished: Vec::new(),
+            complete_replies: Vec::new(),
+            claims: Vec::new(),
+        };
+        for op in ops {
+            match op {
+                Op::Insert(m, now, reply) => {
+                    let at = g.inserts.len();
+                    g.inserts.push((*m, now));
+                    g.insert_ops.push((at..at + 1, InsertReply::One(reply)));
+                }
+                Op::InsertMany(ms, now, reply) => {
+                    let at = g.inserts.len();
+                    g.inserts.extend(ms.into_iter().map(|m| (m, now)));
+                    g.insert_ops
+                        .push((at..g.inserts.len(), InsertReply::Many(reply)));
+                }
+                Op::Complete(c, now, reply) => {
+                    let (claimed, attempts, completion) = *c;
+                    g.finished.push((claimed, attempts, completion, now));
+                    g.complete_replies.push(reply);
+                }
+                Op::Claim(backend, now, until, limit, reply) => {
+                    g.claims.push((backend, now, until, limit, reply));
+                }
+            }
+        }
+        g
+    }
+
+    /// Answers every caller of the group with `e`: nothing of theirs was committed.
+    pub(super) fn fail(self, e: &StoreError) {
+        Self::fail_parts(self.insert_ops, self.complete_replies, self.claims, e);
+    }
+
+    fn fail_parts(
+        insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+        complete_replies: Vec<Reply<bool>>,
+        claims: Vec<ClaimOp>,
+        e: &StoreError,
+    ) {
+        let mut done = Vec::new();
+        Self::insert_dones(insert_ops, Err(dup(e)), &mut done);
+        done.extend(
+            complete_replies
+                .into_iter()
+                .map(|reply| Done::Complete(Err(dup(e)), reply)),
+        );
+        done.extend(
+            claims
+                .into_iter()
+                .map(|(.., reply)| Done::Claim(Err(dup(e)), reply)),
+        );
+        for d in done {
+            d.answer(Err(e));
+        }
+    }
+
+    /// Whether the group's writes fit in one PostgreSQL statement.
+    fn fits_one_statement(&self) -> bool {
+        let refs: Vec<(&NewMessage, i64)> = self.inserts.iter().map(|(m, now)| (m, *now)).collect();
+        combined::fits(&refs, &self.finished)
+    }
+
+    /// Hands each insert op its slice of `results` (one per email, in order).
+    fn insert_dones(
+        insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+        mut results: Result<Vec<Result<InsertOutcome, StoreError>>, StoreError>,
+        done: &mut Vec<Done>,
+    ) {
+        // Last op first, so each takes the tail.
+        for (range, reply) in insert_ops.into_iter().rev() {
+            let mine = match &mut results {
+                Ok(all) => Ok(all.drain(range.start..).collect::<Vec<_>>()),
+                Err(e) => Err(dup(e)),
+            };
+            done.push(match reply {
+                InsertReply::One(tx) => Done::Insert(
+                    mine.and_then(|m| m.into_iter().next().unwrap_or_else(|| Err(gone()))),
+                    tx,
+                ),
+                InsertReply::Many(tx) => Done::InsertMany(mine, tx),
+            });
+        }
+    }
+}
+
+/// Applies a group's operations with a few multi-row statements: all accepts together, all
+/// completions together, then the claims. Once a statement fails, the operations left get
+/// its error without touching the database (PostgreSQL refuses statements in a failed
+/// transaction anyway); `commit_group` then rolls the whole group back.
+async fn apply_group(conn: &mut sqlx::AnyConnection, group: Group) -> Vec<Done> {
+    let Group {
+        inserts,
+        insert_ops,
+        finished,
+        complete_replies,
+        claims,
+    } = group;
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    let mut failure: Option<StoreError> = None;
+    if !inserts.is_empty() {
+        let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
+        let results = match insert_many(conn, &refs).await {
+            Ok(results) => Ok(results),
+            Err(e) => {
+                let copy = dup(&e);
+                failure = Some(e);
+                Err(copy)
+            }
+        };
+        Group::insert_dones(insert_ops, results, &mut done);
+    }
+    if !finished.is_empty() {
+        let held = match &failure {
+            Some(e) => Err(dup(e)),
+            None => complete_many(conn, &finished).await,
+        };
+        match held {
+            Ok(held) => done.extend(
+                held.into_iter()
+                    .zip(complete_replies)
+                    .map(|(h, reply)| Done::Complete(Ok(h), reply)),
+            ),
+            Err(e) => {
+                done.extend(
+                    complete_replies
+                        .into_iter()
+                        .map(|reply| Done::Complete(Err(dup(&e)), reply)),
+                );
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    for (backend, now, until, limit, reply) in claims {
+        let claimed = match &failure {
+            Some(e) => Err(dup(e)),
+            None => claim_one(conn, backend, now, until, limit).await,
+        };
+        done.push(Done::Claim(claimed, reply));
+    }
+    done
+}
+
+/// Applies a group in as few round trips as the backend allows: on SQLite one script for
+/// the whole transaction (see [`crate::storage::script`]), on PostgreSQL one statement for the
+/// writes and one per claim (see [`crate::storage::combined`]). Emails whose idempotency key was
+/// taken are answered after the commit, from the stored email. Returns false when the
+/// connection should not be used again.
+async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool) -> bool {
+    let Group {
+        inserts,
+        insert_ops,
+        finished,
+        complete_replies,
+        claims,
+    } = group;
+    let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
+    let claim_args: Vec<script::Claim> = claims
+        .iter()
+        .map(|(_, now, until, limit, _)| script::Claim::new(*now, *until, *limit))
+        .collect();
+    let outcome = if sqlite {
+        script::run(conn, &refs, &finished, &claim_args).await
+    } else {
+        combined::run(conn, &refs, &finished, &claim_args).await
+    };
+    let mut outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err((e, rolled_back)) => {
+            Group::fail_parts(insert_ops, complete_replies, claims, &e);
+            return rolled_back;
+        }
+    };
+    let mut results = Vec::with_capacity(inserts.len());
+    for (m, _) in &inserts {
+        results.push(if outcome.created.contains(&m.id) {
+            Ok(InsertOutcome::Created)
+        } else {
+            replay_or_conflict(conn, m).await
+        });
+    }
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    Group::insert_dones(insert_ops, Ok(results), &mut done);
+    for ((claimed, ..), reply) in finished.iter().zip(complete_replies) {
+        let held = outcome.held.contains(&claimed.message.id);
+        done.push(Done::Complete(Ok(held), reply));
+    }
+    for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
+        done.push(Done::Claim(Ok(claimed), reply));
+    }
+    for d in done {
+        d.answer(Ok(()));
+    }
+    true
+}
+
+/// Where an insert op's answer goes.
+enum InsertReply {
+    One(Reply<InsertOutcome>),
+    Many(Reply<Vec<Result<InsertOutcome, StoreError>>>),
+}
+
+/// Applies a group in one transaction. If the transaction cannot be used or committed, every
+/// caller hears the error (nothing of theirs was committed). Returns false when the
+/// connection should not be used again.
+pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
+    let group = Group::new(ops);
+    let sqlite = anonymous(conn);
+    if sqlite || group.fits_one_statement() {
+        return commit_fast(conn, group, sqlite).await;
+    }
+    let mut tx = match conn.begin().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            group.fail(&db_error(e));
+            return false;
+        }
+    };
+    let done = apply_group(&mut tx, group).await;
+    // A database error inside the group aborts the transaction (PostgreSQL refuses further
+    // statements): nothing is committed and every caller hears it; they retry on their own
+    // (a worker's lease expires, an RPC answers UNAVAILABLE or INTERNAL).
+    if let Some(e) = done.iter().find_map(Done::failure) {
+        let rolled_back = tx.rollback().await.is_ok();
+        for d in done {
+            d.answer(Err(&e));
+        }
+        return rolled_back;
+    }
+    let committed = tx.commit().await.map_err(db_error);
+    let healthy = committed.is_ok();
+    for d in done {
+        d.answer(committed.as_ref().map(|_| ()));
+    }
+    healthy
+}
