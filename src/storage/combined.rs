@@ -28,6 +28,9 @@ use crate::domain::AttemptRecord;
 /// Most parameters in the combined statement (PostgreSQL allows 65,535).
 const MAX_PARAMETERS: usize = 60_000;
 
+/// Rows of each part up to which a group's statement is kept prepared.
+const SMALL_GROUP: usize = 4;
+
 /// Parameters per row of each part.
 const MESSAGE_PARAMS: usize = 22;
 const RECIPIENT_PARAMS: usize = 3;
@@ -161,7 +164,17 @@ async fn write(
     }
     let sql = format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL "));
 
-    let mut query = sqlx::query(&sql).persistent(false);
+    // Small groups repeat the same few shapes at a steady rate: keep those prepared, so
+    // PostgreSQL plans each shape once per connection instead of once per group.
+    let small = [
+        inserts.len(),
+        recipients.len(),
+        finished.len(),
+        attempts.len(),
+    ]
+    .iter()
+    .all(|n| *n <= SMALL_GROUP);
+    let mut query = sqlx::query(&sql).persistent(small);
     if !inserts.is_empty() {
         query = bind_messages(query, inserts)?;
         query = bind_recipients(query, &recipients);
