@@ -304,7 +304,7 @@ impl Engine {
 
     async fn deliver_traced(&self, claimed: Claimed) {
         let (attempts, completion) = {
-            // Closed only when the engine is dropped; then send anyway.
+            // The semaphore is never closed, so the permit always comes.
             let _sending = self.sending.acquire().await.ok();
             self.attempt(&claimed).await
         };

@@ -55,30 +55,22 @@ impl Recipients {
         if let Some(deferred) = self.deferred.take() {
             return Some(deferred);
         }
-        (self.accepted == 0).then(|| {
-            self.last_rejection.take().unwrap_or_else(|| {
-                SmtpFailure::local(Stage::RcptTo, FailureKind::Permanent, "no valid recipient")
-            })
+        (self.accepted == 0).then(|| self.nobody())
+    }
+
+    /// The failure when no recipient was accepted: the last refusal, if any.
+    fn nobody(&mut self) -> SmtpFailure {
+        self.last_rejection.take().unwrap_or_else(|| {
+            SmtpFailure::local(Stage::RcptTo, FailureKind::Permanent, "no valid recipient")
         })
     }
-}
-
-/// A failure that is not a reply: the conversation is out of step.
-fn io_failure(stage: Stage, e: &LettreError) -> SmtpFailure {
-    let mut failure = SmtpFailure::from_lettre(stage, e);
-    if matches!(
-        failure.kind,
-        FailureKind::Transient | FailureKind::Permanent
-    ) {
-        failure.kind = FailureKind::Protocol;
-    }
-    failure
 }
 
 /// Splits a command's outcome into a reply (positive or refusing) and a broken conversation.
 fn reply(stage: Stage, result: Reply) -> Result<Reply, SmtpFailure> {
     match result {
-        Err(e) if e.status().is_none() => Err(io_failure(stage, &e)),
+        // No reply code: an I/O error, a timeout or an unreadable reply.
+        Err(e) if e.status().is_none() => Err(SmtpFailure::from_lettre(stage, &e)),
         other => Ok(other),
     }
 }
@@ -167,56 +159,34 @@ impl Session {
             }
         }
         if sent.is_empty() {
-            return Err(tally.refusal().unwrap_or_else(|| {
-                SmtpFailure::local(Stage::RcptTo, FailureKind::Permanent, "no valid recipient")
-            }));
+            return Err(tally.nobody());
         }
         batch.push_str(&Data.to_string());
         let conn = &mut self.conn;
-        let (mail_reply, mut replies, cut_short) = step(deadline, Stage::MailFrom, async {
+        let (mail_reply, rcpt_replies, data_reply) = step(deadline, Stage::MailFrom, async {
             let mail_reply = reply(Stage::MailFrom, conn.command(batch).await)?;
-            let mut replies = Vec::with_capacity(sent.len() + 1);
-            let mut cut_short = None;
-            for i in 0..=sent.len() {
-                let stage = if i < sent.len() {
-                    Stage::RcptTo
-                } else {
-                    Stage::Data
-                };
-                match reply(stage, conn.read_response().await) {
-                    Ok(r) => replies.push(r),
-                    Err(f) => {
-                        // A server that refuses MAIL may hang up: keep what it said.
-                        cut_short = Some(f);
-                        break;
-                    }
+            let mut rcpt_replies = Vec::with_capacity(sent.len());
+            for _ in &sent {
+                match reply(Stage::RcptTo, conn.read_response().await) {
+                    Ok(r) => rcpt_replies.push(r),
+                    // A server that refuses MAIL may hang up: keep what it said.
+                    Err(f) => return Ok((mail_reply, rcpt_replies, Err(f))),
                 }
             }
-            Ok((mail_reply, replies, cut_short))
+            let data_reply = reply(Stage::Data, conn.read_response().await);
+            Ok((mail_reply, rcpt_replies, data_reply))
         })
         .await?;
-        let data_reply = match cut_short {
-            None => replies.pop(),
-            Some(_) => None,
-        };
-        let data_open = matches!(data_reply, Some(Ok(_)));
+        // Err: the conversation broke before DATA's reply.
+        let data_open = matches!(data_reply, Ok(Ok(_)));
         if let Err(e) = mail_reply {
             // No transaction, so the server refused DATA too. A server that hung up, or took
             // DATA anyway, leaves the session unusable.
-            self.broken |= data_open || cut_short.is_some();
+            self.broken |= data_open || data_reply.is_err();
             return Err(SmtpFailure::from_lettre(Stage::MailFrom, &e));
         }
-        if let Some(failure) = cut_short {
-            return Err(failure);
-        }
-        let Some(data_reply) = data_reply else {
-            return Err(SmtpFailure::local(
-                Stage::Data,
-                FailureKind::Protocol,
-                "no reply to DATA",
-            ));
-        };
-        for (rcpt, r) in sent.iter().zip(replies) {
+        let data_reply = data_reply?;
+        for (rcpt, r) in sent.iter().zip(rcpt_replies) {
             tally.record(rcpt, r);
         }
         if let Some(refusal) = tally.refusal() {
