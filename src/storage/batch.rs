@@ -29,6 +29,17 @@ pub(super) fn anonymous(conn: &sqlx::AnyConnection) -> bool {
 /// PostgreSQL, `(?, ?), (?, ?), ...` on SQLite. SQLite looks every `$n` up in a list of the
 /// names seen so far while it parses, which is quadratic in a statement of thousands.
 pub(super) fn placeholders(anonymous: bool, rows: usize, columns: usize) -> String {
+    placeholders_after(anonymous, 0, rows, columns)
+}
+
+/// [`placeholders`] for a statement that binds `after` values before these: on PostgreSQL
+/// numbered from `$after + 1`.
+pub(super) fn placeholders_after(
+    anonymous: bool,
+    after: usize,
+    rows: usize,
+    columns: usize,
+) -> String {
     (0..rows)
         .map(|r| {
             let p: Vec<String> = (1..=columns)
@@ -36,7 +47,7 @@ pub(super) fn placeholders(anonymous: bool, rows: usize, columns: usize) -> Stri
                     if anonymous {
                         "?".to_owned()
                     } else {
-                        format!("${}", r * columns + c)
+                        format!("${}", after + r * columns + c)
                     }
                 })
                 .collect();
@@ -79,18 +90,29 @@ pub(super) async fn complete_many(
 /// `WITH v AS (VALUES ...) UPDATE messages ... RETURNING messages.id` for `rows` completions:
 /// records each one whose lease token still matches. The same statement on both backends.
 pub(super) fn complete_sql(anonymous: bool, rows: usize) -> String {
-    let values = placeholders(anonymous, rows, 9);
     format!(
-        "WITH v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, \
-         now) AS (VALUES {values}) \
-         UPDATE messages SET status = v.status, due_at = v.due_at, lease_token = NULL, \
-         attempt_count = messages.attempt_count + v.attempts, last_error = v.last_error, \
-         fallback = v.fallback, fallback_reason = v.fallback_reason, updated_at = v.now, \
-         sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
-         FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
-         RETURNING messages.id"
+        "WITH {} {COMPLETE_UPDATE}",
+        completion_values(anonymous, 0, rows)
     )
 }
+
+/// The completions' values as a CTE named `v`, after `after` other bound values.
+pub(super) fn completion_values(anonymous: bool, after: usize, rows: usize) -> String {
+    format!(
+        "v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, now) \
+         AS (VALUES {})",
+        placeholders_after(anonymous, after, rows, 9)
+    )
+}
+
+/// Records the completions in `v` whose lease token still matches; returns their ids.
+pub(super) const COMPLETE_UPDATE: &str = "UPDATE messages SET status = v.status, \
+     due_at = v.due_at, lease_token = NULL, \
+     attempt_count = messages.attempt_count + v.attempts, last_error = v.last_error, \
+     fallback = v.fallback, fallback_reason = v.fallback_reason, updated_at = v.now, \
+     sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
+     FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
+     RETURNING messages.id";
 
 /// Binds [`complete_sql`]'s values.
 pub(super) fn bind_completions<'q>(mut query: AnyQuery<'q>, chunk: &'q [Finished]) -> AnyQuery<'q> {

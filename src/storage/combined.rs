@@ -16,14 +16,15 @@ use sqlx::Row as _;
 
 use super::{
     batch::{
-        bind_completions, bind_messages, bind_recipients, complete_sql, insert_messages_sql,
-        placeholders, recipient_rows, Accepted, Finished, ATTEMPT_COLUMNS,
+        bind_attempt, bind_completions, bind_messages, bind_recipients, completion_values,
+        insert_messages_sql, placeholders_after, recipient_rows, Accepted, Finished,
+        ATTEMPT_COLUMNS, COMPLETE_UPDATE,
     },
     script::{Claim, Outcome},
     sql::{claim_one, db_error, decode, Backend},
     StoreError,
 };
-use crate::domain::AttemptRecord;
+use crate::domain::{AttemptRecord, NewMessage};
 
 /// Most parameters in the combined statement (PostgreSQL allows 65,535).
 const MAX_PARAMETERS: usize = 60_000;
@@ -38,41 +39,19 @@ const COMPLETION_PARAMS: usize = 9;
 const ATTEMPT_PARAMS: usize = 12;
 
 /// Whether the group's writes fit in one statement.
-pub(super) fn fits(inserts: &[Accepted<'_>], finished: &[Finished]) -> bool {
-    let recipients: usize = inserts
-        .iter()
-        .map(|(m, _)| m.content.recipients().count())
-        .sum();
+pub(super) fn fits<'a>(
+    inserts: impl Iterator<Item = &'a NewMessage>,
+    finished: &[Finished],
+) -> bool {
+    let (emails, recipients) = inserts.fold((0, 0), |(e, r), m| {
+        (e + 1, r + m.content.recipients().count())
+    });
     let attempts: usize = finished.iter().map(|(_, a, ..)| a.len()).sum();
-    inserts.len() * MESSAGE_PARAMS
+    emails * MESSAGE_PARAMS
         + recipients * RECIPIENT_PARAMS
         + finished.len() * COMPLETION_PARAMS
         + attempts * ATTEMPT_PARAMS
         <= MAX_PARAMETERS
-}
-
-/// Renumbers `$n` placeholders in `sql` by `offset`.
-fn shifted(sql: &str, offset: usize) -> String {
-    let mut out = String::with_capacity(sql.len() + sql.len() / 8);
-    let mut chars = sql.char_indices().peekable();
-    while let Some((_, c)) = chars.next() {
-        out.push(c);
-        if c != '$' {
-            continue;
-        }
-        let mut n = 0usize;
-        let mut digits = false;
-        while let Some(&(_, d)) = chars.peek() {
-            let Some(v) = d.to_digit(10) else { break };
-            n = n * 10 + v as usize;
-            digits = true;
-            chars.next();
-        }
-        if digits {
-            out.push_str(&(n + offset).to_string());
-        }
-    }
-    out
 }
 
 /// Runs the group's writes as one statement, then its claims. On failure, returns the
@@ -125,28 +104,14 @@ async fn write(
                  SELECT r.tenant_id, r.email, r.message_id \
                  FROM (VALUES {}) AS r (tenant_id, email, message_id) \
                  JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
-                shifted(
-                    &placeholders(false, recipients.len(), RECIPIENT_PARAMS),
-                    used
-                )
+                placeholders_after(false, used, recipients.len(), RECIPIENT_PARAMS)
             ));
             used += recipients.len() * RECIPIENT_PARAMS;
         }
     }
     if !finished.is_empty() {
-        // complete_sql is "WITH v (...) AS (VALUES ...) UPDATE ...": split it into a CTE
-        // for the values and one for the update.
-        let complete = shifted(&complete_sql(false, finished.len()), used);
-        let Some((values, update)) = complete
-            .strip_prefix("WITH ")
-            .and_then(|rest| rest.split_once(") UPDATE "))
-        else {
-            return Err(StoreError::Other(anyhow::anyhow!(
-                "unexpected completion statement"
-            )));
-        };
-        ctes.push(format!("{values})"));
-        ctes.push(format!("upd AS (UPDATE {update})"));
+        ctes.push(completion_values(false, used, finished.len()));
+        ctes.push(format!("upd AS ({COMPLETE_UPDATE})"));
         selects.push("SELECT 'held', id FROM upd");
         used += finished.len() * COMPLETION_PARAMS;
         if !attempts.is_empty() {
@@ -158,7 +123,7 @@ async fn write(
                 "att AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {} \
                  FROM (VALUES {}) AS a ({ATTEMPT_COLUMNS}) JOIN upd ON upd.id = a.message_id)",
                 picked.join(", "),
-                shifted(&placeholders(false, attempts.len(), ATTEMPT_PARAMS), used)
+                placeholders_after(false, used, attempts.len(), ATTEMPT_PARAMS)
             ));
         }
     }
@@ -182,7 +147,7 @@ async fn write(
     if !finished.is_empty() {
         query = bind_completions(query, finished);
         for (id, a) in &attempts {
-            query = super::batch::bind_attempt(query, id, a)?;
+            query = bind_attempt(query, id, a)?;
         }
     }
     let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
@@ -200,15 +165,4 @@ async fn write(
         };
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::shifted;
-
-    #[test]
-    fn placeholders_are_renumbered() {
-        assert_eq!(shifted("($1, $2), ($3)", 10), "($11, $12), ($13)");
-        assert_eq!(shifted("a $ b $9", 1), "a $ b $10");
-    }
 }

@@ -32,25 +32,12 @@ use super::{
 };
 use crate::domain::AttemptRecord;
 
-/// One claim in the script: lease up to `limit` due messages.
+/// One claim in a group: lease up to `limit` due messages at `now` until `until`.
 #[derive(Debug)]
 pub(super) struct Claim {
     pub(super) now: i64,
     pub(super) until: i64,
     pub(super) limit: u32,
-    token: String,
-}
-
-impl Claim {
-    /// A claim at `now` whose lease lasts until `until`, with a new lease token.
-    pub(super) fn new(now: i64, until: i64, limit: u32) -> Self {
-        Self {
-            now,
-            until,
-            limit,
-            token: uuid::Uuid::new_v4().to_string(),
-        }
-    }
 }
 
 /// What a committed script did.
@@ -139,6 +126,11 @@ async fn execute(
     returns.push(Returns::Nothing);
     let sql = statements.join(";\n");
 
+    // One lease token per claim.
+    let tokens: Vec<String> = claims
+        .iter()
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
     // Bind in the statements' order.
     let mut query = sqlx::query(&sql).persistent(false);
     for chunk in inserts.chunks(CHUNK) {
@@ -153,9 +145,9 @@ async fn execute(
     for chunk in finished.chunks(CHUNK) {
         query = bind_completions(query, chunk);
     }
-    for claim in claims {
+    for (claim, token) in claims.iter().zip(&tokens) {
         query = query
-            .bind(claim.token.as_str())
+            .bind(token.as_str())
             .bind(claim.until)
             .bind(claim.now)
             .bind(claim.now)
@@ -189,7 +181,7 @@ async fn execute(
                 let message = decode(message_from_row(&row))?;
                 outcome.claimed[*i].push(Claimed {
                     message,
-                    lease_token: claims[*i].token.clone(),
+                    lease_token: tokens[*i].clone(),
                 });
             }
             Some(Returns::Nothing) | None => {

@@ -92,8 +92,7 @@ impl Group {
 
     /// Whether the group's writes fit in one PostgreSQL statement.
     fn fits_one_statement(&self) -> bool {
-        let refs: Vec<(&NewMessage, i64)> = self.inserts.iter().map(|(m, now)| (m, *now)).collect();
-        combined::fits(&refs, &self.finished)
+        combined::fits(self.inserts.iter().map(|(m, _)| m), &self.finished)
     }
 
     /// Hands each insert op its slice of `results` (one per email, in order).
@@ -192,7 +191,7 @@ async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool)
     let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
     let claim_args: Vec<script::Claim> = claims
         .iter()
-        .map(|(_, now, until, limit, _)| script::Claim::new(*now, *until, *limit))
+        .map(|&(_, now, until, limit, _)| script::Claim { now, until, limit })
         .collect();
     let outcome = if sqlite {
         script::run(conn, &refs, &finished, &claim_args).await

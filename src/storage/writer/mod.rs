@@ -185,16 +185,19 @@ fn emails(op: &Op) -> usize {
 }
 
 /// Moves the operations already queued into `ops`, up to [`MAX_GROUP`] operations and about
-/// [`MAX_GROUP_EMAILS`] emails.
-fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
+/// [`MAX_GROUP_EMAILS`] emails. Returns whether the group can take more.
+fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) -> bool {
     let mut carried: usize = ops.iter().map(emails).sum();
-    while ops.len() < MAX_GROUP && carried < MAX_GROUP_EMAILS {
+    loop {
+        if ops.len() >= MAX_GROUP || carried >= MAX_GROUP_EMAILS {
+            return false;
+        }
         match rx.try_recv() {
             Ok(op) => {
                 carried += emails(&op);
                 ops.push(op);
             }
-            Err(_) => break,
+            Err(_) => return true,
         }
     }
 }
@@ -221,16 +224,16 @@ async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver
             };
             let Some(first) = first else { return };
             let mut ops = vec![first];
-            drain(&mut rx, &mut ops);
+            let mut room = drain(&mut rx, &mut ops);
             // Under concurrent load (the last group had company), let the callers that are
             // running now reach the queue before committing: one commit then covers more
             // emails. Each turn lets the runtime poll its sockets; stop after two turns that
             // brought nothing. A lone caller is never held up.
             let mut quiet = 0;
-            while last_group > 1 && quiet < 2 && ops.len() < MAX_GROUP {
+            while last_group > 1 && quiet < 2 && room {
                 let before = ops.len();
                 tokio::task::yield_now().await;
-                drain(&mut rx, &mut ops);
+                room = drain(&mut rx, &mut ops);
                 quiet = if ops.len() == before { quiet + 1 } else { 0 };
             }
             ops
