@@ -182,6 +182,8 @@ async fn refused_recipients_in_a_pipeline_keep_the_session_usable() {
         // session instead of sending one.
         let sessions = if pipelining { 2 } else { 1 };
         assert_eq!(smtp.connections(), 1 + sessions, "{pipelining}");
+        // Each envelope came in one write exactly when the server offered PIPELINING.
+        assert_eq!(smtp.pipelined(), if pipelining { 3 } else { 0 });
         app.stop().await.unwrap();
     }
 }

@@ -75,6 +75,9 @@ struct State {
     arrived: Notify,
     /// Connections accepted so far.
     connections: std::sync::atomic::AtomicUsize,
+    /// MAIL FROM commands that arrived with more commands behind them in the same read
+    /// (the client did not wait for the reply: pipelining).
+    pipelined: std::sync::atomic::AtomicUsize,
 }
 
 /// A running server; stops when dropped.
@@ -158,6 +161,13 @@ impl TestSmtpServer {
         .expect("server alive");
     }
 
+    /// How many MAIL FROM commands came pipelined with the commands after them.
+    pub fn pipelined(&self) -> usize {
+        self.state
+            .pipelined
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// How many connections the server has accepted.
     pub fn connections(&self) -> usize {
         self.state
@@ -203,6 +213,11 @@ where
         let behavior = state.behavior.lock().unwrap().clone();
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
+        if upper.starts_with("MAIL FROM:") && !lines.buffer().is_empty() {
+            state
+                .pipelined
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         let reply: String = if upper.starts_with("EHLO") || upper.starts_with("HELO") {
             helo = cmd.split_whitespace().nth(1).unwrap_or_default().to_owned();
             let auth = if behavior.auth.is_some() {
