@@ -1,7 +1,7 @@
 //! Sending-limit counters and retention: the store's background bookkeeping.
 
 use super::{
-    sql::{db_error, SqlStore},
+    sql::{db_error, Backend, SqlStore},
     StoreError,
 };
 
@@ -48,15 +48,23 @@ impl SqlStore {
     ) -> Result<u64, StoreError> {
         // Only final entries: a message still waiting to be sent is never dropped, however
         // old. Attempts go with their message (ON DELETE CASCADE).
-        let deleted = sqlx::query(
-            "DELETE FROM messages WHERE due_at IS NULL AND id IN (SELECT id FROM messages \
-             WHERE created_at < $1 AND due_at IS NULL ORDER BY created_at LIMIT $2)",
-        )
-        .bind(before)
-        .bind(i64::from(batch))
-        .execute(&self.pool)
-        .await
-        .map_err(db_error)?;
+        let oldest = "SELECT id FROM messages WHERE created_at < $1 AND due_at IS NULL \
+                      ORDER BY created_at LIMIT $2";
+        // PostgreSQL: by primary key, whatever the statistics (see `claim_one`).
+        let sql = match self.backend {
+            Backend::Postgres => {
+                format!("DELETE FROM messages WHERE due_at IS NULL AND id = ANY(ARRAY({oldest}))")
+            }
+            Backend::Sqlite => {
+                format!("DELETE FROM messages WHERE due_at IS NULL AND id IN ({oldest})")
+            }
+        };
+        let deleted = sqlx::query(&sql)
+            .bind(before)
+            .bind(i64::from(batch))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
         Ok(deleted.rows_affected())
     }
 }

@@ -918,14 +918,19 @@ pub(super) async fn claim_one(
     limit: u32,
 ) -> Result<Vec<Claimed>, StoreError> {
     let token = uuid::Uuid::new_v4().to_string();
-    let lock = match backend {
-        Backend::Postgres => " FOR UPDATE SKIP LOCKED",
-        Backend::Sqlite => "",
+    let due = "SELECT id FROM messages WHERE due_at IS NOT NULL AND due_at <= $3 \
+               ORDER BY due_at LIMIT $4";
+    // PostgreSQL: `id = ANY(ARRAY(...))` looks the claimed ids up by primary key whatever the
+    // table's statistics say. With `id IN (...)`, a plan made while the table was small (a
+    // prepared statement's generic plan) joins the ids against a sequential scan of the whole
+    // table, and every claim grows slower as the table grows: 8-19 ms at 10,000 rows.
+    let target = match backend {
+        Backend::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
+        Backend::Sqlite => format!("id IN ({due})"),
     };
     let sql = format!(
         "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
-         updated_at = $3 WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL \
-         AND due_at <= $3 ORDER BY due_at LIMIT $4{lock}) RETURNING {MESSAGE_COLUMNS}"
+         updated_at = $3 WHERE {target} RETURNING {MESSAGE_COLUMNS}"
     );
     let rows = sqlx::query(&sql)
         .bind(&token)
