@@ -4,7 +4,7 @@
 //! seven (BEGIN, the accepts, their recipients, the completions, their attempts, the claim,
 //! COMMIT). Here the accepts, their recipients, the completions and their attempts are one
 //! statement of data-modifying CTEs, which PostgreSQL runs atomically as its own
-//! transaction; each claim is a second statement. The conditions the multi-statement path
+//! transaction; each claim is a statement of its own, run after the writes are answered. The conditions the multi-statement path
 //! checks in Rust are in the SQL:
 //! - recipients are stored for the emails the INSERT returned (an email whose idempotency
 //!   key is taken returns nothing);
@@ -20,8 +20,8 @@ use super::{
         insert_messages_sql, placeholders_after, recipient_rows, Accepted, Finished,
         ATTEMPT_COLUMNS, COMPLETE_UPDATE,
     },
-    script::{Claim, Outcome},
-    sql::{claim_one, db_error, decode, Backend},
+    script::Outcome,
+    sql::{db_error, decode},
     StoreError,
 };
 use crate::domain::{AttemptRecord, NewMessage};
@@ -54,25 +54,16 @@ pub(super) fn fits<'a>(
         <= MAX_PARAMETERS
 }
 
-/// Runs the group's writes as one statement, then its claims. On failure, returns the
-/// error and whether the connection may be used again.
+/// Runs the group's writes as one statement (its own transaction). Claims are separate
+/// statements: the writer answers the writes first (see `commit_fast`).
 pub(super) async fn run(
     conn: &mut sqlx::AnyConnection,
     inserts: &[Accepted<'_>],
     finished: &[Finished],
-    claims: &[Claim],
-) -> Result<Outcome, (StoreError, bool)> {
+) -> Result<Outcome, StoreError> {
     let mut outcome = Outcome::default();
     if !inserts.is_empty() || !finished.is_empty() {
-        write(conn, inserts, finished, &mut outcome)
-            .await
-            .map_err(|e| (e, true))?;
-    }
-    for claim in claims {
-        let claimed = claim_one(conn, Backend::Postgres, claim.now, claim.until, claim.limit)
-            .await
-            .map_err(|e| (e, true))?;
-        outcome.claimed.push(claimed);
+        write(conn, inserts, finished, &mut outcome).await?;
     }
     Ok(outcome)
 }

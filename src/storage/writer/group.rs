@@ -189,14 +189,16 @@ async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool)
         claims,
     } = group;
     let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
-    let claim_args: Vec<script::Claim> = claims
-        .iter()
-        .map(|&(_, now, until, limit, _)| script::Claim { now, until, limit })
-        .collect();
     let outcome = if sqlite {
+        let claim_args: Vec<script::Claim> = claims
+            .iter()
+            .map(|&(_, now, until, limit, _)| script::Claim { now, until, limit })
+            .collect();
         script::run(conn, &refs, &finished, &claim_args).await
     } else {
-        combined::run(conn, &refs, &finished, &claim_args).await
+        combined::run(conn, &refs, &finished)
+            .await
+            .map_err(|e| (e, true))
     };
     let mut outcome = match outcome {
         Ok(outcome) => outcome,
@@ -213,17 +215,26 @@ async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool)
             replay_or_conflict(conn, m).await
         });
     }
-    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
+    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len());
     Group::insert_dones(insert_ops, Ok(results), &mut done);
     for ((claimed, ..), reply) in finished.iter().zip(complete_replies) {
         let held = outcome.held.contains(&claimed.message.id);
         done.push(Done::Complete(Ok(held), reply));
     }
-    for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
-        done.push(Done::Claim(Ok(claimed), reply));
-    }
+    // The writes are committed: their callers hear it now, not after the claims.
     for d in done {
         d.answer(Ok(()));
+    }
+    if sqlite {
+        for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
+            Done::Claim(Ok(claimed), reply).answer(Ok(()));
+        }
+    } else {
+        // PostgreSQL: each claim is one statement, atomic on its own.
+        for (backend, now, until, limit, reply) in claims {
+            let claimed = claim_one(conn, backend, now, until, limit).await;
+            Done::Claim(claimed, reply).answer(Ok(()));
+        }
     }
     true
 }
