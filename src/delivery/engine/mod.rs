@@ -224,6 +224,10 @@ impl Engine {
             if *shutdown.borrow() {
                 break;
             }
+            // A finished task keeps its memory (sized for the whole delivery future, about
+            // 8 KB) until it is joined: join every finished one now. Joining one per turn let
+            // thousands pile up under load (165 MB at the peak of a 20,000-email run).
+            while tasks.try_join_next().is_some() {}
             let free = permits.available_permits();
             let mut claimed_all = false;
             if free > 0 {
