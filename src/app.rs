@@ -189,7 +189,7 @@ impl App {
         let store = Arc::new(
             SqlStore::connect(
                 &config.effective_database_url(),
-                config.database_max_connections,
+                config.effective_max_connections(),
             )
             .await
             .context("opening the database")?,

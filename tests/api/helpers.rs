@@ -96,7 +96,7 @@ pub fn test_config(db: &TestDatabase) -> Config {
         listen_addr: "127.0.0.1:0".parse().unwrap(),
         data_dir: db.dir.path().join("data"),
         database_url: Secret::new(db.url.clone()),
-        database_max_connections: 5,
+        database_max_connections: Some(5),
         ..Config::default()
     };
     config.smtp.allowed_networks = vec!["127.0.0.0/8".parse().unwrap()];
