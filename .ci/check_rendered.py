@@ -73,6 +73,11 @@ def main(rendered_path, values_path):
         check(name not in config, f"ConfigMap carries the secret setting {name}")
     grace = seconds(config.get("MAILGATE_SHUTDOWN_GRACE", ""))
     check(grace is not None, "ConfigMap has no MAILGATE_SHUTDOWN_GRACE in seconds/minutes/hours")
+    # The pool size is passed only when set: unset, mailgate picks it by backend.
+    pool = (values.get("config") or {}).get("databaseMaxConnections")
+    got = config.get("MAILGATE_DATABASE_MAX_CONNECTIONS")
+    check(got == (None if pool is None else str(pool)),
+          f"MAILGATE_DATABASE_MAX_CONNECTIONS is {got!r} for databaseMaxConnections {pool!r}")
 
     # --- Secrets ---------------------------------------------------------------------------
     secret_objs = by_kind.get("Secret", [])
