@@ -17,7 +17,7 @@ use crate::{
     error::ApiError,
     proto::v1::{self as pb, send_service_server::SendService},
     routing::{self, Route},
-    storage::InsertOutcome,
+    storage::{Claimed, InsertOutcome},
     templating::{self, Sources},
 };
 
@@ -266,6 +266,7 @@ impl SendApi {
             tags: req.tags.clone().into_iter().collect::<BTreeMap<_, _>>(),
             trace_id: crate::telemetry::trace_id_of(&traceparent),
             traceparent,
+            lease: None,
         })
     }
 
@@ -446,9 +447,16 @@ impl SendService for SendApi {
         let caller = caller(&request)?;
         tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
-        let message = self.build(&caller, &req, None).await?;
+        let mut message = self.build(&caller, &req, None).await?;
         tracing::Span::current().record("message_id", message.id.as_str());
         let now = now_micros();
+        // Due now and the engine has room: store it leased to this process and deliver it
+        // straight away, instead of queueing it for a claim.
+        let reservation = match message.send_at {
+            Some(at) if at > now => None,
+            _ => self.ctx.engine.reserve(),
+        };
+        message.lease = reservation.as_ref().map(|r| r.lease().clone());
         let outcome = self
             .ctx
             .store
@@ -463,11 +471,14 @@ impl SendService for SendApi {
                     Some(at) if at > now => MessageStatus::Scheduled,
                     _ => MessageStatus::Queued,
                 };
-                self.ctx
-                    .engine
-                    .publish(&caller.tenant_id, &message.id, status);
-                self.ctx.engine.wake();
-                (message.id, status, false)
+                let engine = &self.ctx.engine;
+                engine.publish(&caller.tenant_id, &message.id, status);
+                let id = message.id.clone();
+                match (reservation, Claimed::stored_leased(message, now)) {
+                    (Some(reservation), Some(claimed)) => engine.adopt(reservation, claimed),
+                    _ => engine.wake(),
+                }
+                (id, status, false)
             }
             InsertOutcome::Replayed { id, status } => (id, status, true),
         };

@@ -80,5 +80,6 @@ pub(crate) fn message(
         tags: Default::default(),
         trace_id: String::new(),
         traceparent: String::new(),
+        lease: None,
     })
 }

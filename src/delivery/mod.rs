@@ -14,7 +14,7 @@ mod transport;
 pub mod verify;
 
 pub use compose::{compose, ComposeError, MAILGATE_ID_HEADER};
-pub use engine::{now_micros, secret_context, Engine, EngineSettings, MessageEvent};
+pub use engine::{now_micros, secret_context, Engine, EngineSettings, MessageEvent, Reservation};
 pub use filedrop::FileDrop;
 pub use relay::Relay;
 pub use transport::{SystemService, Transports};

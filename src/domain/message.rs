@@ -190,6 +190,19 @@ pub struct NewMessage {
     pub trace_id: String,
     /// The W3C traceparent of the accepting request, if traced.
     pub traceparent: String,
+    /// Set when the accepting process delivers the email itself: it is stored leased to that
+    /// process (SENDING) instead of QUEUED, and needs no claim. Ignored for an email
+    /// scheduled for later.
+    pub lease: Option<Lease>,
+}
+
+/// A delivery lease taken when an email is stored (see [`NewMessage::lease`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The token that lets the holder complete the delivery.
+    pub token: String,
+    /// When the lease ends (unix microseconds); after that any worker may claim the email.
+    pub until: i64,
 }
 
 /// A message as stored: log entry and queue item at once.

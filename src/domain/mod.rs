@@ -9,7 +9,7 @@ mod template;
 pub use address::{EmailAddress, Mailbox};
 pub use header::{validate_headers, Header};
 pub use message::{
-    Attachment, AttemptOutcome, AttemptRecord, LogFilter, MessageContent, MessageStatus,
+    Attachment, AttemptOutcome, AttemptRecord, Lease, LogFilter, MessageContent, MessageStatus,
     NewMessage, ProfileReason, StoredMessage,
 };
 pub use profile::{

@@ -292,15 +292,18 @@ pub(super) fn stored_recipients_sql(anonymous: bool, rows: usize) -> String {
     )
 }
 
+/// Parameters per email of [`insert_messages_sql`].
+pub(super) const MESSAGE_PARAMS: usize = 23;
+
 /// `INSERT INTO messages ... RETURNING id` for `rows` emails; an email whose idempotency key
 /// exists already is skipped (no id returned).
 pub(super) fn insert_messages_sql(anonymous: bool, rows: usize) -> String {
-    let values = placeholders(anonymous, rows, 22);
+    let values = placeholders(anonymous, rows, MESSAGE_PARAMS);
     format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
          profile_id, profile_reason, template_id, campaign_id, content, \
          message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-         updated_at, send_at, due_at, traceparent) VALUES {values} \
+         updated_at, send_at, due_at, traceparent, lease_token) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
     )
 }
@@ -313,9 +316,15 @@ pub(super) fn bind_messages<'q>(
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
-        let (status, due_at) = match m.send_at {
-            Some(at) if at > *now => (MessageStatus::Scheduled, at),
-            _ => (MessageStatus::Queued, *now),
+        // Scheduled for later, leased to the accepting process, or queued for any worker.
+        let (status, due_at, lease_token) = match (m.send_at, &m.lease) {
+            (Some(at), _) if at > *now => (MessageStatus::Scheduled, at, None),
+            (_, Some(lease)) => (
+                MessageStatus::Sending,
+                lease.until,
+                Some(lease.token.as_str()),
+            ),
+            _ => (MessageStatus::Queued, *now, None),
         };
         query = query
             .bind(&m.id)
@@ -339,7 +348,8 @@ pub(super) fn bind_messages<'q>(
             .bind(*now)
             .bind(m.send_at)
             .bind(due_at)
-            .bind(&m.traceparent);
+            .bind(&m.traceparent)
+            .bind(lease_token);
     }
     Ok(query)
 }

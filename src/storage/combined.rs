@@ -18,7 +18,7 @@ use super::{
     batch::{
         bind_attempt, bind_completions, bind_messages, bind_recipients, completion_values,
         insert_messages_sql, placeholders_after, recipient_rows, Accepted, Finished,
-        ATTEMPT_COLUMNS, COMPLETE_UPDATE,
+        ATTEMPT_COLUMNS, COMPLETE_UPDATE, MESSAGE_PARAMS,
     },
     script::Outcome,
     sql::{db_error, decode},
@@ -33,7 +33,6 @@ const MAX_PARAMETERS: usize = 60_000;
 const SMALL_GROUP: usize = 4;
 
 /// Parameters per row of each part.
-const MESSAGE_PARAMS: usize = 22;
 const RECIPIENT_PARAMS: usize = 3;
 const COMPLETION_PARAMS: usize = 9;
 const ATTEMPT_PARAMS: usize = 12;

@@ -96,6 +96,45 @@ pub struct Claimed {
     pub lease_token: String,
 }
 
+impl Claimed {
+    /// The claim an email stored with a lease stands for (see [`NewMessage::lease`]): the
+    /// row as the store holds it, without reading it back. None without a lease, or for an
+    /// email scheduled for later (stored without one).
+    pub fn stored_leased(m: NewMessage, now: i64) -> Option<Claimed> {
+        let lease = m.lease.clone()?;
+        if m.send_at.is_some_and(|at| at > now) {
+            return None;
+        }
+        Some(Claimed {
+            message: StoredMessage {
+                id: m.id,
+                tenant_id: m.tenant_id,
+                status: MessageStatus::Sending,
+                source: m.source,
+                email_type: m.email_type,
+                profile_id: m.profile_id,
+                profile_reason: m.profile_reason,
+                fallback: false,
+                fallback_reason: String::new(),
+                template_id: m.template_id,
+                campaign_id: m.campaign_id,
+                content: m.content,
+                message_id_header: m.message_id_header,
+                trace_id: m.trace_id,
+                traceparent: m.traceparent,
+                tags: m.tags,
+                attempt_count: 0,
+                last_error: String::new(),
+                created_at: now,
+                updated_at: now,
+                sent_at: None,
+                next_attempt_at: None,
+            },
+            lease_token: lease.token,
+        })
+    }
+}
+
 /// Everything mailgate keeps. Every tenant-facing call is scoped by `tenant_id`.
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug + 'static {

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use mailgate::{
     delivery::now_micros,
     domain::*,
-    storage::{Completion, InsertOutcome, SqlStore, Store},
+    storage::{Claimed, Completion, InsertOutcome, SqlStore, Store},
 };
 
 use crate::helpers::TestDatabase;
@@ -45,6 +45,7 @@ fn message(tenant: &str, key: Option<&str>) -> NewMessage {
         message_id_header: "m@acme.test".into(),
         trace_id: String::new(),
         traceparent: String::new(),
+        lease: None,
     }
 }
 
@@ -127,6 +128,83 @@ async fn claim_is_exclusive_and_completion_needs_the_lease() {
     assert!(m.sent_at.is_some());
     assert_eq!(store.list_attempts("t1", &m.id).await.unwrap().len(), 1);
     assert!(store.list_attempts("t2", &m.id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_email_stored_with_a_lease_is_held_like_a_claim() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let lease = Lease {
+        token: "accepting-process".into(),
+        until: now + 60_000_000,
+    };
+    let mut leased = message("t1", None);
+    leased.lease = Some(lease.clone());
+    let queued = message("t1", None);
+    // A scheduled email ignores the lease: it is not due, so nobody may hold it yet.
+    let mut scheduled = message("t1", None);
+    scheduled.lease = Some(lease.clone());
+    scheduled.send_at = Some(now + 3_600_000_000);
+    for m in [&leased, &queued, &scheduled] {
+        assert_eq!(
+            store.insert_message(m, now).await.unwrap(),
+            InsertOutcome::Created
+        );
+    }
+    let row = store.get_message("t1", &leased.id).await.unwrap();
+    assert_eq!(row.status, MessageStatus::Sending);
+    assert_eq!(row.next_attempt_at, None);
+    assert_eq!(
+        store.get_message("t1", &scheduled.id).await.unwrap().status,
+        MessageStatus::Scheduled
+    );
+    assert!(Claimed::stored_leased(scheduled.clone(), now).is_none());
+    assert!(Claimed::stored_leased(queued.clone(), now).is_none());
+
+    // Only the queued email is claimable while the lease runs.
+    let claimed = store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].message.id, queued.id);
+
+    // The in-memory claim matches the stored row and completes with the lease.
+    let held = Claimed::stored_leased(leased.clone(), now).unwrap();
+    assert_eq!(held.lease_token, lease.token);
+    assert_eq!(held.message.status, row.status);
+    assert_eq!(held.message.attempt_count, row.attempt_count);
+    assert_eq!(held.message.created_at, row.created_at);
+    assert_eq!(held.message.content, row.content);
+    let mut stale = held.clone();
+    stale.lease_token = "someone-else".into();
+    assert!(!store
+        .complete(&stale, &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    assert!(store
+        .complete(&held, &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    let m = store.get_message("t1", &leased.id).await.unwrap();
+    assert_eq!(m.status, MessageStatus::Sent);
+    assert_eq!(m.attempt_count, 1);
+
+    // A lease that ran out (the process died) lets any worker claim the email.
+    let mut orphan = message("t1", None);
+    orphan.lease = Some(lease.clone());
+    store.insert_message(&orphan, now).await.unwrap();
+    assert!(store
+        .claim_due(now + 59_000_000, now + 70_000_000, 10)
+        .await
+        .unwrap()
+        .iter()
+        .all(|c| c.message.id != orphan.id));
+    let reclaimed = store
+        .claim_due(now + 61_000_000, now + 120_000_000, 10)
+        .await
+        .unwrap();
+    assert!(reclaimed.iter().any(|c| c.message.id == orphan.id));
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use std::{
 };
 
 use tokio::{
-    sync::{broadcast, watch, Notify, Semaphore},
+    sync::{broadcast, mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore},
     task::JoinSet,
     time::Instant,
 };
@@ -27,7 +27,7 @@ use super::{
 };
 use crate::{
     crypto::SecretBox,
-    domain::{AttemptRecord, FallbackPolicy, Mailbox, MessageStatus, SmtpProfile},
+    domain::{AttemptRecord, FallbackPolicy, Lease, Mailbox, MessageStatus, SmtpProfile},
     storage::{Claimed, Completion, Store, StoreError},
 };
 
@@ -87,6 +87,31 @@ pub struct Engine {
     relay: std::sync::OnceLock<tokio::sync::mpsc::Sender<MessageEvent>>,
     /// One permit per SMTP send at a time (`settings.concurrency`).
     sending: Semaphore,
+    /// One permit per message in hand: claimed, adopted, sending or being recorded.
+    in_hand: Arc<Semaphore>,
+    /// The number of those permits: [`CLAIM_AHEAD`] × `settings.concurrency`.
+    in_hand_total: usize,
+    /// Where adopted emails go while the engine runs (see [`Engine::reserve`]).
+    adopt: Mutex<Option<Adoptions>>,
+}
+
+/// The way to the running engine for emails stored leased to this process.
+type Adoptions = mpsc::UnboundedSender<(Claimed, OwnedSemaphorePermit)>;
+
+/// A slot in the engine taken for an email about to be accepted (see [`Engine::reserve`]).
+/// Dropping it gives the slot back.
+#[derive(Debug)]
+pub struct Reservation {
+    permit: OwnedSemaphorePermit,
+    to_engine: Adoptions,
+    lease: Lease,
+}
+
+impl Reservation {
+    /// The lease to store the email with.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
 }
 
 /// Messages in hand (claimed, sending, or being recorded) per sending slot. A message waits
@@ -127,7 +152,11 @@ impl Engine {
         settings: EngineSettings,
     ) -> Self {
         let (events, _) = broadcast::channel(4096);
+        let in_hand_total = settings.concurrency.max(1) * CLAIM_AHEAD;
         Self {
+            in_hand: Arc::new(Semaphore::new(in_hand_total)),
+            in_hand_total,
+            adopt: Mutex::new(None),
             store,
             transports,
             secrets,
@@ -214,12 +243,67 @@ impl Engine {
         }
     }
 
+    /// Takes a slot for an email this process is about to accept, so that it is stored
+    /// leased to this process ([`crate::domain::NewMessage::lease`]) and delivered at once,
+    /// without a claim. None when the engine is not running or is busy: a quarter of the
+    /// slots stays for claims, so emails waiting in the queue keep moving.
+    pub fn reserve(&self) -> Option<Reservation> {
+        let spare = (self.in_hand_total / 4).max(1);
+        if self.in_hand.available_permits() <= spare {
+            return None;
+        }
+        let to_engine = self
+            .adopt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let permit = Arc::clone(&self.in_hand).try_acquire_owned().ok()?;
+        Some(Reservation {
+            permit,
+            to_engine,
+            lease: Lease {
+                token: uuid::Uuid::new_v4().to_string(),
+                until: now_micros() + micros(self.settings.lease),
+            },
+        })
+    }
+
+    /// Delivers an email stored with `reservation`'s lease. If the engine stopped meanwhile,
+    /// the lease runs out and any worker delivers the email then.
+    pub fn adopt(&self, reservation: Reservation, claimed: Claimed) {
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(claimed.message.id.clone(), claimed.clone());
+        let Reservation {
+            permit, to_engine, ..
+        } = reservation;
+        if to_engine.send((claimed, permit)).is_err() {
+            tracing::debug!("engine stopped before an adopted email; its lease will run out");
+        }
+    }
+
     /// Runs until `shutdown` turns true: then stops claiming, waits up to the grace period
     /// for in-flight deliveries, and gives unfinished ones back to the queue.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let in_hand = self.settings.concurrency * CLAIM_AHEAD;
-        let permits = Arc::new(Semaphore::new(in_hand));
+        let in_hand = self.in_hand_total;
+        let permits = Arc::clone(&self.in_hand);
+        let (to_engine, mut adopted) = mpsc::unbounded_channel();
+        *self.adopt.lock().unwrap_or_else(|e| e.into_inner()) = Some(to_engine);
         let mut tasks = JoinSet::new();
+        // Claim when something may be due: at start, after a wake (an email was queued),
+        // at every poll (retries and scheduled emails come due, other replicas queue), and
+        // again right after a claim that took all it asked for. Adopted emails and finished
+        // deliveries alone do not call for a claim.
+        let mut want_claim = true;
+        let mut next_poll = Instant::now() + self.settings.poll_interval;
+        let spawn = |tasks: &mut JoinSet<()>, c: Claimed, permit: OwnedSemaphorePermit| {
+            let engine = Arc::clone(&self);
+            tasks.spawn(async move {
+                engine.deliver(c).await;
+                drop(permit);
+            });
+        };
         loop {
             if *shutdown.borrow() {
                 break;
@@ -228,20 +312,30 @@ impl Engine {
             // 8 KB) until it is joined: join every finished one now. Joining one per turn let
             // thousands pile up under load (165 MB at the peak of a 20,000-email run).
             while tasks.try_join_next().is_some() {}
-            let free = permits.available_permits();
+            while let Ok((c, permit)) = adopted.try_recv() {
+                spawn(&mut tasks, c, permit);
+            }
+            if Instant::now() >= next_poll {
+                want_claim = true;
+                next_poll = Instant::now() + self.settings.poll_interval;
+            }
             let mut claimed_all = false;
-            if free > 0 {
+            // The slots are taken before the claim: an email accepted meanwhile cannot take
+            // one that a claimed message then lacks.
+            let free = permits.available_permits();
+            let slots = match u32::try_from(free) {
+                Ok(n) if n > 0 && want_claim => Arc::clone(&permits).try_acquire_many_owned(n).ok(),
+                _ => None,
+            };
+            if let Some(mut slots) = slots {
                 let claimed = self.claim(free).await;
                 claimed_all = !claimed.is_empty() && claimed.len() == free;
+                // Fewer than asked: the queue has nothing more due. The next claim waits for
+                // a wake (an email queued), the poll, or a full claim.
+                want_claim = claimed_all;
                 for c in claimed {
-                    let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-                        break;
-                    };
-                    let engine = Arc::clone(&self);
-                    tasks.spawn(async move {
-                        engine.deliver(c).await;
-                        drop(permit);
-                    });
+                    let Some(permit) = slots.split(1) else { break };
+                    spawn(&mut tasks, c, permit);
                 }
             }
             if claimed_all {
@@ -251,18 +345,25 @@ impl Engine {
                 while permits.available_permits() < batch && !tasks.is_empty() {
                     tokio::select! {
                         _ = tasks.join_next() => {}
+                        Some((c, permit)) = adopted.recv() => spawn(&mut tasks, c, permit),
                         _ = shutdown.changed() => break,
                     }
                 }
                 continue;
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.settings.poll_interval) => {}
+                _ = self.wake.notified() => want_claim = true,
+                _ = tokio::time::sleep_until(next_poll) => {}
                 _ = tasks.join_next(), if !tasks.is_empty() => {}
+                Some((c, permit)) = adopted.recv() => spawn(&mut tasks, c, permit),
                 _ = shutdown.changed() => {}
             }
         }
+        // No more adoptions; those already sent are in `in_flight` and go back to the queue
+        // below with the rest.
+        *self.adopt.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        adopted.close();
+        while adopted.try_recv().is_ok() {}
         info!(in_flight = tasks.len(), "delivery engine stopping");
         let drained = tokio::time::timeout(self.settings.shutdown_grace, async {
             while tasks.join_next().await.is_some() {}
