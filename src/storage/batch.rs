@@ -1,14 +1,8 @@
-//! Multi-row statements for the writer's groups: a group's completions are one UPDATE and one
-//! INSERT of attempts, however many deliveries finished, instead of two statements each.
+//! Multi-row statements for SQLite's group script (`script.rs`): a group's completions are one
+//! UPDATE and one INSERT of attempts, however many deliveries finished, instead of two
+//! statements each.
 
-use std::collections::HashSet;
-
-use sqlx::Row as _;
-
-use super::{
-    sql::{db_error, decode, replay_or_conflict},
-    Claimed, Completion, InsertOutcome, StoreError,
-};
+use super::{sql::decode, Claimed, Completion, StoreError};
 use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 
 /// One finished delivery.
@@ -57,36 +51,6 @@ pub(super) fn placeholders_after(
         .join(", ")
 }
 
-/// Whether a statement of `rows` rows is worth keeping prepared: only full chunks, the
-/// common size of large batches. Every other group size is another statement text, and
-/// caching them all piles up prepared statements on each connection (peak RSS 133 MiB).
-fn cacheable(rows: usize) -> bool {
-    rows == CHUNK
-}
-
-/// Records the completions whose lease is still held; returns, for each, whether it was.
-pub(super) async fn complete_many(
-    conn: &mut sqlx::AnyConnection,
-    items: &[Finished],
-) -> Result<Vec<bool>, StoreError> {
-    let mut held = HashSet::new();
-    for chunk in items.chunks(CHUNK) {
-        held.extend(update_chunk(conn, chunk).await?);
-        let attempts: Vec<(&str, &AttemptRecord)> = chunk
-            .iter()
-            .filter(|(c, ..)| held.contains(&c.message.id))
-            .flat_map(|(c, attempts, ..)| attempts.iter().map(|a| (c.message.id.as_str(), a)))
-            .collect();
-        for part in attempts.chunks(CHUNK) {
-            insert_attempts(conn, part).await?;
-        }
-    }
-    Ok(items
-        .iter()
-        .map(|(c, ..)| held.contains(&c.message.id))
-        .collect())
-}
-
 /// `WITH v AS (VALUES ...) UPDATE messages ... RETURNING messages.id` for `rows` completions:
 /// records each one whose lease token still matches. The same statement on both backends.
 pub(super) fn complete_sql(anonymous: bool, rows: usize) -> String {
@@ -131,18 +95,6 @@ pub(super) fn bind_completions<'q>(mut query: AnyQuery<'q>, chunk: &'q [Finished
     query
 }
 
-async fn update_chunk(
-    conn: &mut sqlx::AnyConnection,
-    chunk: &[Finished],
-) -> Result<Vec<String>, StoreError> {
-    let sql = complete_sql(anonymous(conn), chunk.len());
-    let query = bind_completions(sqlx::query(&sql).persistent(cacheable(chunk.len())), chunk);
-    let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
-    rows.iter()
-        .map(|r| r.try_get::<String, _>(0).map_err(db_error))
-        .collect()
-}
-
 pub(super) const ATTEMPT_COLUMNS: &str = "message_id, number, started_at, duration_us, server, \
      profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, rejected_recipients";
 
@@ -166,20 +118,6 @@ pub(super) fn bind_attempt<'q>(
         .bind(&a.reply_text)
         .bind(a.outcome.as_str())
         .bind(rejected))
-}
-
-async fn insert_attempts(
-    conn: &mut sqlx::AnyConnection,
-    part: &[(&str, &AttemptRecord)],
-) -> Result<(), StoreError> {
-    let values = placeholders(anonymous(conn), part.len(), 12);
-    let sql = format!("INSERT INTO attempts ({ATTEMPT_COLUMNS}) VALUES {values}");
-    let mut query = sqlx::query(&sql).persistent(cacheable(part.len()));
-    for (id, a) in part {
-        query = bind_attempt(query, id, a)?;
-    }
-    query.execute(&mut *conn).await.map_err(db_error)?;
-    Ok(())
 }
 
 /// Inserts the attempts of `rows` completions whose lease token is still held: the same
@@ -212,41 +150,6 @@ pub(super) fn bind_held_attempts<'q>(
 
 /// An email to store, and when it was accepted.
 pub(super) type Accepted<'a> = (&'a NewMessage, i64);
-
-/// Stores a group's emails with one INSERT per chunk (and one for their recipients); an
-/// email whose idempotency key exists already is a replay or a conflict, as for one insert.
-/// The outer error means nothing may be committed.
-pub(super) async fn insert_many(
-    conn: &mut sqlx::AnyConnection,
-    items: &[Accepted<'_>],
-) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
-    let mut created = HashSet::new();
-    for chunk in items.chunks(CHUNK) {
-        created.extend(insert_chunk(conn, chunk).await?);
-    }
-    let recipients = recipient_rows(items.iter().filter(|(m, _)| created.contains(&m.id)));
-    for part in recipients.chunks(CHUNK) {
-        let values = placeholders(anonymous(conn), part.len(), 3);
-        let sql = format!(
-            "INSERT INTO message_recipients (tenant_id, email, message_id) VALUES {values} \
-             ON CONFLICT DO NOTHING"
-        );
-        let query = bind_recipients(sqlx::query(&sql).persistent(cacheable(part.len())), part);
-        query.execute(&mut *conn).await.map_err(db_error)?;
-    }
-    let mut out = Vec::with_capacity(items.len());
-    for (m, _) in items {
-        if created.contains(&m.id) {
-            out.push(Ok(InsertOutcome::Created));
-        } else {
-            match replay_or_conflict(conn, m).await {
-                Err(e @ (StoreError::Unavailable(_) | StoreError::Other(_))) => return Err(e),
-                r => out.push(r),
-            }
-        }
-    }
-    Ok(out)
-}
 
 /// (tenant, lowercased email, message id) for every distinct recipient of `items`.
 pub(super) fn recipient_rows<'a>(
@@ -292,6 +195,20 @@ pub(super) fn stored_recipients_sql(anonymous: bool, rows: usize) -> String {
     )
 }
 
+/// How an accepted email is stored: scheduled for later, leased to the accepting process, or
+/// queued for any worker. Returns its status, `due_at` and lease token.
+pub(super) fn stored_state(m: &NewMessage, now: i64) -> (MessageStatus, i64, Option<&str>) {
+    match (m.send_at, &m.lease) {
+        (Some(at), _) if at > now => (MessageStatus::Scheduled, at, None),
+        (_, Some(lease)) => (
+            MessageStatus::Sending,
+            lease.until,
+            Some(lease.token.as_str()),
+        ),
+        _ => (MessageStatus::Queued, now, None),
+    }
+}
+
 /// Parameters per email of [`insert_messages_sql`].
 pub(super) const MESSAGE_PARAMS: usize = 23;
 
@@ -316,16 +233,7 @@ pub(super) fn bind_messages<'q>(
     for (m, now) in chunk {
         let content = decode(serde_json::to_string(&m.content).map_err(Into::into))?;
         let tags = decode(serde_json::to_string(&m.tags).map_err(Into::into))?;
-        // Scheduled for later, leased to the accepting process, or queued for any worker.
-        let (status, due_at, lease_token) = match (m.send_at, &m.lease) {
-            (Some(at), _) if at > *now => (MessageStatus::Scheduled, at, None),
-            (_, Some(lease)) => (
-                MessageStatus::Sending,
-                lease.until,
-                Some(lease.token.as_str()),
-            ),
-            _ => (MessageStatus::Queued, *now, None),
-        };
+        let (status, due_at, lease_token) = stored_state(m, *now);
         query = query
             .bind(&m.id)
             .bind(&m.tenant_id)
@@ -352,17 +260,4 @@ pub(super) fn bind_messages<'q>(
             .bind(lease_token);
     }
     Ok(query)
-}
-
-/// Inserts a chunk; returns the ids stored (an existing idempotency key stores nothing).
-async fn insert_chunk(
-    conn: &mut sqlx::AnyConnection,
-    chunk: &[Accepted<'_>],
-) -> Result<Vec<String>, StoreError> {
-    let sql = insert_messages_sql(anonymous(conn), chunk.len());
-    let query = bind_messages(sqlx::query(&sql).persistent(cacheable(chunk.len())), chunk)?;
-    let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
-    rows.iter()
-        .map(|r| r.try_get::<String, _>(0).map_err(db_error))
-        .collect()
 }

@@ -4,54 +4,29 @@
 //! seven (BEGIN, the accepts, their recipients, the completions, their attempts, the claim,
 //! COMMIT). Here the accepts, their recipients, the completions and their attempts are one
 //! statement of data-modifying CTEs, which PostgreSQL runs atomically as its own
-//! transaction; each claim is a statement of its own, run after the writes are answered. The conditions the multi-statement path
-//! checks in Rust are in the SQL:
+//! transaction; each claim is a statement of its own, run after the writes are answered.
+//! Checks that would otherwise need a round trip each are in the SQL:
 //! - recipients are stored for the emails the INSERT returned (an email whose idempotency
 //!   key is taken returns nothing);
 //! - attempts are stored for the completions the UPDATE returned (the lease was held).
 //!
-//! Groups too large for one statement's parameters take the multi-statement path.
+//! Each part's rows travel as one JSON parameter (`json_to_recordset`), so the statement's
+//! text is the same for every group: PostgreSQL parses it once per connection and keeps its
+//! plan, and no group is too large for the protocol's 65,535 parameters. With a VALUES row
+//! of parameters per email, every group size was a new statement to parse and plan.
 
+use std::collections::BTreeMap;
+
+use serde::Serialize;
 use sqlx::Row as _;
 
 use super::{
-    batch::{
-        bind_attempt, bind_completions, bind_messages, bind_recipients, completion_values,
-        insert_messages_sql, placeholders_after, recipient_rows, Accepted, Finished,
-        ATTEMPT_COLUMNS, COMPLETE_UPDATE, MESSAGE_PARAMS,
-    },
+    batch::{recipient_rows, stored_state, Accepted, Finished},
     script::Outcome,
     sql::{db_error, decode},
     StoreError,
 };
-use crate::domain::{AttemptRecord, NewMessage};
-
-/// Most parameters in the combined statement (PostgreSQL allows 65,535).
-const MAX_PARAMETERS: usize = 60_000;
-
-/// Rows of each part up to which a group's statement is kept prepared.
-const SMALL_GROUP: usize = 4;
-
-/// Parameters per row of each part.
-const RECIPIENT_PARAMS: usize = 3;
-const COMPLETION_PARAMS: usize = 9;
-const ATTEMPT_PARAMS: usize = 12;
-
-/// Whether the group's writes fit in one statement.
-pub(super) fn fits<'a>(
-    inserts: impl Iterator<Item = &'a NewMessage>,
-    finished: &[Finished],
-) -> bool {
-    let (emails, recipients) = inserts.fold((0, 0), |(e, r), m| {
-        (e + 1, r + m.content.recipients().count())
-    });
-    let attempts: usize = finished.iter().map(|(_, a, ..)| a.len()).sum();
-    emails * MESSAGE_PARAMS
-        + recipients * RECIPIENT_PARAMS
-        + finished.len() * COMPLETION_PARAMS
-        + attempts * ATTEMPT_PARAMS
-        <= MAX_PARAMETERS
-}
+use crate::domain::MessageContent;
 
 /// Runs the group's writes as one statement (its own transaction). Claims are separate
 /// statements: the writer answers the writes first (see `commit_fast`).
@@ -67,6 +42,115 @@ pub(super) async fn run(
     Ok(outcome)
 }
 
+/// The group's writes, with each part's rows as one JSON parameter: the text never changes,
+/// so PostgreSQL parses and plans it once per connection, whatever the group's size. The
+/// plan it keeps is a generic one, made without the rows: `id = ANY(ARRAY(...))` makes the
+/// completions' UPDATE find its rows by primary key (a plan made while the table was small
+/// scanned the whole table instead: PostgreSQL's CPU per email doubled).
+const WRITE: &str = "WITH \
+     m AS (SELECT * FROM json_to_recordset($1::json) AS r (id text, tenant_id text, \
+       status text, source text, email_type text, subject text, sender text, profile_id text, \
+       profile_reason text, template_id text, campaign_id text, content text, \
+       message_id_header text, trace_id text, tags text, idempotency_key text, \
+       request_hash text, created_at bigint, updated_at bigint, send_at bigint, \
+       due_at bigint, traceparent text, lease_token text)), \
+     ins AS (INSERT INTO messages (id, tenant_id, status, source, email_type, subject, \
+       sender, profile_id, profile_reason, template_id, campaign_id, content, \
+       message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
+       updated_at, send_at, due_at, traceparent, lease_token) \
+       SELECT * FROM m ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
+     rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
+       SELECT r.tenant_id, r.email, r.message_id FROM json_to_recordset($2::json) \
+       AS r (tenant_id text, email text, message_id text) \
+       JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING), \
+     v AS (SELECT * FROM json_to_recordset($3::json) AS r (id text, token text, \
+       status text, due_at bigint, attempts bigint, last_error text, fallback bigint, \
+       fallback_reason text, now bigint)), \
+     upd AS (UPDATE messages SET status = v.status, due_at = v.due_at, lease_token = NULL, \
+       attempt_count = messages.attempt_count + v.attempts, last_error = v.last_error, \
+       fallback = v.fallback, fallback_reason = v.fallback_reason, updated_at = v.now, \
+       sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
+       FROM v WHERE messages.id = ANY(ARRAY(SELECT id FROM v)) \
+       AND messages.id = v.id AND messages.lease_token = v.token \
+       RETURNING messages.id), \
+     att AS (INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
+       profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
+       rejected_recipients) \
+       SELECT a.* FROM json_to_recordset($4::json) AS a (message_id text, number bigint, \
+       started_at bigint, duration_us bigint, server text, profile_id text, fallback bigint, \
+       reply_code bigint, enhanced_code text, reply_text text, outcome text, \
+       rejected_recipients text) JOIN upd ON upd.id = a.message_id) \
+     SELECT 'created', id FROM ins UNION ALL SELECT 'held', id FROM upd";
+
+/// One email as a row of [`WRITE`]'s `m`. Content, tags and rejected recipients go as JSON
+/// values: PostgreSQL stores their JSON text in the TEXT column, unescaped only once.
+#[derive(Serialize)]
+struct MessageRow<'a> {
+    id: &'a str,
+    tenant_id: &'a str,
+    status: &'static str,
+    source: &'a str,
+    email_type: &'a str,
+    subject: &'a str,
+    sender: String,
+    profile_id: Option<&'a str>,
+    profile_reason: &'static str,
+    template_id: Option<&'a str>,
+    campaign_id: Option<&'a str>,
+    content: &'a MessageContent,
+    message_id_header: &'a str,
+    trace_id: &'a str,
+    tags: &'a BTreeMap<String, String>,
+    idempotency_key: Option<&'a str>,
+    request_hash: &'a str,
+    created_at: i64,
+    updated_at: i64,
+    send_at: Option<i64>,
+    due_at: i64,
+    traceparent: &'a str,
+    lease_token: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RecipientRow<'a> {
+    tenant_id: &'a str,
+    email: &'a str,
+    message_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct CompletionRow<'a> {
+    id: &'a str,
+    token: &'a str,
+    status: &'static str,
+    due_at: Option<i64>,
+    attempts: usize,
+    last_error: &'a str,
+    fallback: i64,
+    fallback_reason: &'a str,
+    now: i64,
+}
+
+#[derive(Serialize)]
+struct AttemptRow<'a> {
+    message_id: &'a str,
+    number: u32,
+    started_at: i64,
+    duration_us: i64,
+    server: &'a str,
+    profile_id: Option<&'a str>,
+    fallback: i64,
+    reply_code: u16,
+    enhanced_code: &'a str,
+    reply_text: &'a str,
+    outcome: &'static str,
+    rejected_recipients: &'a [String],
+}
+
+fn json<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
+    decode(serde_json::to_string(rows).map_err(Into::into))
+}
+
 async fn write(
     conn: &mut sqlx::AnyConnection,
     inserts: &[Accepted<'_>],
@@ -74,73 +158,86 @@ async fn write(
     outcome: &mut Outcome,
 ) -> Result<(), StoreError> {
     let recipients = recipient_rows(inserts.iter());
-    let attempts: Vec<(&str, &AttemptRecord)> = finished
+    let messages: Vec<MessageRow> = inserts
         .iter()
-        .flat_map(|(c, attempts, ..)| attempts.iter().map(move |a| (c.message.id.as_str(), a)))
+        .map(|(m, now)| {
+            let (status, due_at, lease_token) = stored_state(m, *now);
+            MessageRow {
+                id: &m.id,
+                tenant_id: &m.tenant_id,
+                status: status.as_str(),
+                source: &m.source,
+                email_type: &m.email_type,
+                subject: &m.content.subject,
+                sender: m.content.from.to_string(),
+                profile_id: m.profile_id.as_deref(),
+                profile_reason: m.profile_reason.as_str(),
+                template_id: m.template_id.as_deref(),
+                campaign_id: m.campaign_id.as_deref(),
+                content: &m.content,
+                message_id_header: &m.message_id_header,
+                trace_id: &m.trace_id,
+                tags: &m.tags,
+                idempotency_key: m.idempotency_key.as_deref(),
+                request_hash: &m.request_hash,
+                created_at: *now,
+                updated_at: *now,
+                send_at: m.send_at,
+                due_at,
+                traceparent: &m.traceparent,
+                lease_token,
+            }
+        })
         .collect();
-    let mut ctes = Vec::new();
-    let mut selects = Vec::new();
-    let mut used = 0usize;
-    if !inserts.is_empty() {
-        ctes.push(format!(
-            "ins AS ({})",
-            insert_messages_sql(false, inserts.len())
-        ));
-        selects.push("SELECT 'created', id FROM ins");
-        used += inserts.len() * MESSAGE_PARAMS;
-        if !recipients.is_empty() {
-            ctes.push(format!(
-                "rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
-                 SELECT r.tenant_id, r.email, r.message_id \
-                 FROM (VALUES {}) AS r (tenant_id, email, message_id) \
-                 JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
-                placeholders_after(false, used, recipients.len(), RECIPIENT_PARAMS)
-            ));
-            used += recipients.len() * RECIPIENT_PARAMS;
-        }
-    }
-    if !finished.is_empty() {
-        ctes.push(completion_values(false, used, finished.len()));
-        ctes.push(format!("upd AS ({COMPLETE_UPDATE})"));
-        selects.push("SELECT 'held', id FROM upd");
-        used += finished.len() * COMPLETION_PARAMS;
-        if !attempts.is_empty() {
-            let picked: Vec<String> = ATTEMPT_COLUMNS
-                .split(", ")
-                .map(|c| format!("a.{c}"))
-                .collect();
-            ctes.push(format!(
-                "att AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) SELECT {} \
-                 FROM (VALUES {}) AS a ({ATTEMPT_COLUMNS}) JOIN upd ON upd.id = a.message_id)",
-                picked.join(", "),
-                placeholders_after(false, used, attempts.len(), ATTEMPT_PARAMS)
-            ));
-        }
-    }
-    let sql = format!("WITH {} {}", ctes.join(", "), selects.join(" UNION ALL "));
-
-    // Small groups repeat the same few shapes at a steady rate: keep those prepared, so
-    // PostgreSQL plans each shape once per connection instead of once per group.
-    let small = [
-        inserts.len(),
-        recipients.len(),
-        finished.len(),
-        attempts.len(),
-    ]
-    .iter()
-    .all(|n| *n <= SMALL_GROUP);
-    let mut query = sqlx::query(&sql).persistent(small);
-    if !inserts.is_empty() {
-        query = bind_messages(query, inserts)?;
-        query = bind_recipients(query, &recipients);
-    }
-    if !finished.is_empty() {
-        query = bind_completions(query, finished);
-        for (id, a) in &attempts {
-            query = bind_attempt(query, id, a)?;
-        }
-    }
-    let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
+    let recipients: Vec<RecipientRow> = recipients
+        .iter()
+        .map(|(tenant_id, email, message_id)| RecipientRow {
+            tenant_id,
+            email,
+            message_id,
+        })
+        .collect();
+    let completions: Vec<CompletionRow> = finished
+        .iter()
+        .map(|(claimed, attempts, c, now)| CompletionRow {
+            id: &claimed.message.id,
+            token: &claimed.lease_token,
+            status: c.status.as_str(),
+            due_at: c.retry_at,
+            attempts: attempts.len(),
+            last_error: &c.last_error,
+            fallback: i64::from(c.fallback),
+            fallback_reason: &c.fallback_reason,
+            now: *now,
+        })
+        .collect();
+    let attempts: Vec<AttemptRow> = finished
+        .iter()
+        .flat_map(|(claimed, attempts, ..)| {
+            attempts.iter().map(move |a| AttemptRow {
+                message_id: &claimed.message.id,
+                number: a.number,
+                started_at: a.started_at,
+                duration_us: a.duration_us,
+                server: &a.server,
+                profile_id: a.profile_id.as_deref(),
+                fallback: i64::from(a.fallback),
+                reply_code: a.reply_code,
+                enhanced_code: &a.enhanced_code,
+                reply_text: &a.reply_text,
+                outcome: a.outcome.as_str(),
+                rejected_recipients: &a.rejected_recipients,
+            })
+        })
+        .collect();
+    let rows = sqlx::query(WRITE)
+        .bind(json(&messages)?)
+        .bind(json(&recipients)?)
+        .bind(json(&completions)?)
+        .bind(json(&attempts)?)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
     for row in rows {
         let kind: String = row.try_get(0).map_err(db_error)?;
         let id: String = row.try_get(1).map_err(db_error)?;

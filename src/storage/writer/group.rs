@@ -1,15 +1,13 @@
-//! A writer group: its operations sorted by kind, the two ways to apply it (one round trip
-//! where the backend allows, one statement per kind otherwise), and the answers.
-
-use sqlx::Connection as _;
+//! A writer group: its operations sorted by kind, how it is applied (one script on SQLite,
+//! one statement for the writes and one per claim on PostgreSQL), and the answers.
 
 use super::{dup, gone, Done, Op, Reply};
 use crate::{
     domain::NewMessage,
     storage::{
-        batch::{anonymous, complete_many, insert_many, Finished},
+        batch::{anonymous, Finished},
         combined, script,
-        sql::{claim_one, db_error, replay_or_conflict, Backend},
+        sql::{claim_one, replay_or_conflict, Backend},
         Claimed, InsertOutcome, StoreError,
     },
 };
@@ -90,11 +88,6 @@ impl Group {
         }
     }
 
-    /// Whether the group's writes fit in one PostgreSQL statement.
-    fn fits_one_statement(&self) -> bool {
-        combined::fits(self.inserts.iter().map(|(m, _)| m), &self.finished)
-    }
-
     /// Hands each insert op its slice of `results` (one per email, in order).
     fn insert_dones(
         insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
@@ -116,63 +109,6 @@ impl Group {
             });
         }
     }
-}
-
-/// Applies a group's operations with a few multi-row statements: all accepts together, all
-/// completions together, then the claims. Once a statement fails, the operations left get
-/// its error without touching the database (PostgreSQL refuses statements in a failed
-/// transaction anyway); `commit_group` then rolls the whole group back.
-async fn apply_group(conn: &mut sqlx::AnyConnection, group: Group) -> Vec<Done> {
-    let Group {
-        inserts,
-        insert_ops,
-        finished,
-        complete_replies,
-        claims,
-    } = group;
-    let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len() + claims.len());
-    let mut failure: Option<StoreError> = None;
-    if !inserts.is_empty() {
-        let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
-        let results = match insert_many(conn, &refs).await {
-            Ok(results) => Ok(results),
-            Err(e) => {
-                let copy = dup(&e);
-                failure = Some(e);
-                Err(copy)
-            }
-        };
-        Group::insert_dones(insert_ops, results, &mut done);
-    }
-    if !finished.is_empty() {
-        let held = match &failure {
-            Some(e) => Err(dup(e)),
-            None => complete_many(conn, &finished).await,
-        };
-        match held {
-            Ok(held) => done.extend(
-                held.into_iter()
-                    .zip(complete_replies)
-                    .map(|(h, reply)| Done::Complete(Ok(h), reply)),
-            ),
-            Err(e) => {
-                done.extend(
-                    complete_replies
-                        .into_iter()
-                        .map(|reply| Done::Complete(Err(dup(&e)), reply)),
-                );
-                failure.get_or_insert(e);
-            }
-        }
-    }
-    for (backend, now, until, limit, reply) in claims {
-        let claimed = match &failure {
-            Some(e) => Err(dup(e)),
-            None => claim_one(conn, backend, now, until, limit).await,
-        };
-        done.push(Done::Claim(claimed, reply));
-    }
-    done
 }
 
 /// Applies a group in as few round trips as the backend allows: on SQLite one script for
@@ -245,37 +181,10 @@ enum InsertReply {
     Many(Reply<Vec<Result<InsertOutcome, StoreError>>>),
 }
 
-/// Applies a group in one transaction. If the transaction cannot be used or committed, every
-/// caller hears the error (nothing of theirs was committed). Returns false when the
-/// connection should not be used again.
+/// Applies a group: one transaction on SQLite, one statement for the writes and one per claim
+/// on PostgreSQL. If the writes cannot be committed, every caller hears the error (nothing of
+/// theirs was committed). Returns false when the connection should not be used again.
 pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
-    let group = Group::new(ops);
     let sqlite = anonymous(conn);
-    if sqlite || group.fits_one_statement() {
-        return commit_fast(conn, group, sqlite).await;
-    }
-    let mut tx = match conn.begin().await {
-        Ok(tx) => tx,
-        Err(e) => {
-            group.fail(&db_error(e));
-            return false;
-        }
-    };
-    let done = apply_group(&mut tx, group).await;
-    // A database error inside the group aborts the transaction (PostgreSQL refuses further
-    // statements): nothing is committed and every caller hears it; they retry on their own
-    // (a worker's lease expires, an RPC answers UNAVAILABLE or INTERNAL).
-    if let Some(e) = done.iter().find_map(Done::failure) {
-        let rolled_back = tx.rollback().await.is_ok();
-        for d in done {
-            d.answer(Err(&e));
-        }
-        return rolled_back;
-    }
-    let committed = tx.commit().await.map_err(db_error);
-    let healthy = committed.is_ok();
-    for d in done {
-        d.answer(committed.as_ref().map(|_| ()));
-    }
-    healthy
+    commit_fast(conn, Group::new(ops), sqlite).await
 }

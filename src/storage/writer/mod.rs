@@ -130,28 +130,6 @@ fn dup(e: &StoreError) -> StoreError {
 }
 
 impl Done {
-    /// The error that spoils the whole group, if this operation failed in the database. (A
-    /// single accept refused for its idempotency key does not: the group commits.) Every
-    /// caller hears it, so a database outage is UNAVAILABLE for all of them.
-    fn failure(&self) -> Option<StoreError> {
-        let group_error = |e: &StoreError| {
-            let spoiled = match e {
-                StoreError::Unavailable(_) => dup(e),
-                _ => StoreError::Other(anyhow::anyhow!(
-                    "a write in the same group failed; nothing was committed"
-                )),
-            };
-            Some(spoiled)
-        };
-        match self {
-            Done::Insert(Err(e @ (StoreError::Unavailable(_) | StoreError::Other(_))), _)
-            | Done::InsertMany(Err(e), _)
-            | Done::Complete(Err(e), _)
-            | Done::Claim(Err(e), _) => group_error(e),
-            _ => None,
-        }
-    }
-
     /// Answers the caller; `commit` is the outcome of the transaction.
     fn answer(self, commit: Result<(), &StoreError>) {
         let err = dup;
