@@ -17,7 +17,7 @@ use crate::{
     error::ApiError,
     proto::v1::{self as pb, send_service_server::SendService},
     routing::{self, Route},
-    storage::{Claimed, InsertOutcome},
+    storage::{Claimed, InsertOutcome, StoreError},
     templating::{self, Sources},
 };
 
@@ -457,31 +457,36 @@ impl SendService for SendApi {
             _ => self.ctx.engine.reserve(),
         };
         message.lease = reservation.as_ref().map(|r| r.lease().clone());
-        let outcome = self
-            .ctx
-            .store
-            .insert_message(&message, now)
-            .instrument(tracing::info_span!("enqueue"))
-            .await
-            .map_err(ApiError::from)?;
-        let (id, status, replayed) = match outcome {
-            InsertOutcome::Created => {
-                count_accepted(&caller.tenant_id, &message.email_type);
-                let status = match message.send_at {
-                    Some(at) if at > now => MessageStatus::Scheduled,
-                    _ => MessageStatus::Queued,
-                };
-                let engine = &self.ctx.engine;
-                engine.publish(&caller.tenant_id, &message.id, status);
-                let id = message.id.clone();
-                match (reservation, Claimed::stored_leased(message, now)) {
-                    (Some(reservation), Some(claimed)) => engine.adopt(reservation, claimed),
-                    _ => engine.wake(),
+        // Storing and handing over run to the end even if the caller goes away meanwhile:
+        // an email stored with a lease must reach the engine, or it would wait for the lease
+        // to run out.
+        let (store, engine) = (self.ctx.store.clone(), self.ctx.engine.clone());
+        let tenant_id = caller.tenant_id.clone();
+        let accept = async move {
+            let outcome = store.insert_message(&message, now).await?;
+            Ok::<_, StoreError>(match outcome {
+                InsertOutcome::Created => {
+                    count_accepted(&tenant_id, &message.email_type);
+                    let status = match message.send_at {
+                        Some(at) if at > now => MessageStatus::Scheduled,
+                        _ => MessageStatus::Queued,
+                    };
+                    engine.publish(&tenant_id, &message.id, status);
+                    let id = message.id.clone();
+                    match (reservation, Claimed::stored_leased(message, now)) {
+                        (Some(reservation), Some(claimed)) => engine.adopt(reservation, claimed),
+                        _ => engine.wake(),
+                    }
+                    (id, status, false)
                 }
-                (id, status, false)
-            }
-            InsertOutcome::Replayed { id, status } => (id, status, true),
+                InsertOutcome::Replayed { id, status } => (id, status, true),
+            })
         };
+        let (id, status, replayed) =
+            tokio::spawn(accept.instrument(tracing::info_span!("enqueue")))
+                .await
+                .map_err(|e| Status::internal(format!("accepting the email failed: {e}")))?
+                .map_err(ApiError::from)?;
         Ok(Response::new(pb::SendEmailResponse {
             message_id: id,
             status: status_to_proto(status).into(),
