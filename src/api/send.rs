@@ -452,9 +452,10 @@ impl SendService for SendApi {
         let now = now_micros();
         // Due now and the engine has room: store it leased to this process and deliver it
         // straight away, instead of queueing it for a claim.
-        let reservation = match message.send_at {
-            Some(at) if at > now => None,
-            _ => self.ctx.engine.reserve(),
+        let reservation = if message.scheduled_after(now) {
+            None
+        } else {
+            self.ctx.engine.reserve()
         };
         message.lease = reservation.as_ref().map(|r| r.lease().clone());
         // Storing and handing over run to the end even if the caller goes away meanwhile:
@@ -467,9 +468,10 @@ impl SendService for SendApi {
             Ok::<_, StoreError>(match outcome {
                 InsertOutcome::Created => {
                     count_accepted(&tenant_id, &message.email_type);
-                    let status = match message.send_at {
-                        Some(at) if at > now => MessageStatus::Scheduled,
-                        _ => MessageStatus::Queued,
+                    let status = if message.scheduled_after(now) {
+                        MessageStatus::Scheduled
+                    } else {
+                        MessageStatus::Queued
                     };
                     engine.publish(&tenant_id, &message.id, status);
                     let id = message.id.clone();
@@ -549,7 +551,7 @@ impl SendService for SendApi {
                         code: 0,
                         error: String::new(),
                     });
-                    let scheduled = message.send_at.is_some_and(|at| at > now_micros());
+                    let scheduled = message.scheduled_after(now_micros());
                     accepted.push((i, message.id.clone(), scheduled, message.email_type.clone()));
                     messages.push(message);
                 }

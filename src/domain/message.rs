@@ -196,6 +196,13 @@ pub struct NewMessage {
     pub lease: Option<Lease>,
 }
 
+impl NewMessage {
+    /// Whether the email waits for a `send_at` after `now` (SCHEDULED) rather than being due.
+    pub fn scheduled_after(&self, now: i64) -> bool {
+        self.send_at.is_some_and(|at| at > now)
+    }
+}
+
 /// A delivery lease taken when an email is stored (see [`NewMessage::lease`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {

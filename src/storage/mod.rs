@@ -102,7 +102,7 @@ impl Claimed {
     /// email scheduled for later (stored without one).
     pub fn stored_leased(m: NewMessage, now: i64) -> Option<Claimed> {
         let lease = m.lease.clone()?;
-        if m.send_at.is_some_and(|at| at > now) {
+        if m.scheduled_after(now) {
             return None;
         }
         Some(Claimed {
