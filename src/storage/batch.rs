@@ -14,69 +14,39 @@ pub(super) const CHUNK: usize = 256;
 /// A query over the Any driver, before it is run.
 pub(super) type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
 
-/// Whether `conn` takes anonymous `?` placeholders (SQLite) rather than `$n`.
-pub(super) fn anonymous(conn: &sqlx::AnyConnection) -> bool {
+/// Whether `conn` is a SQLite connection.
+pub(super) fn is_sqlite(conn: &sqlx::AnyConnection) -> bool {
     conn.backend_name() == "SQLite"
 }
 
-/// `rows` tuples of `columns` placeholders, bound in order: `($1, $2), ($3, $4), ...` on
-/// PostgreSQL, `(?, ?), (?, ?), ...` on SQLite. SQLite looks every `$n` up in a list of the
-/// names seen so far while it parses, which is quadratic in a statement of thousands.
-pub(super) fn placeholders(anonymous: bool, rows: usize, columns: usize) -> String {
-    placeholders_after(anonymous, 0, rows, columns)
-}
-
-/// [`placeholders`] for a statement that binds `after` values before these: on PostgreSQL
-/// numbered from `$after + 1`.
-pub(super) fn placeholders_after(
-    anonymous: bool,
-    after: usize,
-    rows: usize,
-    columns: usize,
-) -> String {
-    (0..rows)
-        .map(|r| {
-            let p: Vec<String> = (1..=columns)
-                .map(|c| {
-                    if anonymous {
-                        "?".to_owned()
-                    } else {
-                        format!("${}", after + r * columns + c)
-                    }
-                })
-                .collect();
-            format!("({})", p.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// `rows` tuples of `columns` anonymous placeholders, bound in order: `(?, ?), (?, ?), ...`.
+/// Not `$n`: SQLite looks every `$n` up in a list of the names seen so far while it parses,
+/// which is quadratic in a statement of thousands.
+fn placeholders(rows: usize, columns: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(", "));
+    vec![row; rows].join(", ")
 }
 
 /// `WITH v AS (VALUES ...) UPDATE messages ... RETURNING messages.id` for `rows` completions:
-/// records each one whose lease token still matches. The same statement on both backends.
-pub(super) fn complete_sql(anonymous: bool, rows: usize) -> String {
+/// records each one whose lease token still matches.
+pub(super) fn complete_sql(rows: usize) -> String {
     format!(
-        "WITH {} {COMPLETE_UPDATE}",
-        completion_values(anonymous, 0, rows)
+        "WITH v ({COMPLETION_COLUMNS}) AS (VALUES {}) UPDATE messages SET {COMPLETE_SET} \
+         FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
+         RETURNING messages.id",
+        placeholders(rows, 9)
     )
 }
 
-/// The completions' values as a CTE named `v`, after `after` other bound values.
-pub(super) fn completion_values(anonymous: bool, after: usize, rows: usize) -> String {
-    format!(
-        "v (id, token, status, due_at, attempts, last_error, fallback, fallback_reason, now) \
-         AS (VALUES {})",
-        placeholders_after(anonymous, after, rows, 9)
-    )
-}
+/// A completion's values, in [`bind_completions`] order.
+pub(super) const COMPLETION_COLUMNS: &str =
+    "id, token, status, due_at, attempts, last_error, fallback, fallback_reason, now";
 
-/// Records the completions in `v` whose lease token still matches; returns their ids.
-pub(super) const COMPLETE_UPDATE: &str = "UPDATE messages SET status = v.status, \
-     due_at = v.due_at, lease_token = NULL, \
-     attempt_count = messages.attempt_count + v.attempts, last_error = v.last_error, \
-     fallback = v.fallback, fallback_reason = v.fallback_reason, updated_at = v.now, \
-     sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
-     FROM v WHERE messages.id = v.id AND messages.lease_token = v.token \
-     RETURNING messages.id";
+/// What a completion sets on its message, from the completion's row `v`.
+pub(super) const COMPLETE_SET: &str = "status = v.status, due_at = v.due_at, \
+     lease_token = NULL, attempt_count = messages.attempt_count + v.attempts, \
+     last_error = v.last_error, fallback = v.fallback, fallback_reason = v.fallback_reason, \
+     updated_at = v.now, sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END";
 
 /// Binds [`complete_sql`]'s values.
 pub(super) fn bind_completions<'q>(mut query: AnyQuery<'q>, chunk: &'q [Finished]) -> AnyQuery<'q> {
@@ -123,8 +93,8 @@ pub(super) fn bind_attempt<'q>(
 /// Inserts the attempts of `rows` completions whose lease token is still held: the same
 /// check as [`complete_sql`], made before it (which clears the token). Values are the
 /// token followed by [`ATTEMPT_COLUMNS`].
-pub(super) fn held_attempts_sql(anonymous: bool, rows: usize) -> String {
-    let values = placeholders(anonymous, rows, 13);
+pub(super) fn held_attempts_sql(rows: usize) -> String {
+    let values = placeholders(rows, 13);
     let picked: Vec<String> = ATTEMPT_COLUMNS
         .split(", ")
         .map(|c| format!("a.{c}"))
@@ -184,8 +154,8 @@ pub(super) fn bind_recipients<'q>(
 
 /// Inserts the recipients of the emails among `rows` that exist (were stored): the emails
 /// of a script whose idempotency key was taken already are left out.
-pub(super) fn stored_recipients_sql(anonymous: bool, rows: usize) -> String {
-    let values = placeholders(anonymous, rows, 3);
+pub(super) fn stored_recipients_sql(rows: usize) -> String {
+    let values = placeholders(rows, 3);
     format!(
         "WITH r (tenant_id, email, message_id) AS (VALUES {values}) \
          INSERT INTO message_recipients (tenant_id, email, message_id) \
@@ -199,7 +169,7 @@ pub(super) fn stored_recipients_sql(anonymous: bool, rows: usize) -> String {
 /// queued for any worker. Returns its status, `due_at` and lease token.
 pub(super) fn stored_state(m: &NewMessage, now: i64) -> (MessageStatus, i64, Option<&str>) {
     match (m.send_at, &m.lease) {
-        (Some(at), _) if at > now => (MessageStatus::Scheduled, at, None),
+        (Some(at), _) if m.scheduled_after(now) => (MessageStatus::Scheduled, at, None),
         (_, Some(lease)) => (
             MessageStatus::Sending,
             lease.until,
@@ -209,18 +179,18 @@ pub(super) fn stored_state(m: &NewMessage, now: i64) -> (MessageStatus, i64, Opt
     }
 }
 
-/// Parameters per email of [`insert_messages_sql`].
-pub(super) const MESSAGE_PARAMS: usize = 23;
+/// The columns an accepted email is stored with, in [`bind_messages`] order.
+pub(super) const STORED_COLUMNS: &str = "id, tenant_id, status, source, email_type, subject, \
+     sender, profile_id, profile_reason, template_id, campaign_id, content, message_id_header, \
+     trace_id, tags, idempotency_key, request_hash, created_at, updated_at, send_at, due_at, \
+     traceparent, lease_token";
 
 /// `INSERT INTO messages ... RETURNING id` for `rows` emails; an email whose idempotency key
 /// exists already is skipped (no id returned).
-pub(super) fn insert_messages_sql(anonymous: bool, rows: usize) -> String {
-    let values = placeholders(anonymous, rows, MESSAGE_PARAMS);
+pub(super) fn insert_messages_sql(rows: usize) -> String {
+    let values = placeholders(rows, STORED_COLUMNS.split(", ").count());
     format!(
-        "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-         profile_id, profile_reason, template_id, campaign_id, content, \
-         message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-         updated_at, send_at, due_at, traceparent, lease_token) VALUES {values} \
+        "INSERT INTO messages ({STORED_COLUMNS}) VALUES {values} \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id"
     )
 }

@@ -15,13 +15,16 @@
 //! plan, and no group is too large for the protocol's 65,535 parameters. With a VALUES row
 //! of parameters per email, every group size was a new statement to parse and plan.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use serde::Serialize;
 use sqlx::Row as _;
 
 use super::{
-    batch::{recipient_rows, stored_state, Accepted, Finished},
+    batch::{
+        recipient_rows, stored_state, Accepted, Finished, ATTEMPT_COLUMNS, COMPLETE_SET,
+        STORED_COLUMNS,
+    },
     script::Outcome,
     sql::{db_error, decode},
     StoreError,
@@ -46,41 +49,38 @@ pub(super) async fn run(
 /// so PostgreSQL parses and plans it once per connection, whatever the group's size. The
 /// plan it keeps is a generic one, made without the rows: `id = ANY(ARRAY(...))` makes the
 /// completions' UPDATE find its rows by primary key (a plan made while the table was small
-/// scanned the whole table instead: PostgreSQL's CPU per email doubled).
-const WRITE: &str = "WITH \
-     m AS (SELECT * FROM json_to_recordset($1::json) AS r (id text, tenant_id text, \
-       status text, source text, email_type text, subject text, sender text, profile_id text, \
-       profile_reason text, template_id text, campaign_id text, content text, \
-       message_id_header text, trace_id text, tags text, idempotency_key text, \
-       request_hash text, created_at bigint, updated_at bigint, send_at bigint, \
-       due_at bigint, traceparent text, lease_token text)), \
-     ins AS (INSERT INTO messages (id, tenant_id, status, source, email_type, subject, \
-       sender, profile_id, profile_reason, template_id, campaign_id, content, \
-       message_id_header, trace_id, tags, idempotency_key, request_hash, created_at, \
-       updated_at, send_at, due_at, traceparent, lease_token) \
-       SELECT * FROM m ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
-     rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
-       SELECT r.tenant_id, r.email, r.message_id FROM json_to_recordset($2::json) \
-       AS r (tenant_id text, email text, message_id text) \
-       JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING), \
-     v AS (SELECT * FROM json_to_recordset($3::json) AS r (id text, token text, \
-       status text, due_at bigint, attempts bigint, last_error text, fallback bigint, \
-       fallback_reason text, now bigint)), \
-     upd AS (UPDATE messages SET status = v.status, due_at = v.due_at, lease_token = NULL, \
-       attempt_count = messages.attempt_count + v.attempts, last_error = v.last_error, \
-       fallback = v.fallback, fallback_reason = v.fallback_reason, updated_at = v.now, \
-       sent_at = CASE WHEN v.status = 'SENT' THEN v.now ELSE messages.sent_at END \
-       FROM v WHERE messages.id = ANY(ARRAY(SELECT id FROM v)) \
-       AND messages.id = v.id AND messages.lease_token = v.token \
-       RETURNING messages.id), \
-     att AS (INSERT INTO attempts (message_id, number, started_at, duration_us, server, \
-       profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, \
-       rejected_recipients) \
-       SELECT a.* FROM json_to_recordset($4::json) AS a (message_id text, number bigint, \
-       started_at bigint, duration_us bigint, server text, profile_id text, fallback bigint, \
-       reply_code bigint, enhanced_code text, reply_text text, outcome text, \
-       rejected_recipients text) JOIN upd ON upd.id = a.message_id) \
-     SELECT 'created', id FROM ins UNION ALL SELECT 'held', id FROM upd";
+/// scanned the whole table instead: PostgreSQL's CPU per email doubled). The JSON fields
+/// are the columns of `STORED_COLUMNS`, `COMPLETION_COLUMNS` and `ATTEMPT_COLUMNS`.
+static WRITE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH \
+         m AS (SELECT * FROM json_to_recordset($1::json) AS r (id text, tenant_id text, \
+           status text, source text, email_type text, subject text, sender text, \
+           profile_id text, profile_reason text, template_id text, campaign_id text, \
+           content text, message_id_header text, trace_id text, tags text, \
+           idempotency_key text, request_hash text, created_at bigint, updated_at bigint, \
+           send_at bigint, due_at bigint, traceparent text, lease_token text)), \
+         ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
+           ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
+         rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
+           SELECT r.tenant_id, r.email, r.message_id FROM json_to_recordset($2::json) \
+           AS r (tenant_id text, email text, message_id text) \
+           JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING), \
+         v AS (SELECT * FROM json_to_recordset($3::json) AS r (id text, token text, \
+           status text, due_at bigint, attempts bigint, last_error text, fallback bigint, \
+           fallback_reason text, now bigint)), \
+         upd AS (UPDATE messages SET {COMPLETE_SET} \
+           FROM v WHERE messages.id = ANY(ARRAY(SELECT id FROM v)) \
+           AND messages.id = v.id AND messages.lease_token = v.token \
+           RETURNING messages.id), \
+         att AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) \
+           SELECT a.* FROM json_to_recordset($4::json) AS a (message_id text, number bigint, \
+           started_at bigint, duration_us bigint, server text, profile_id text, \
+           fallback bigint, reply_code bigint, enhanced_code text, reply_text text, \
+           outcome text, rejected_recipients text) JOIN upd ON upd.id = a.message_id) \
+         SELECT 'created', id FROM ins UNION ALL SELECT 'held', id FROM upd"
+    )
+});
 
 /// One email as a row of [`WRITE`]'s `m`. Content, tags and rejected recipients go as JSON
 /// values: PostgreSQL stores their JSON text in the TEXT column, unescaped only once.
@@ -230,7 +230,7 @@ async fn write(
             })
         })
         .collect();
-    let rows = sqlx::query(WRITE)
+    let rows = sqlx::query(WRITE.as_str())
         .bind(json(&messages)?)
         .bind(json(&recipients)?)
         .bind(json(&completions)?)

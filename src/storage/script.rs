@@ -99,19 +99,19 @@ async fn execute(
     let mut statements = vec!["BEGIN IMMEDIATE".to_owned()];
     let mut returns = vec![Returns::Nothing];
     for chunk in inserts.chunks(CHUNK) {
-        statements.push(insert_messages_sql(true, chunk.len()));
+        statements.push(insert_messages_sql(chunk.len()));
         returns.push(Returns::CreatedIds);
     }
     for part in recipients.chunks(CHUNK) {
-        statements.push(stored_recipients_sql(true, part.len()));
+        statements.push(stored_recipients_sql(part.len()));
         returns.push(Returns::Nothing);
     }
     for part in attempts.chunks(CHUNK) {
-        statements.push(held_attempts_sql(true, part.len()));
+        statements.push(held_attempts_sql(part.len()));
         returns.push(Returns::Nothing);
     }
     for chunk in finished.chunks(CHUNK) {
-        statements.push(complete_sql(true, chunk.len()));
+        statements.push(complete_sql(chunk.len()));
         returns.push(Returns::HeldIds);
     }
     for i in 0..claims.len() {

@@ -820,9 +820,7 @@ impl Store for SqlStore {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         // Through the writer: on SQLite, claims never wait for the write lock behind it.
-        self.writer
-            .claim(self.backend, now, lease_until, limit)
-            .await
+        self.writer.claim(now, lease_until, limit).await
     }
 
     async fn complete(

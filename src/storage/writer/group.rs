@@ -5,7 +5,7 @@ use super::{dup, gone, Done, Op, Reply};
 use crate::{
     domain::NewMessage,
     storage::{
-        batch::{anonymous, Finished},
+        batch::{is_sqlite, Finished},
         combined, script,
         sql::{claim_one, replay_or_conflict, Backend},
         Claimed, InsertOutcome, StoreError,
@@ -22,8 +22,8 @@ pub(super) struct Group {
     claims: Vec<ClaimOp>,
 }
 
-/// A claim: backend, now, lease end, most messages, and where the answer goes.
-type ClaimOp = (Backend, i64, i64, u32, Reply<Vec<Claimed>>);
+/// A claim: now, lease end, most messages, and where the answer goes.
+type ClaimOp = (i64, i64, u32, Reply<Vec<Claimed>>);
 
 impl Group {
     pub(super) fn new(ops: Vec<Op>) -> Self {
@@ -52,9 +52,7 @@ impl Group {
                     g.finished.push((claimed, attempts, completion, now));
                     g.complete_replies.push(reply);
                 }
-                Op::Claim(backend, now, until, limit, reply) => {
-                    g.claims.push((backend, now, until, limit, reply));
-                }
+                Op::Claim(now, until, limit, reply) => g.claims.push((now, until, limit, reply)),
             }
         }
         g
@@ -113,22 +111,24 @@ impl Group {
 
 /// Applies a group in as few round trips as the backend allows: on SQLite one script for
 /// the whole transaction (see [`crate::storage::script`]), on PostgreSQL one statement for the
-/// writes and one per claim (see [`crate::storage::combined`]). Emails whose idempotency key was
-/// taken are answered after the commit, from the stored email. Returns false when the
-/// connection should not be used again.
-async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool) -> bool {
+/// writes and one per claim (see [`crate::storage::combined`]). If the writes cannot be
+/// committed, every caller hears the error (nothing of theirs was committed). Emails whose
+/// idempotency key was taken are answered after the commit, from the stored email. Returns
+/// false when the connection should not be used again.
+pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
+    let sqlite = is_sqlite(conn);
     let Group {
         inserts,
         insert_ops,
         finished,
         complete_replies,
         claims,
-    } = group;
+    } = Group::new(ops);
     let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
     let outcome = if sqlite {
         let claim_args: Vec<script::Claim> = claims
             .iter()
-            .map(|&(_, now, until, limit, _)| script::Claim { now, until, limit })
+            .map(|&(now, until, limit, _)| script::Claim { now, until, limit })
             .collect();
         script::run(conn, &refs, &finished, &claim_args).await
     } else {
@@ -167,8 +167,8 @@ async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool)
         }
     } else {
         // PostgreSQL: each claim is one statement, atomic on its own.
-        for (backend, now, until, limit, reply) in claims {
-            let claimed = claim_one(conn, backend, now, until, limit).await;
+        for (now, until, limit, reply) in claims {
+            let claimed = claim_one(conn, Backend::Postgres, now, until, limit).await;
             Done::Claim(claimed, reply).answer(Ok(()));
         }
     }
@@ -179,12 +179,4 @@ async fn commit_fast(conn: &mut sqlx::AnyConnection, group: Group, sqlite: bool)
 enum InsertReply {
     One(Reply<InsertOutcome>),
     Many(Reply<Vec<Result<InsertOutcome, StoreError>>>),
-}
-
-/// Applies a group: one transaction on SQLite, one statement for the writes and one per claim
-/// on PostgreSQL. If the writes cannot be committed, every caller hears the error (nothing of
-/// theirs was committed). Returns false when the connection should not be used again.
-pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
-    let sqlite = anonymous(conn);
-    commit_fast(conn, Group::new(ops), sqlite).await
 }

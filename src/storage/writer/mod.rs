@@ -12,10 +12,7 @@ mod group;
 
 use group::{commit_group, Group};
 
-use super::{
-    sql::{db_error, Backend},
-    Claimed, Completion, InsertOutcome, StoreError,
-};
+use super::{sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
 use crate::domain::{AttemptRecord, NewMessage};
 
 /// Most operations applied in one transaction.
@@ -36,7 +33,7 @@ enum Op {
         i64,
         Reply<bool>,
     ),
-    Claim(Backend, i64, i64, u32, Reply<Vec<Claimed>>),
+    Claim(i64, i64, u32, Reply<Vec<Claimed>>),
 }
 
 /// The handle to the writer task.
@@ -50,7 +47,6 @@ fn gone() -> StoreError {
 }
 
 impl Writer {
-    /// Starts the writer task on `pool`.
     /// Starts `writers` writer tasks on `pool`: one for SQLite (one writer at a time anyway),
     /// several for PostgreSQL, where groups commit in parallel.
     pub(super) fn start(pool: AnyPool, writers: usize) -> Self {
@@ -86,13 +82,11 @@ impl Writer {
 
     pub(super) async fn claim(
         &self,
-        backend: Backend,
         now: i64,
         lease_until: i64,
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.call(|r| Op::Claim(backend, now, lease_until, limit, r))
-            .await
+        self.call(|r| Op::Claim(now, lease_until, limit, r)).await
     }
 
     pub(super) async fn complete(
