@@ -32,7 +32,7 @@ use super::{
 use crate::domain::MessageContent;
 
 /// Runs the group's writes as one statement (its own transaction). Claims are separate
-/// statements: the writer answers the writes first (see `commit_fast`).
+/// statements: the writer answers the writes first (see `writer::group::commit_group`).
 pub(super) async fn run(
     conn: &mut sqlx::AnyConnection,
     inserts: &[Accepted<'_>],
