@@ -134,7 +134,7 @@ impl SqlStore {
             Backend::Sqlite => 1,
             Backend::Postgres => (max_connections / 4).clamp(1, 4) as usize,
         };
-        let writer = Writer::start(pool.clone(), writers);
+        let writer = Writer::start(pool.clone(), writers, max_connections);
         let store = Self {
             pool,
             backend,

@@ -82,6 +82,25 @@ async fn store() -> (SqlStore, TestDatabase) {
 }
 
 #[tokio::test]
+async fn a_pool_of_one_connection_serves_reads_between_writes() {
+    // The group writer keeps a connection only when the pool has another for readers.
+    let db = TestDatabase::new().await;
+    let store = SqlStore::connect(&db.url, 1).await.unwrap();
+    let now = now_micros();
+    for _ in 0..2 {
+        let m = message("t1", None);
+        assert_eq!(
+            store.insert_message(&m, now).await.unwrap(),
+            InsertOutcome::Created
+        );
+        assert_eq!(
+            store.get_message("t1", &m.id).await.unwrap().status,
+            MessageStatus::Queued
+        );
+    }
+}
+
+#[tokio::test]
 async fn claim_is_exclusive_and_completion_needs_the_lease() {
     let (store, _db) = store().await;
     let now = now_micros();

@@ -5,7 +5,7 @@
 //!
 //! An answer still means "committed": nothing is acknowledged before its transaction is.
 
-use sqlx::{pool::PoolConnection, Any, AnyPool};
+use sqlx::{pool::PoolConnection, Any, AnyPool, Executor as _};
 use tokio::sync::{mpsc, oneshot};
 
 mod group;
@@ -48,12 +48,16 @@ fn gone() -> StoreError {
 
 impl Writer {
     /// Starts `writers` writer tasks on `pool`: one for SQLite (one writer at a time anyway),
-    /// several for PostgreSQL, where groups commit in parallel.
-    pub(super) fn start(pool: AnyPool, writers: usize) -> Self {
+    /// several for PostgreSQL, where groups commit in parallel. Each keeps a connection of
+    /// its own if the pool has more than `writers` (readers need one too); otherwise it
+    /// takes one for each group.
+    pub(super) fn start(pool: AnyPool, writers: usize, pool_size: u32) -> Self {
         let (queue, rx) = mpsc::channel(4096);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tokio::spawn(run(pool.clone(), rx.clone()));
+        let writers = writers.max(1);
+        let keep = usize::try_from(pool_size).is_ok_and(|size| size > writers);
+        for _ in 0..writers {
+            tokio::spawn(run(pool.clone(), rx.clone(), keep));
         }
         Self { queue }
     }
@@ -174,11 +178,21 @@ fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) -> bool {
     }
 }
 
-async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>) {
-    // The writer keeps one connection: taking one from the pool and giving it back costs a
-    // round trip to the database each time (sqlx pings a returned connection). A connection
-    // that failed is dropped and replaced for the next group.
-    let mut conn: Option<PoolConnection<Any>> = None;
+async fn run(
+    pool: AnyPool,
+    rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
+    keep: bool,
+) {
+    // The writer keeps one connection (`keep`): taking one from the pool and giving it back
+    // costs a round trip to the database each time (sqlx pings a returned connection). A
+    // connection that failed is closed and replaced for the next group. It is opened before
+    // the first group: opening it (TLS, authentication) on the first email held the first
+    // callers up.
+    let mut conn: Option<PoolConnection<Any>> = if keep {
+        writer_connection(&pool).await.ok()
+    } else {
+        None
+    };
     let mut last_group = 0;
     // Closing the pool waits for every connection to come back: give ours back then.
     let mut closed = Box::pin(pool.close_event());
@@ -211,19 +225,43 @@ async fn run(pool: AnyPool, rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver
             ops
         };
         last_group = ops.len();
-        if conn.is_none() {
-            match pool.acquire().await {
-                Ok(c) => conn = Some(c),
-                Err(e) => {
-                    Group::new(ops).fail(&db_error(e));
-                    continue;
-                }
+        let taken = match conn.take() {
+            Some(c) => Ok(c),
+            None if keep => writer_connection(&pool).await,
+            None => pool.acquire().await.map_err(db_error),
+        };
+        let mut c = match taken {
+            Ok(c) => c,
+            Err(e) => {
+                Group::new(ops).fail(&e);
+                continue;
             }
-        }
-        if let Some(c) = conn.as_mut() {
-            if !commit_group(c, ops).await {
-                conn = None;
-            }
+        };
+        if !commit_group(&mut c, ops).await {
+            // It may be broken, and a kept one carries the writer's setting (below): close
+            // it rather than give it back to the pool.
+            let _ = c.close().await;
+        } else if keep {
+            conn = Some(c);
         }
     }
+}
+
+/// A connection from the pool for a writer to keep, set up for writing.
+///
+/// On PostgreSQL, a writer's statements never scan `messages`: they find its rows by key.
+/// Yet each is prepared once per connection, and PostgreSQL keeps a generic plan made with
+/// the table's statistics of that moment. A server started on an empty table kept a
+/// sequential scan for the completions' UPDATE until the next ANALYZE (`auto_explain`
+/// showed it after 10,000 emails), so each completion read the whole table. Without
+/// sequential scans the planner uses the keys whatever the statistics say.
+async fn writer_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, StoreError> {
+    let mut conn = pool.acquire().await.map_err(db_error)?;
+    if conn.backend_name() == "PostgreSQL" {
+        (&mut *conn)
+            .execute("SET enable_seqscan = off")
+            .await
+            .map_err(db_error)?;
+    }
+    Ok(conn)
 }
