@@ -8,7 +8,10 @@ use send::record_metrics;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -93,6 +96,8 @@ pub struct Engine {
     in_hand_total: usize,
     /// Where adopted emails go while the engine runs (see [`Engine::reserve`]).
     adopt: Mutex<Option<Adoptions>>,
+    /// Whether a claim is running: it holds its slots already, so accepts may take the rest.
+    claiming: AtomicBool,
 }
 
 /// The way to the running engine for emails stored leased to this process.
@@ -157,6 +162,7 @@ impl Engine {
             in_hand: Arc::new(Semaphore::new(in_hand_total)),
             in_hand_total,
             adopt: Mutex::new(None),
+            claiming: AtomicBool::new(false),
             store,
             transports,
             secrets,
@@ -246,10 +252,15 @@ impl Engine {
     /// Takes a slot for an email this process is about to accept, so that it is stored
     /// leased to this process ([`crate::domain::NewMessage::lease`]) and delivered at once,
     /// without a claim. None when the engine is not running or is busy: a quarter of the
-    /// slots stays for claims, so emails waiting in the queue keep moving.
+    /// slots stays for claims, so emails waiting in the queue keep moving. While a claim
+    /// runs it holds its slots already, and accepts may take all the others.
     pub fn reserve(&self) -> Option<Reservation> {
-        let spare = (self.in_hand_total / 4).max(1);
-        if self.in_hand.available_permits() <= spare {
+        let keep = if self.claiming.load(Ordering::Acquire) {
+            0
+        } else {
+            self.spare()
+        };
+        if self.in_hand.available_permits() <= keep {
             return None;
         }
         let to_engine = self
@@ -266,6 +277,11 @@ impl Engine {
                 until: now_micros() + micros(self.settings.lease),
             },
         })
+    }
+
+    /// Slots that accepts leave to claims, and claims to accepts: a quarter of them.
+    fn spare(&self) -> usize {
+        (self.in_hand_total / 4).max(1)
     }
 
     /// Delivers an email stored with `reservation`'s lease. If the engine stopped meanwhile,
@@ -321,15 +337,25 @@ impl Engine {
             }
             let mut claimed_all = false;
             // The slots are taken before the claim: an email accepted meanwhile cannot take
-            // one that a claimed message then lacks.
+            // one that a claimed message then lacks. A claim leaves a quarter of the slots
+            // to the emails accepted while it runs (when that many are free), or they would
+            // all be queued, each waking the engine for another claim: at a steady 1,000
+            // emails/s most emails went through a claim that way, an extra write each.
             let free = permits.available_permits();
-            let slots = match u32::try_from(free) {
+            let take = if free > self.spare() {
+                free - self.spare()
+            } else {
+                free
+            };
+            let slots = match u32::try_from(take) {
                 Ok(n) if n > 0 && want_claim => Arc::clone(&permits).try_acquire_many_owned(n).ok(),
                 _ => None,
             };
             if let Some(mut slots) = slots {
-                let claimed = self.claim(free).await;
-                claimed_all = !claimed.is_empty() && claimed.len() == free;
+                self.claiming.store(true, Ordering::Release);
+                let claimed = self.claim(take).await;
+                self.claiming.store(false, Ordering::Release);
+                claimed_all = !claimed.is_empty() && claimed.len() == take;
                 // Fewer than asked: the queue has nothing more due. The next claim waits for
                 // a wake (an email queued), the poll, or a full claim.
                 want_claim = claimed_all;
