@@ -18,7 +18,7 @@ use crate::domain::MessageStatus;
 const CHANNEL: &str = "mailgate_events";
 /// How long changes are gathered before they are sent: other replicas' watchers see a
 /// change this much later, and a busy replica sends one notification per window instead of
-/// one per few changes (at 1,000 emails/s, about 450 a second, each its own commit).
+/// one per few changes (at 1,000 emails/s, about 360 a second, each its own commit).
 const GATHER: Duration = Duration::from_millis(20);
 /// Most changes sent at once.
 const MAX_BATCH: usize = 4096;

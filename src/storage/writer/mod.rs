@@ -12,7 +12,7 @@ mod group;
 
 use group::{commit_group, Group};
 
-use super::{sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
+use super::{batch::is_sqlite, sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
 use crate::domain::{AttemptRecord, NewMessage};
 
 /// Most operations applied in one transaction.
@@ -257,7 +257,7 @@ async fn run(
 /// sequential scans the planner uses the keys whatever the statistics say.
 async fn writer_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, StoreError> {
     let mut conn = pool.acquire().await.map_err(db_error)?;
-    if conn.backend_name() == "PostgreSQL" {
+    if !is_sqlite(&conn) {
         (&mut *conn)
             .execute("SET enable_seqscan = off")
             .await
