@@ -22,10 +22,9 @@ use sqlx::Row as _;
 
 use super::{
     batch::{
-        recipient_rows, stored_state, Accepted, Finished, ATTEMPT_COLUMNS, COMPLETE_SET,
+        recipient_rows, stored_state, Accepted, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
         STORED_COLUMNS,
     },
-    script::Outcome,
     sql::{db_error, decode},
     StoreError,
 };

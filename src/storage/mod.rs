@@ -9,7 +9,6 @@ mod combined;
 mod housekeeping;
 mod logquery;
 mod rows;
-mod script;
 mod sql;
 mod writer;
 

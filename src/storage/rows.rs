@@ -60,35 +60,72 @@ pub(super) fn profile_from_row(row: &AnyRow) -> anyhow::Result<SmtpProfile> {
     })
 }
 
-pub(super) fn message_from_row(row: &AnyRow) -> anyhow::Result<StoredMessage> {
-    let status: String = row.try_get("status")?;
-    let reason: String = row.try_get("profile_reason")?;
-    let content: String = row.try_get("content")?;
-    let tags: String = row.try_get("tags")?;
-    let status = MessageStatus::parse(&status).context("message status")?;
-    let due_at: Option<i64> = row.try_get("due_at")?;
+/// A row to read a message from: sqlx's, or rusqlite's (the SQLite writer's own connection).
+pub(super) trait MessageRow {
+    fn text(&self, column: &str) -> anyhow::Result<String>;
+    fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>>;
+    fn int(&self, column: &str) -> anyhow::Result<i64>;
+    fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>>;
+}
+
+impl MessageRow for AnyRow {
+    fn text(&self, column: &str) -> anyhow::Result<String> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+    fn int(&self, column: &str) -> anyhow::Result<i64> {
+        Ok(self.try_get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
+        Ok(self.try_get(column)?)
+    }
+}
+
+impl MessageRow for rusqlite::Row<'_> {
+    fn text(&self, column: &str) -> anyhow::Result<String> {
+        Ok(self.get(column)?)
+    }
+    fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>> {
+        Ok(self.get(column)?)
+    }
+    fn int(&self, column: &str) -> anyhow::Result<i64> {
+        Ok(self.get(column)?)
+    }
+    fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
+        Ok(self.get(column)?)
+    }
+}
+
+pub(super) fn message_from_row(row: &impl MessageRow) -> anyhow::Result<StoredMessage> {
+    let status = MessageStatus::parse(&row.text("status")?).context("message status")?;
+    let reason = row.text("profile_reason")?;
+    let content = row.text("content")?;
+    let tags = row.text("tags")?;
+    let due_at = row.opt_int("due_at")?;
     Ok(StoredMessage {
-        id: row.try_get("id")?,
-        tenant_id: row.try_get("tenant_id")?,
+        id: row.text("id")?,
+        tenant_id: row.text("tenant_id")?,
         status,
-        source: row.try_get("source")?,
-        email_type: row.try_get("email_type")?,
-        profile_id: row.try_get("profile_id")?,
+        source: row.text("source")?,
+        email_type: row.text("email_type")?,
+        profile_id: row.opt_text("profile_id")?,
         profile_reason: ProfileReason::parse(&reason).context("profile reason")?,
-        fallback: row.try_get::<i64, _>("fallback")? != 0,
-        fallback_reason: row.try_get("fallback_reason")?,
-        template_id: row.try_get("template_id")?,
-        campaign_id: row.try_get("campaign_id")?,
+        fallback: row.int("fallback")? != 0,
+        fallback_reason: row.text("fallback_reason")?,
+        template_id: row.opt_text("template_id")?,
+        campaign_id: row.opt_text("campaign_id")?,
         content: serde_json::from_str::<MessageContent>(&content).context("message content")?,
-        message_id_header: row.try_get("message_id_header")?,
-        trace_id: row.try_get("trace_id")?,
-        traceparent: row.try_get("traceparent")?,
+        message_id_header: row.text("message_id_header")?,
+        trace_id: row.text("trace_id")?,
+        traceparent: row.text("traceparent")?,
         tags: serde_json::from_str::<BTreeMap<String, String>>(&tags).context("message tags")?,
-        attempt_count: u32::try_from(row.try_get::<i64, _>("attempt_count")?).unwrap_or(0),
-        last_error: row.try_get("last_error")?,
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        sent_at: row.try_get("sent_at")?,
+        attempt_count: u32::try_from(row.int("attempt_count")?).unwrap_or(0),
+        last_error: row.text("last_error")?,
+        created_at: row.int("created_at")?,
+        updated_at: row.int("updated_at")?,
+        sent_at: row.opt_int("sent_at")?,
         // While SENDING, due_at is the lease end, not a planned attempt.
         next_attempt_at: if status == MessageStatus::Sending {
             None

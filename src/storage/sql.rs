@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions, AnyRow},
     query::Query,
+    sqlite::SqliteConnectOptions,
     Any, AnyPool, Executor,
 };
 
@@ -104,6 +105,12 @@ impl SqlStore {
                 "database_url must start with sqlite:// or postgres://"
             )));
         };
+        if backend == Backend::Sqlite && (url.contains(":memory:") || url.contains("mode=memory")) {
+            return Err(StoreError::Other(anyhow::anyhow!(
+                "database_url: an in-memory SQLite database is not supported (the writer's \
+                 connection would see a database of its own); give a file path"
+            )));
+        }
         let url = match backend {
             // Create the file on first start.
             Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
@@ -130,11 +137,19 @@ impl SqlStore {
             .connect_with(options)
             .await
             .map_err(db_error)?;
-        let writers = match backend {
-            Backend::Sqlite => 1,
-            Backend::Postgres => (max_connections / 4).clamp(1, 4) as usize,
+        let writer = match backend {
+            // The writer has a connection of its own, outside the pool (`writer::sqlite`).
+            Backend::Sqlite => {
+                let options = SqliteConnectOptions::from_str(&url).map_err(db_error)?;
+                Writer::start_sqlite(pool.clone(), options.get_filename().to_owned())
+                    .context("starting the SQLite writer thread")
+                    .map_err(StoreError::Other)?
+            }
+            Backend::Postgres => {
+                let writers = (max_connections / 4).clamp(1, 4) as usize;
+                Writer::start(pool.clone(), writers, max_connections)
+            }
         };
-        let writer = Writer::start(pool.clone(), writers, max_connections);
         let store = Self {
             pool,
             backend,

@@ -320,6 +320,76 @@ async fn idempotency_is_per_tenant() {
 }
 
 #[tokio::test]
+async fn one_group_answers_created_replayed_and_conflicting_emails_apart() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let first = message("t1", Some("k"));
+    store.insert_message(&first, now).await.unwrap();
+    let new = message("t1", Some("other"));
+    let replay = message("t1", Some("k"));
+    let mut conflict = message("t1", Some("k"));
+    conflict.request_hash = "other".into();
+    let results = store
+        .insert_messages(vec![new.clone(), replay.clone(), conflict.clone()], now)
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0].as_ref().unwrap(), &InsertOutcome::Created);
+    assert!(
+        matches!(&results[1], Ok(InsertOutcome::Replayed { id, .. }) if *id == first.id),
+        "{:?}",
+        results[1]
+    );
+    assert!(results[2].is_err(), "{:?}", results[2]);
+    // Only the stored emails have rows; the replayed ones did not add any.
+    assert_eq!(
+        store.get_message("t1", &new.id).await.unwrap().status,
+        MessageStatus::Queued
+    );
+    for id in [&replay.id, &conflict.id] {
+        assert!(store.get_message("t1", id).await.is_err());
+    }
+    let claimed = store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2, "the first email and the new one");
+}
+
+#[tokio::test]
+async fn a_failed_group_stores_nothing_and_the_writer_goes_on() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let kept = message("t1", None);
+    // The same id twice: the second row breaks the primary key, so the whole group fails.
+    let mut twin = message("t1", None);
+    twin.id = kept.id.clone();
+    assert!(store
+        .insert_messages(vec![kept.clone(), twin], now)
+        .await
+        .is_err());
+    assert!(
+        store.get_message("t1", &kept.id).await.is_err(),
+        "nothing of a failed group is committed"
+    );
+    let later = message("t1", None);
+    assert_eq!(
+        store.insert_message(&later, now).await.unwrap(),
+        InsertOutcome::Created
+    );
+    let claimed = store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(store
+        .complete(&claimed[0], &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    assert_eq!(store.list_attempts("t1", &later.id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn sending_slots_stop_at_the_limit_per_window_and_profile() {
     let (store, _db) = store().await;
     let mut taken = Vec::new();

@@ -1,13 +1,18 @@
-//! A writer group: its operations sorted by kind, how it is applied (one script on SQLite,
-//! one statement for the writes and one per claim on PostgreSQL), and the answers.
+//! A writer group: its operations sorted by kind, how it is applied (one transaction on the
+//! SQLite writer's own connection; one statement for the writes and one per claim on
+//! PostgreSQL), and the answers.
 
-use super::{dup, gone, Done, Op, Reply};
+use super::{
+    dup, gone,
+    sqlite::{Claim, SqliteWriter},
+    Done, Op, Reply,
+};
 use crate::{
     domain::NewMessage,
     storage::{
-        batch::{is_sqlite, Finished},
-        combined, script,
-        sql::{claim_one, replay_or_conflict, Backend},
+        batch::{Finished, Outcome},
+        combined,
+        sql::{claim_one, db_error, replay_or_conflict, Backend},
         Claimed, InsertOutcome, StoreError,
     },
 };
@@ -109,70 +114,113 @@ impl Group {
     }
 }
 
-/// Applies a group in as few round trips as the backend allows: on SQLite one script for
-/// the whole transaction (see [`crate::storage::script`]), on PostgreSQL one statement for the
-/// writes and one per claim (see [`crate::storage::combined`]). If the writes cannot be
-/// committed, every caller hears the error (nothing of theirs was committed). Emails whose
-/// idempotency key was taken are answered after the commit, from the stored email. Returns
-/// false when the connection should not be used again.
+/// Applies a group on PostgreSQL: one statement for the writes (see
+/// [`crate::storage::combined`]), then one per claim. If the writes cannot be committed,
+/// every caller hears the error (nothing of theirs was committed). Emails whose idempotency
+/// key was taken are answered after the commit, from the stored email. Returns false when
+/// the connection should not be used again.
 pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
-    let sqlite = is_sqlite(conn);
-    let Group {
-        inserts,
-        insert_ops,
-        finished,
-        complete_replies,
-        claims,
-    } = Group::new(ops);
-    let refs: Vec<(&NewMessage, i64)> = inserts.iter().map(|(m, now)| (m, *now)).collect();
-    let outcome = if sqlite {
-        let claim_args: Vec<script::Claim> = claims
-            .iter()
-            .map(|&(now, until, limit, _)| script::Claim { now, until, limit })
-            .collect();
-        script::run(conn, &refs, &finished, &claim_args).await
-    } else {
-        combined::run(conn, &refs, &finished)
-            .await
-            .map_err(|e| (e, true))
-    };
-    let mut outcome = match outcome {
+    let g = Group::new(ops);
+    let refs: Vec<(&NewMessage, i64)> = g.inserts.iter().map(|(m, now)| (m, *now)).collect();
+    let outcome = match combined::run(conn, &refs, &g.finished).await {
         Ok(outcome) => outcome,
-        Err((e, rolled_back)) => {
-            Group::fail_parts(insert_ops, complete_replies, claims, &e);
-            return rolled_back;
+        Err(e) => {
+            g.fail(&e);
+            return true;
         }
     };
+    let results = insert_results(&g.inserts, &outcome, Ok(&mut *conn)).await;
+    answer_writes(
+        g.insert_ops,
+        results,
+        &g.finished,
+        g.complete_replies,
+        &outcome,
+    );
+    // Each claim is one statement, atomic on its own.
+    for (now, until, limit, reply) in g.claims {
+        let claimed = claim_one(conn, Backend::Postgres, now, until, limit).await;
+        Done::Claim(claimed, reply).answer(Ok(()));
+    }
+    true
+}
+
+/// Applies a group on SQLite: one transaction on the writer's own connection (see
+/// [`super::sqlite`]). Emails whose idempotency key was taken are answered after the
+/// commit, from the stored email, read through `pool`.
+pub(super) async fn commit_group_sqlite(db: &SqliteWriter, pool: &sqlx::AnyPool, ops: Vec<Op>) {
+    let g = Group::new(ops);
+    let claim_args = g
+        .claims
+        .iter()
+        .map(|&(now, until, limit, _)| Claim { now, until, limit })
+        .collect();
+    let (inserts, finished, outcome) = db.apply(g.inserts, g.finished, claim_args).await;
+    let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
+    let mut outcome = match outcome {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            Group::fail_parts(insert_ops, complete_replies, claims, &e);
+            return;
+        }
+    };
+    // A connection of the pool, only if an email needs its stored row read back.
+    let replays = inserts
+        .iter()
+        .any(|(m, _)| !outcome.created.contains(&m.id));
+    let mut conn = if replays {
+        pool.acquire().await.map_err(db_error)
+    } else {
+        Err(gone())
+    };
+    let conn = match &mut conn {
+        Ok(c) => Ok(&mut **c),
+        Err(e) => Err(dup(e)),
+    };
+    let results = insert_results(&inserts, &outcome, conn).await;
+    answer_writes(insert_ops, results, &finished, complete_replies, &outcome);
+    for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
+        Done::Claim(Ok(claimed), reply).answer(Ok(()));
+    }
+}
+
+/// Each insert's answer: created, or (its idempotency key was taken) the stored email's.
+async fn insert_results(
+    inserts: &[(NewMessage, i64)],
+    outcome: &Outcome,
+    mut conn: Result<&mut sqlx::AnyConnection, StoreError>,
+) -> Vec<Result<InsertOutcome, StoreError>> {
     let mut results = Vec::with_capacity(inserts.len());
-    for (m, _) in &inserts {
+    for (m, _) in inserts {
         results.push(if outcome.created.contains(&m.id) {
             Ok(InsertOutcome::Created)
         } else {
-            replay_or_conflict(conn, m).await
+            match &mut conn {
+                Ok(c) => replay_or_conflict(c, m).await,
+                Err(e) => Err(dup(e)),
+            }
         });
     }
+    results
+}
+
+/// Answers the committed writes: the callers hear it now, not after the claims.
+fn answer_writes(
+    insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+    results: Vec<Result<InsertOutcome, StoreError>>,
+    finished: &[Finished],
+    complete_replies: Vec<Reply<bool>>,
+    outcome: &Outcome,
+) {
     let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len());
     Group::insert_dones(insert_ops, Ok(results), &mut done);
     for ((claimed, ..), reply) in finished.iter().zip(complete_replies) {
         let held = outcome.held.contains(&claimed.message.id);
         done.push(Done::Complete(Ok(held), reply));
     }
-    // The writes are committed: their callers hear it now, not after the claims.
     for d in done {
         d.answer(Ok(()));
     }
-    if sqlite {
-        for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
-            Done::Claim(Ok(claimed), reply).answer(Ok(()));
-        }
-    } else {
-        // PostgreSQL: each claim is one statement, atomic on its own.
-        for (now, until, limit, reply) in claims {
-            let claimed = claim_one(conn, Backend::Postgres, now, until, limit).await;
-            Done::Claim(claimed, reply).answer(Ok(()));
-        }
-    }
-    true
 }
 
 /// Where an insert op's answer goes.

@@ -9,10 +9,12 @@ use sqlx::{pool::PoolConnection, Any, AnyPool, Executor as _};
 use tokio::sync::{mpsc, oneshot};
 
 mod group;
+mod sqlite;
 
-use group::{commit_group, Group};
+use group::{commit_group, commit_group_sqlite, Group};
+use sqlite::SqliteWriter;
 
-use super::{batch::is_sqlite, sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
+use super::{sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
 use crate::domain::{AttemptRecord, NewMessage};
 
 /// Most operations applied in one transaction.
@@ -47,10 +49,18 @@ fn gone() -> StoreError {
 }
 
 impl Writer {
-    /// Starts `writers` writer tasks on `pool`: one for SQLite (one writer at a time anyway),
-    /// several for PostgreSQL, where groups commit in parallel. Each keeps a connection of
-    /// its own if the pool has more than `writers` (readers need one too); otherwise it
-    /// takes one for each group.
+    /// Starts one writer for the SQLite file `sqlite` (one writer at a time anyway), with a
+    /// connection of its own outside the pool (see [`sqlite`]).
+    pub(super) fn start_sqlite(pool: AnyPool, sqlite: std::path::PathBuf) -> std::io::Result<Self> {
+        let (queue, rx) = mpsc::channel(4096);
+        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+        tokio::spawn(run_sqlite(pool, rx, SqliteWriter::start(sqlite)?));
+        Ok(Self { queue })
+    }
+
+    /// Starts `writers` writer tasks on `pool` (PostgreSQL), whose groups commit in parallel.
+    /// Each keeps a connection of its own if the pool has more than `writers` (readers need
+    /// one too); otherwise it takes one for each group.
     pub(super) fn start(pool: AnyPool, writers: usize, pool_size: u32) -> Self {
         let (queue, rx) = mpsc::channel(4096);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
@@ -178,6 +188,55 @@ fn drain(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) -> bool {
     }
 }
 
+/// Takes the next group off the queue: the first operation to come, what is waiting behind
+/// it, and under load what arrives in the next turns of the runtime. None when the pool
+/// closes or every handle is gone.
+async fn next_group(
+    rx: &tokio::sync::Mutex<mpsc::Receiver<Op>>,
+    closed: &mut std::pin::Pin<Box<impl std::future::Future<Output = ()>>>,
+    last_group: usize,
+) -> Option<Vec<Op>> {
+    // Take a group while holding the queue, then commit it without: another writer gathers
+    // the next group meanwhile.
+    let mut rx = tokio::select! {
+        rx = rx.lock() => rx,
+        () = closed.as_mut() => return None,
+    };
+    let first = tokio::select! {
+        op = rx.recv() => op,
+        () = closed.as_mut() => None,
+    };
+    let mut ops = vec![first?];
+    let mut room = drain(&mut rx, &mut ops);
+    // Under concurrent load (the last group had company), let the callers that are running
+    // now reach the queue before committing: one commit then covers more emails. Each turn
+    // lets the runtime poll its sockets; stop after two turns that brought nothing. A lone
+    // caller is never held up.
+    let mut quiet = 0;
+    while last_group > 1 && quiet < 2 && room {
+        let before = ops.len();
+        tokio::task::yield_now().await;
+        room = drain(&mut rx, &mut ops);
+        quiet = if ops.len() == before { quiet + 1 } else { 0 };
+    }
+    Some(ops)
+}
+
+/// The SQLite writer: groups go to its own connection's thread; the pool serves only the
+/// rare reads a group needs afterwards.
+async fn run_sqlite(
+    pool: AnyPool,
+    rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
+    db: SqliteWriter,
+) {
+    let mut last_group = 0;
+    let mut closed = Box::pin(pool.close_event());
+    while let Some(ops) = next_group(&rx, &mut closed, last_group).await {
+        last_group = ops.len();
+        commit_group_sqlite(&db, &pool, ops).await;
+    }
+}
+
 async fn run(
     pool: AnyPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
@@ -196,34 +255,7 @@ async fn run(
     let mut last_group = 0;
     // Closing the pool waits for every connection to come back: give ours back then.
     let mut closed = Box::pin(pool.close_event());
-    loop {
-        // Take a group while holding the queue, then commit it without: another writer
-        // gathers the next group meanwhile.
-        let ops = {
-            let mut rx = tokio::select! {
-                rx = rx.lock() => rx,
-                () = &mut closed => return,
-            };
-            let first = tokio::select! {
-                op = rx.recv() => op,
-                () = &mut closed => None,
-            };
-            let Some(first) = first else { return };
-            let mut ops = vec![first];
-            let mut room = drain(&mut rx, &mut ops);
-            // Under concurrent load (the last group had company), let the callers that are
-            // running now reach the queue before committing: one commit then covers more
-            // emails. Each turn lets the runtime poll its sockets; stop after two turns that
-            // brought nothing. A lone caller is never held up.
-            let mut quiet = 0;
-            while last_group > 1 && quiet < 2 && room {
-                let before = ops.len();
-                tokio::task::yield_now().await;
-                room = drain(&mut rx, &mut ops);
-                quiet = if ops.len() == before { quiet + 1 } else { 0 };
-            }
-            ops
-        };
+    while let Some(ops) = next_group(&rx, &mut closed, last_group).await {
         last_group = ops.len();
         let taken = match conn.take() {
             Some(c) => Ok(c),
@@ -247,7 +279,7 @@ async fn run(
     }
 }
 
-/// A connection from the pool for a writer to keep, set up for writing.
+/// A connection from the pool for a PostgreSQL writer to keep, set up for writing.
 ///
 /// On PostgreSQL, a writer's statements never scan `messages`: they find its rows by key.
 /// Yet each is prepared once per connection, and PostgreSQL keeps a generic plan made with
@@ -257,11 +289,9 @@ async fn run(
 /// sequential scans the planner uses the keys whatever the statistics say.
 async fn writer_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, StoreError> {
     let mut conn = pool.acquire().await.map_err(db_error)?;
-    if !is_sqlite(&conn) {
-        (&mut *conn)
-            .execute("SET enable_seqscan = off")
-            .await
-            .map_err(db_error)?;
-    }
+    (&mut *conn)
+        .execute("SET enable_seqscan = off")
+        .await
+        .map_err(db_error)?;
     Ok(conn)
 }
