@@ -132,6 +132,11 @@ fn serve(path: &std::path::Path, jobs: &Receiver<Job>) {
 /// Opens the writer's connection with the settings of sqlx's (`SqlStore::connect`):
 /// synchronous=FULL, so that an acknowledged email survives a power loss, the same busy
 /// timeout, and foreign keys on. The file is in WAL mode already.
+///
+/// Temporary storage is in memory. A statement that fires a trigger or checks a foreign key
+/// inside a transaction keeps a statement journal (to undo just that statement), and SQLite
+/// spilled it to a temporary file: creating and writing that file took 10 % of the writer
+/// thread's time in a profile. It holds only the pages one statement changes.
 fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(
         path,
@@ -140,7 +145,8 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     .map_err(sqlite_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+         PRAGMA temp_store = MEMORY;",
     )
     .map_err(sqlite_error)?;
     Ok(conn)
