@@ -185,17 +185,18 @@ const cols = [
   ['CPU us/msg', 10],
   ['errors', 6],
   ['sink got', 8],
+  ['steal', 5],
 ];
 const line = (cells) =>
   cells.map((c, i) => (cols[i][2] === 'l' ? String(c).padEnd(cols[i][1]) : String(c).padStart(cols[i][1]))).join(' ');
 const rows = [];
 if (smtp) {
   const cpu = smtp.cpu_user_seconds + smtp.cpu_system_seconds;
-  rows.push([`smtp-source -d, ${smtp.sessions} sessions`, f(smtpRate), fp(1), fx(ratio(smtpRate, nmRate)), '-', '-', '-', '-', '-', '-', f(cpu, 2), f((cpu / smtp.messages) * 1e6), '-', sr(smtp.sink_received)]);
+  rows.push([`smtp-source -d, ${smtp.sessions} sessions`, f(smtpRate), fp(1), fx(ratio(smtpRate, nmRate)), '-', '-', '-', '-', '-', '-', f(cpu, 2), f((cpu / smtp.messages) * 1e6), '-', sr(smtp.sink_received), fp(smtp.steal_share)]);
 }
 if (nm) {
   const cpu = nm.cpu_user_seconds + nm.cpu_system_seconds;
-  rows.push([`nodemailer ${nm.version} pool ${nm.connections}`, f(nmRate), fp(ratio(nmRate, smtpRate)), fx(1), '-', '-', '-', '-', '-', f(nm.peak_rss_mib, 1), f(cpu, 2), f((cpu / nm.messages) * 1e6), nm.errors, sr(nm.sink_received)]);
+  rows.push([`nodemailer ${nm.version} pool ${nm.connections}`, f(nmRate), fp(ratio(nmRate, smtpRate)), fx(1), '-', '-', '-', '-', '-', f(nm.peak_rss_mib, 1), f(cpu, 2), f((cpu / nm.messages) * 1e6), nm.errors, sr(nm.sink_received), fp(nm.steal_share)]);
 }
 for (const p of passes) {
   const l = p.loadgen || {};
@@ -218,6 +219,7 @@ for (const p of passes) {
     f(num(cpu) !== null ? (cpu / p.messages) * 1e6 : null),
     l.errors === undefined ? '-' : l.errors,
     sr(p.sink_received),
+    fp(p.steal_share),
   ]);
 }
 const tableLines = [];
@@ -242,6 +244,7 @@ tableLines.push(line(cols.map((c) => c[0])));
 tableLines.push(line(cols.map((c) => '-'.repeat(c[1]))));
 for (const r of rows) tableLines.push(line(r));
 tableLines.push('CPU: the client for the references (user+sys), the mailgate server during the load for the passes; the loadgen and the sink also use the same cores.');
+tableLines.push("steal: the share of the machine's CPU time its VM host took during the run (/proc/stat); a run with more steal is slower for a reason outside it.");
 if (targets.length) {
   tableLines.push('');
   tableLines.push('targets');

@@ -177,6 +177,15 @@ sink_count() {
 
 loadavg() { cut -d' ' -f1-3 /proc/loadavg; }
 
+# The machine's CPU ticks so far, all and stolen (/proc/stat): on a VM the host can take
+# CPU time away (steal), which slows a run without showing in any process's CPU time.
+cpu_ticks() { awk '/^cpu / { t = 0; for (i = 2; i <= 9; i++) t += $i; print t, $9 }' /proc/stat; }
+# The stolen share of the CPU time between two cpu_ticks readings.
+steal_share() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " "); d = y[1] - x[1];
+    printf "%.3f", (d > 0 ? (y[2] - x[2]) / d : 0) }'
+}
+
 # Runs a command in the background and waits for it (so a TERM or INT to this script is handled
 # at once, not after the command ends); writes "wall user sys" seconds of the command to file $1.
 # The CPU figures come from the shell's `times` (CPU of waited-for children), read without a
@@ -345,7 +354,7 @@ SOURCE_BYTES=$(cat "$WORK/message.bytes")
 run_smtp_source() {
   local k=$1 before after sc0 sc1 rc=0
   ensure_sink
-  before=$(sink_count); sc0=$(cpu_seconds "$SINK_PID")
+  before=$(sink_count); sc0=$(cpu_seconds "$SINK_PID"); local ticks0; ticks0=$(cpu_ticks)
   log "reference smtp-source run $k: $N messages, $C sessions"
   timed "$WORK/refs/smtp-source-$k.time" \
     "$SMTP_SOURCE" -d -s "$C" -m "$N" -F "$WORK/message.txt" \
@@ -363,7 +372,7 @@ run_smtp_source() {
  "seconds": $wall, "rate": $(awk -v n="$N" -v s="$wall" 'BEGIN { printf "%.1f", n / s }'),
  "cpu_user_seconds": $user, "cpu_system_seconds": $sys,
  "sink_received": $received, "sink_cpu_seconds": $(awk -v a="$sc0" -v b="$sc1" 'BEGIN { printf "%.3f", b - a }'),
- "loadavg_before": "$(loadavg)"}
+ "steal_share": $(steal_share "$ticks0" "$(cpu_ticks)"), "loadavg_before": "$(loadavg)"}
 EOF
   log "smtp-source: $(awk -v n="$N" -v s="$wall" 'BEGIN { printf "%.0f msg/s (%.2f s)", n / s, s }')"
 }
@@ -372,7 +381,7 @@ EOF
 run_nodemailer() {
   local k=$1 before after sc0 sc1 rc=0
   ensure_sink
-  before=$(sink_count); sc0=$(cpu_seconds "$SINK_PID")
+  before=$(sink_count); sc0=$(cpu_seconds "$SINK_PID"); local ticks0; ticks0=$(cpu_ticks)
   log "reference nodemailer@$NODEMAILER_VERSION run $k: $N messages, pool of $C connections"
   timed "$WORK/refs/nodemailer-$k.time" \
     env NODE_PATH="$NPM_DIR/node_modules" node "$ROOT/bench/nodemailer_ref.js" --host 127.0.0.1 --port "$SINK_PORT" \
@@ -383,7 +392,7 @@ run_nodemailer() {
   [ "$rc" = 0 ] || { tail -20 "$WORK/refs/nodemailer-$k.out" >&2; die "the Nodemailer reference failed (exit $rc)"; }
   cat >"$WORK/refs/nodemailer-$k.extra.json" <<EOF
 {"sink_received": $([ "$SINK_COUNT" = 1 ] && echo $(( after - before )) || echo null), "sink_cpu_seconds": $(awk -v a="$sc0" -v b="$sc1" 'BEGIN { printf "%.3f", b - a }'),
- "loadavg_before": "$(loadavg)"}
+ "steal_share": $(steal_share "$ticks0" "$(cpu_ticks)"), "loadavg_before": "$(loadavg)"}
 EOF
   [ "$SINK_COUNT" != 1 ] || [ $(( after - before )) -eq "$N" ] || log "WARNING: the sink counted $(( after - before )) messages, expected $N"
   log "nodemailer: $(node -p 'const r=require(process.argv[1]); `${Math.round(r.rate)} msg/s (${r.seconds} s)`' "$WORK/refs/nodemailer-$k.json")"
@@ -471,6 +480,7 @@ run_pass() {
   local startup; startup=$(awk -v a="$t_start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
   local cpu0 sink0 sc0 la
   cpu0=$(cpu_seconds "$SERVER_PID"); sink0=$(sink_count); sc0=$(cpu_seconds "$SINK_PID"); la=$(loadavg)
+  local ticks0; ticks0=$(cpu_ticks)
 
   local args=(--addr "127.0.0.1:$port" --tenant bench --smtp-host 127.0.0.1 --smtp-port "$SINK_PORT"
               --messages "$messages" --concurrency "$C" --size "$SIZE" --mode "$mode"
@@ -482,7 +492,8 @@ run_pass() {
     >"$dir/loadgen.out" 2>&1 || rc=$?
 
   # Sample the server before stopping it: peak RSS (VmHWM) and CPU time (utime + stime).
-  local cpu1 rss sink1 sc1 alive=true sink_ok=true
+  local cpu1 rss sink1 sc1 steal alive=true sink_ok=true
+  steal=$(steal_share "$ticks0" "$(cpu_ticks)")
   kill -0 "$SERVER_PID" 2>/dev/null || alive=false
   sink_alive || sink_ok=false
   cpu1=$(cpu_seconds "$SERVER_PID"); rss=$(peak_rss_mib "$SERVER_PID")
@@ -515,7 +526,7 @@ run_pass() {
  "server": {"startup_seconds": $startup, "peak_rss_mib": $rss, "cpu_seconds": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }'),
             "cpu_seconds_total": $cpu1},
  "sink_received": $([ "$SINK_COUNT" = 1 ] && echo $(( sink1 - sink0 )) || echo null), "sink_cpu_seconds": $(awk -v a="$sc0" -v b="$sc1" 'BEGIN { printf "%.3f", b - a }'),
- "loadavg_before": "$la",
+ "steal_share": $steal, "loadavg_before": "$la",
  "loadgen": $loadgen_json}
 EOF
   if [ "$loadgen_json" != null ]; then
