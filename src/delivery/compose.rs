@@ -18,11 +18,14 @@ pub const MAILGATE_ID_HEADER: &str = "X-Mailgate-Id";
 #[error("cannot compose the message: {0}")]
 pub struct ComposeError(String);
 
+fn address(m: &Mailbox) -> Result<lettre::Address, ComposeError> {
+    lettre::Address::from_str(m.email.as_str())
+        .map_err(|e| ComposeError(format!("address {}: {e}", m.email)))
+}
+
 fn mailbox(m: &Mailbox) -> Result<LettreMailbox, ComposeError> {
-    let address = lettre::Address::from_str(m.email.as_str())
-        .map_err(|e| ComposeError(format!("address {}: {e}", m.email)))?;
     let name = (!m.name.is_empty()).then(|| m.name.clone());
-    Ok(LettreMailbox::new(name, address))
+    Ok(LettreMailbox::new(name, address(m)?))
 }
 
 /// Builds the message bytes. Bcc recipients appear in no header.
@@ -31,7 +34,17 @@ pub fn compose(
     message_id: &str,
     mailgate_id: &str,
 ) -> Result<Vec<u8>, ComposeError> {
+    // The SMTP envelope is the engine's own (`smtp::transaction`). Without one here, lettre
+    // derives one from the headers: it parsed every address back (3 % of the workers' time
+    // in a profile) and refused an email with only Bcc recipients, which no header names.
+    let recipients = content
+        .recipients()
+        .map(address)
+        .collect::<Result<Vec<_>, _>>()?;
+    let envelope = lettre::address::Envelope::new(Some(address(&content.from)?), recipients)
+        .map_err(|_| ComposeError("no recipient".into()))?;
     let mut builder = lettre::Message::builder()
+        .envelope(envelope)
         .from(mailbox(&content.from)?)
         .subject(content.subject.clone())
         .message_id(Some(format!("<{message_id}>")))
@@ -71,12 +84,7 @@ pub fn compose(
         }
         builder.multipart(mixed)
     };
-    // The envelope is built separately; lettre's needs at least one To, which a Bcc-only
-    // message lacks, so its envelope error is not ours.
-    let message = message.map_err(|e| match e {
-        lettre::error::Error::MissingTo => ComposeError("no recipient".into()),
-        other => ComposeError(other.to_string()),
-    })?;
+    let message = message.map_err(|e| ComposeError(e.to_string()))?;
     Ok(message.formatted())
 }
 
@@ -145,5 +153,26 @@ mod tests {
         assert!(raw.contains("Cc: c@x.test"));
         assert!(raw.contains("Reply-To: help@acme.test"));
         assert!(raw.contains("Date: "));
+    }
+
+    #[test]
+    fn an_email_to_bcc_recipients_only_is_composed_without_them() {
+        let content = MessageContent {
+            from: mb("support@acme.test"),
+            reply_to: None,
+            error_to: None,
+            to: vec![],
+            cc: vec![],
+            bcc: vec![mb("secret@x.test")],
+            subject: "Hello".into(),
+            text: Some("plain".into()),
+            html: None,
+            headers: vec![],
+            attachments: vec![],
+        };
+        let raw = String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap();
+        assert!(!raw.contains("secret@x.test"), "{raw}");
+        assert!(!raw.contains("\r\nTo:"), "{raw}");
+        assert!(raw.contains("From: support@acme.test"), "{raw}");
     }
 }

@@ -10,6 +10,25 @@ use crate::{
 };
 
 #[tokio::test]
+async fn an_email_to_bcc_recipients_only_is_delivered_without_naming_them() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn().await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("main", smtp.port))
+        .await;
+    let mut req = simple_email("bob@example.com");
+    req.profile_id = profile_id;
+    req.to = vec![];
+    req.bcc = vec![mailbox("secret@example.com")];
+    let (_, status) = app.send_and_settle("acme", req).await;
+    assert_eq!(status, MessageStatus::Sent);
+    let received = smtp.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].rcpt_to, ["secret@example.com"]);
+    assert!(!received[0].data.contains("secret@example.com"));
+}
+
+#[tokio::test]
 async fn sends_through_profile_with_right_headers_and_envelope() {
     let smtp = TestSmtpServer::start(Behavior::default()).await;
     let app = TestApp::spawn().await;
