@@ -6,8 +6,16 @@ use std::collections::HashSet;
 use super::{Claimed, Completion};
 use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 
+/// The lease a finished delivery held: its message and token (all a completion needs of the
+/// claim, so the message itself is not copied into the writer's queue).
+#[derive(Debug)]
+pub(super) struct Held {
+    pub(super) id: String,
+    pub(super) token: String,
+}
+
 /// One finished delivery.
-pub(super) type Finished = (Claimed, Vec<AttemptRecord>, Completion, i64);
+pub(super) type Finished = (Held, Vec<AttemptRecord>, Completion, i64);
 
 /// A completion's values, as the PostgreSQL group statement names them.
 pub(super) const COMPLETION_COLUMNS: &str =

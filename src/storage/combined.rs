@@ -198,9 +198,9 @@ async fn write(
         .collect();
     let completions: Vec<CompletionRow> = finished
         .iter()
-        .map(|(claimed, attempts, c, now)| CompletionRow {
-            id: &claimed.message.id,
-            token: &claimed.lease_token,
+        .map(|(held, attempts, c, now)| CompletionRow {
+            id: &held.id,
+            token: &held.token,
             status: c.status.as_str(),
             due_at: c.retry_at,
             attempts: attempts.len(),
@@ -212,9 +212,9 @@ async fn write(
         .collect();
     let attempts: Vec<AttemptRow> = finished
         .iter()
-        .flat_map(|(claimed, attempts, ..)| {
+        .flat_map(|(held, attempts, ..)| {
             attempts.iter().map(move |a| AttemptRow {
-                message_id: &claimed.message.id,
+                message_id: &held.id,
                 number: a.number,
                 started_at: a.started_at,
                 duration_us: a.duration_us,

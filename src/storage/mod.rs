@@ -318,7 +318,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         now: i64,
     ) -> Result<bool, StoreError>;
     /// Gives a leased message back to the queue without an attempt (graceful shutdown).
-    async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError>;
+    async fn release(
+        &self,
+        message_id: &str,
+        lease_token: &str,
+        now: i64,
+    ) -> Result<(), StoreError>;
     /// Takes one slot of `profile_id`'s window `[window_start, window_start + window_secs)`
     /// (unix seconds) if fewer than `limit` are taken. Atomic across processes.
     async fn reserve_slot(

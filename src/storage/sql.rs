@@ -846,7 +846,7 @@ impl Store for SqlStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         self.writer
-            .complete(claimed.clone(), attempts.to_vec(), c.clone(), now)
+            .complete(claimed, attempts.to_vec(), c.clone(), now)
             .await
     }
 
@@ -873,14 +873,19 @@ impl Store for SqlStore {
         self.delete_expired_entries(before, batch).await
     }
 
-    async fn release(&self, claimed: &Claimed, now: i64) -> Result<(), StoreError> {
+    async fn release(
+        &self,
+        message_id: &str,
+        lease_token: &str,
+        now: i64,
+    ) -> Result<(), StoreError> {
         sqlx::query(
             "UPDATE messages SET status = 'QUEUED', due_at = $1, lease_token = NULL, \
              updated_at = $1 WHERE id = $2 AND lease_token = $3",
         )
         .bind(now)
-        .bind(&claimed.message.id)
-        .bind(&claimed.lease_token)
+        .bind(message_id)
+        .bind(lease_token)
         .execute(&self.pool)
         .await
         .map_err(db_error)?;

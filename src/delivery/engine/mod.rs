@@ -81,7 +81,8 @@ pub struct Engine {
     settings: EngineSettings,
     wake: Notify,
     events: broadcast::Sender<MessageEvent>,
-    in_flight: Mutex<HashMap<String, Claimed>>,
+    /// Messages in hand by id, with their lease token: given back to the queue at shutdown.
+    in_flight: Mutex<HashMap<String, String>>,
     /// Profiles by (tenant, id), with when they were read.
     profiles: Mutex<HashMap<(String, String), (SmtpProfile, std::time::Instant)>>,
     /// Per-profile rates and daily quotas.
@@ -238,7 +239,7 @@ impl Engine {
                 tracing::debug!(claimed = claimed.len(), limit, "claimed due messages");
                 let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                 for c in &claimed {
-                    in_flight.insert(c.message.id.clone(), c.clone());
+                    in_flight.insert(c.message.id.clone(), c.lease_token.clone());
                 }
                 claimed
             }
@@ -290,7 +291,7 @@ impl Engine {
         self.in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(claimed.message.id.clone(), claimed.clone());
+            .insert(claimed.message.id.clone(), claimed.lease_token.clone());
         let Reservation {
             permit, to_engine, ..
         } = reservation;
@@ -399,16 +400,15 @@ impl Engine {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        let leftover: Vec<Claimed> = self
+        let leftover: Vec<(String, String)> = self
             .in_flight
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .drain()
-            .map(|(_, c)| c)
             .collect();
-        for c in leftover {
-            if let Err(e) = self.store.release(&c, now_micros()).await {
-                warn!(message_id = %c.message.id, error = %e, "releasing lease failed; it will expire");
+        for (id, token) in leftover {
+            if let Err(e) = self.store.release(&id, &token, now_micros()).await {
+                warn!(message_id = %id, error = %e, "releasing lease failed; it will expire");
             }
         }
         self.transports.close_idle().await;

@@ -53,8 +53,8 @@ impl Group {
                         .push((at..g.inserts.len(), InsertReply::Many(reply)));
                 }
                 Op::Complete(c, now, reply) => {
-                    let (claimed, attempts, completion) = *c;
-                    g.finished.push((claimed, attempts, completion, now));
+                    let (held, attempts, completion) = *c;
+                    g.finished.push((held, attempts, completion, now));
                     g.complete_replies.push(reply);
                 }
                 Op::Claim(now, until, limit, reply) => g.claims.push((now, until, limit, reply)),
@@ -214,8 +214,8 @@ fn answer_writes(
 ) {
     let mut done = Vec::with_capacity(insert_ops.len() + complete_replies.len());
     Group::insert_dones(insert_ops, Ok(results), &mut done);
-    for ((claimed, ..), reply) in finished.iter().zip(complete_replies) {
-        let held = outcome.held.contains(&claimed.message.id);
+    for ((lease, ..), reply) in finished.iter().zip(complete_replies) {
+        let held = outcome.held.contains(&lease.id);
         done.push(Done::Complete(Ok(held), reply));
     }
     for d in done {

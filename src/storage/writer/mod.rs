@@ -14,7 +14,7 @@ mod sqlite;
 use group::{commit_group, commit_group_sqlite, Group};
 use sqlite::SqliteWriter;
 
-use super::{sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
+use super::{batch::Held, sql::db_error, Claimed, Completion, InsertOutcome, StoreError};
 use crate::domain::{AttemptRecord, NewMessage};
 
 /// Most operations applied in one transaction.
@@ -31,7 +31,7 @@ enum Op {
         Reply<Vec<Result<InsertOutcome, StoreError>>>,
     ),
     Complete(
-        Box<(Claimed, Vec<AttemptRecord>, Completion)>,
+        Box<(Held, Vec<AttemptRecord>, Completion)>,
         i64,
         Reply<bool>,
     ),
@@ -105,12 +105,16 @@ impl Writer {
 
     pub(super) async fn complete(
         &self,
-        claimed: Claimed,
+        claimed: &Claimed,
         attempts: Vec<AttemptRecord>,
         completion: Completion,
         now: i64,
     ) -> Result<bool, StoreError> {
-        self.call(|r| Op::Complete(Box::new((claimed, attempts, completion)), now, r))
+        let held = Held {
+            id: claimed.message.id.clone(),
+            token: claimed.lease_token.clone(),
+        };
+        self.call(|r| Op::Complete(Box::new((held, attempts, completion)), now, r))
             .await
     }
 }

@@ -279,12 +279,12 @@ fn apply(
     if !finished.is_empty() {
         let mut complete = tx.prepare_cached(&COMPLETE).map_err(sqlite_error)?;
         let mut attempt = tx.prepare_cached(&INSERT_ATTEMPT).map_err(sqlite_error)?;
-        for (claimed, attempts, c, now) in finished {
-            let id = &claimed.message.id;
+        for (lease, attempts, c, now) in finished {
+            let id = &lease.id;
             let held = complete
                 .execute(params![
                     id,
-                    claimed.lease_token,
+                    lease.token,
                     c.status.as_str(),
                     c.retry_at,
                     i64::try_from(attempts.len()).unwrap_or(1),
