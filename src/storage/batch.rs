@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::{Claimed, Completion};
+use super::Completion;
 use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 
 /// The lease a finished delivery held: its message and token (all a completion needs of the
@@ -81,7 +81,4 @@ pub(super) struct Outcome {
     pub(super) created: HashSet<String>,
     /// Completions recorded (their lease was still held).
     pub(super) held: HashSet<String>,
-    /// The messages each claim leased, in the order of the claims (SQLite; PostgreSQL runs
-    /// its claims after the writes, one statement each).
-    pub(super) claimed: Vec<Vec<Claimed>>,
 }

@@ -5,7 +5,7 @@
 use super::{
     dup, gone,
     sqlite::{Claim, SqliteWriter},
-    Done, Op, Reply,
+    Done, Leases, Op, Reply,
 };
 use crate::{
     domain::NewMessage,
@@ -13,7 +13,7 @@ use crate::{
         batch::{Finished, Outcome},
         combined,
         sql::{claim_one, db_error, replay_or_conflict, Backend},
-        Claimed, InsertOutcome, StoreError,
+        InsertOutcome, StoreError,
     },
 };
 
@@ -28,7 +28,7 @@ pub(super) struct Group {
 }
 
 /// A claim: now, lease end, most messages, and where the answer goes.
-type ClaimOp = (i64, i64, u32, Reply<Vec<Claimed>>);
+type ClaimOp = (i64, i64, u32, Reply<Leases>);
 
 impl Group {
     pub(super) fn new(ops: Vec<Op>) -> Self {
@@ -140,7 +140,8 @@ pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -
     // Each claim is one statement, atomic on its own.
     for (now, until, limit, reply) in g.claims {
         let claimed = claim_one(conn, Backend::Postgres, now, until, limit).await;
-        Done::Claim(claimed, reply).answer(Ok(()));
+        let leases = claimed.map(|c| -> Leases { Box::new(move || Ok(c)) });
+        Done::Claim(leases, reply).answer(Ok(()));
     }
     true
 }
@@ -156,8 +157,12 @@ pub(super) async fn commit_group_sqlite(db: &SqliteWriter, pool: &sqlx::AnyPool,
         .map(|&(now, until, limit, _)| Claim { now, until, limit })
         .collect();
     let (inserts, finished, outcome) = db.apply(g.inserts, g.finished, claim_args).await;
+    let (outcome, leased) = match outcome {
+        Ok((outcome, leased)) => (Ok(outcome), leased),
+        Err(e) => (Err(e), Vec::new()),
+    };
     let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
-    let mut outcome = match outcome {
+    let outcome = match outcome {
         Ok(outcome) => outcome,
         Err(e) => {
             Group::fail_parts(insert_ops, complete_replies, claims, &e);
@@ -179,8 +184,8 @@ pub(super) async fn commit_group_sqlite(db: &SqliteWriter, pool: &sqlx::AnyPool,
     };
     let results = insert_results(&inserts, &outcome, conn).await;
     answer_writes(insert_ops, results, &finished, complete_replies, &outcome);
-    for ((.., reply), claimed) in claims.into_iter().zip(outcome.claimed.drain(..)) {
-        Done::Claim(Ok(claimed), reply).answer(Ok(()));
+    for ((.., reply), rows) in claims.into_iter().zip(leased) {
+        Done::Claim(Ok(Box::new(move || rows.decode())), reply).answer(Ok(()));
     }
 }
 

@@ -22,7 +22,9 @@ const MAX_GROUP: usize = 512;
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-#[derive(Debug)]
+/// The messages a claim leased, decoded when called (by the claiming caller, not the writer).
+pub(super) type Leases = Box<dyn FnOnce() -> Result<Vec<Claimed>, StoreError> + Send>;
+
 enum Op {
     Insert(Box<NewMessage>, i64, Reply<InsertOutcome>),
     InsertMany(
@@ -35,7 +37,7 @@ enum Op {
         i64,
         Reply<bool>,
     ),
-    Claim(i64, i64, u32, Reply<Vec<Claimed>>),
+    Claim(i64, i64, u32, Reply<Leases>),
 }
 
 /// The handle to the writer task.
@@ -100,7 +102,8 @@ impl Writer {
         lease_until: i64,
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
-        self.call(|r| Op::Claim(now, lease_until, limit, r)).await
+        // Decoded here, by the caller: the writer goes on with the next group meanwhile.
+        self.call(|r| Op::Claim(now, lease_until, limit, r)).await?()
     }
 
     pub(super) async fn complete(
@@ -127,7 +130,7 @@ enum Done {
         Reply<Vec<Result<InsertOutcome, StoreError>>>,
     ),
     Complete(Result<bool, StoreError>, Reply<bool>),
-    Claim(Result<Vec<Claimed>, StoreError>, Reply<Vec<Claimed>>),
+    Claim(Result<Leases, StoreError>, Reply<Leases>),
 }
 
 /// The same error again, for every caller of a failed group (keeps UNAVAILABLE apart).
