@@ -60,7 +60,8 @@ pub(super) fn profile_from_row(row: &AnyRow) -> anyhow::Result<SmtpProfile> {
     })
 }
 
-/// A row to read a message from: sqlx's, or rusqlite's (the SQLite writer's own connection).
+/// A row to read a message from: sqlx's, or the values the SQLite writer's own connection
+/// returned for a claim.
 pub(super) trait MessageRow {
     fn text(&self, column: &str) -> anyhow::Result<String>;
     fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>>;
@@ -80,21 +81,6 @@ impl MessageRow for AnyRow {
     }
     fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
         Ok(self.try_get(column)?)
-    }
-}
-
-impl MessageRow for rusqlite::Row<'_> {
-    fn text(&self, column: &str) -> anyhow::Result<String> {
-        Ok(self.get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>> {
-        Ok(self.get(column)?)
-    }
-    fn int(&self, column: &str) -> anyhow::Result<i64> {
-        Ok(self.get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
-        Ok(self.get(column)?)
     }
 }
 

@@ -9,7 +9,7 @@ use mailgate::{
     storage::{Claimed, Completion, InsertOutcome, SqlStore, Store},
 };
 
-use crate::helpers::TestDatabase;
+use crate::helpers::{on_postgres, TestDatabase};
 
 fn message(tenant: &str, key: Option<&str>) -> NewMessage {
     let mb = |e: &str| Mailbox {
@@ -324,6 +324,54 @@ async fn idempotency_is_per_tenant() {
             .unwrap(),
         InsertOutcome::Created
     );
+}
+
+#[tokio::test]
+async fn the_writer_gets_a_new_connection_after_the_database_dropped_its_own() {
+    // PostgreSQL only: a SQLite file has no server to drop a connection.
+    if !on_postgres() {
+        return;
+    }
+    let (store, db) = store().await;
+    let now = now_micros();
+    store
+        .insert_message(&message("t1", None), now)
+        .await
+        .unwrap();
+    // What a database restart or a failover does to every connection of the pool.
+    let (base, name) = db.url.rsplit_once('/').unwrap();
+    let admin = sqlx::PgPool::connect(&format!("{base}/postgres"))
+        .await
+        .unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1",
+    )
+    .bind(name)
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert!(!ended.is_empty() && ended.iter().all(|&e| e));
+    // The writer's kept connection is gone: the group it was on may fail, the next must not.
+    let mut outcomes = Vec::new();
+    for _ in 0..3 {
+        let m = message("t1", None);
+        outcomes.push(store.insert_message(&m, now).await.map(|_| m.id));
+    }
+    let stored: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
+    assert!(
+        stored.len() >= 2,
+        "the writer did not recover: {:?}",
+        outcomes
+            .iter()
+            .map(|o| o.as_ref().err().map(|e| e.to_string()))
+            .collect::<Vec<_>>()
+    );
+    for id in stored {
+        assert_eq!(
+            store.get_message("t1", id).await.unwrap().status,
+            MessageStatus::Queued
+        );
+    }
 }
 
 #[tokio::test]

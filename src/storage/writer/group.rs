@@ -118,7 +118,9 @@ impl Group {
 /// [`crate::storage::combined`]), then one per claim. If the writes cannot be committed,
 /// every caller hears the error (nothing of theirs was committed). Emails whose idempotency
 /// key was taken are answered after the commit, from the stored email. Returns false when
-/// the connection should not be used again.
+/// the connection should not be used again: after a failed write, which may mean that the
+/// connection is broken (a database restart, a network cut), so the next group gets a new
+/// one.
 pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
     let g = Group::new(ops);
     let refs: Vec<(&NewMessage, i64)> = g.inserts.iter().map(|(m, now)| (m, *now)).collect();
@@ -126,7 +128,7 @@ pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -
         Ok(outcome) => outcome,
         Err(e) => {
             g.fail(&e);
-            return true;
+            return false;
         }
     };
     let results = insert_results(&g.inserts, &outcome, Ok(&mut *conn)).await;
@@ -156,14 +158,10 @@ pub(super) async fn commit_group_sqlite(db: &SqliteWriter, pool: &sqlx::AnyPool,
         .iter()
         .map(|&(now, until, limit, _)| Claim { now, until, limit })
         .collect();
-    let (inserts, finished, outcome) = db.apply(g.inserts, g.finished, claim_args).await;
-    let (outcome, leased) = match outcome {
-        Ok((outcome, leased)) => (Ok(outcome), leased),
-        Err(e) => (Err(e), Vec::new()),
-    };
+    let (inserts, finished, applied) = db.apply(g.inserts, g.finished, claim_args).await;
     let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
-    let outcome = match outcome {
-        Ok(outcome) => outcome,
+    let (outcome, leased) = match applied {
+        Ok(done) => done,
         Err(e) => {
             Group::fail_parts(insert_ops, complete_replies, claims, &e);
             return;
