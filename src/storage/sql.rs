@@ -71,6 +71,15 @@ pub(super) fn db_error(err: sqlx::Error) -> StoreError {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             StoreError::Conflict("already exists".to_owned())
         }
+        // PostgreSQL ending the connection (a restart, a failover: class 57P) or losing it
+        // (class 08): the database is away, not the request wrong.
+        sqlx::Error::Database(db)
+            if db
+                .code()
+                .is_some_and(|c| c.starts_with("57P") || c.starts_with("08")) =>
+        {
+            StoreError::Unavailable(err.to_string())
+        }
         sqlx::Error::Io(_)
         | sqlx::Error::PoolTimedOut
         | sqlx::Error::PoolClosed

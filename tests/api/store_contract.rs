@@ -357,6 +357,12 @@ async fn the_writer_gets_a_new_connection_after_the_database_dropped_its_own() {
         let m = message("t1", None);
         outcomes.push(store.insert_message(&m, now).await.map(|_| m.id));
     }
+    for failed in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+        assert!(
+            matches!(failed, mailgate::storage::StoreError::Unavailable(_)),
+            "a dropped connection is UNAVAILABLE (retry), not {failed:?}"
+        );
+    }
     let stored: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().ok()).collect();
     assert!(
         stored.len() >= 2,
