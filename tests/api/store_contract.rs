@@ -101,6 +101,18 @@ async fn a_pool_of_one_connection_serves_reads_between_writes() {
 }
 
 #[tokio::test]
+async fn an_in_memory_sqlite_database_is_refused_naming_the_setting() {
+    // The SQLite writer has a connection of its own, which would see another database.
+    for url in ["sqlite::memory:", "sqlite://?mode=memory"] {
+        let err = SqlStore::connect(url, 4).await.unwrap_err().to_string();
+        assert!(
+            err.contains("database_url") && err.contains("in-memory"),
+            "{url}: {err}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn claim_is_exclusive_and_completion_needs_the_lease() {
     let (store, _db) = store().await;
     let now = now_micros();

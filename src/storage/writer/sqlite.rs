@@ -44,7 +44,7 @@ use crate::{
 };
 
 /// One claim in a group: lease up to `limit` due messages at `now` until `until`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub(super) struct Claim {
     pub(super) now: i64,
     pub(super) until: i64,
@@ -201,7 +201,8 @@ fn serve(path: &std::path::Path, jobs: &Receiver<Job>) {
 
 /// Opens the writer's connection with the settings of sqlx's (`SqlStore::connect`):
 /// synchronous=FULL, so that an acknowledged email survives a power loss, the same busy
-/// timeout, and foreign keys on. The file is in WAL mode already.
+/// timeout, and foreign keys on. The pool's first connection made the file WAL already;
+/// asking again is a no-op.
 ///
 /// Temporary storage is in memory. A statement that fires a trigger or checks a foreign key
 /// inside a transaction keeps a statement journal (to undo just that statement), and SQLite
