@@ -21,5 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .generate_default_stubs(true)
         .compile_fds(descriptors)?;
     println!("cargo:rerun-if-changed=proto");
+    // sqlx::migrate! embeds migrations/ at compile time: a new file must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
     Ok(())
 }

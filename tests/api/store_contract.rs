@@ -682,4 +682,29 @@ async fn statistics_from_the_hourly_rollup_match_live_counts_and_follow_later_ch
         after
     );
     assert_eq!(store.roll_up_log(now, 500).await.unwrap(), 0);
+
+    // Retention deletes the sent emails of the first four (rolled-up) hours: their hours
+    // turn dirty, and the statistics drop by the deleted emails of the window.
+    let cutoff = base + 4 * HOUR;
+    let sent_emails: Vec<_> = claimed.iter().chain(&late).map(|c| &c.message).collect();
+    let expired = sent_emails.iter().filter(|m| m.created_at < cutoff);
+    let in_window = expired
+        .clone()
+        .filter(|m| m.tenant_id == "t1" && m.created_at >= start && m.created_at < end)
+        .count();
+    assert!(in_window > 0, "the window loses some emails");
+    assert_eq!(
+        store.delete_expired(cutoff, 1_000).await.unwrap(),
+        u64::try_from(expired.count()).unwrap()
+    );
+    let purged = store.email_stats("t1", start, end, None).await.unwrap();
+    assert_eq!(
+        purged.total,
+        after.total - i64::try_from(in_window).unwrap()
+    );
+    assert!(store.roll_up_log(now, 500).await.unwrap() >= 1);
+    assert_eq!(
+        store.email_stats("t1", start, end, None).await.unwrap(),
+        purged
+    );
 }
