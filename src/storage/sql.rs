@@ -155,7 +155,13 @@ impl SqlStore {
                     .map_err(StoreError::Other)?
             }
             Backend::Postgres => {
-                let writers = (max_connections / 4).clamp(1, 4) as usize;
+                // An eighth of the pool writes, 1 to 4 writers (2 with the default 16).
+                // Fewer writers gather bigger groups, so each statement's fixed cost is
+                // spread over more emails: on a 2-core machine, 2 writers used 8-13 % less
+                // of PostgreSQL's CPU per email than 4, and halved the p99 at 1,000
+                // SendEmail/s (docs/benchmarks.md). A larger pool (a database farther
+                // away, where a commit takes longer) gets more.
+                let writers = (max_connections / 8).clamp(1, 4) as usize;
                 Writer::start(pool.clone(), writers, max_connections)
             }
         };
