@@ -220,7 +220,7 @@ impl Engine {
         let mut tasks = JoinSet::new();
         for c in claimed {
             let engine = Arc::clone(self);
-            tasks.spawn(async move { engine.deliver(c).await });
+            tasks.spawn(async move { engine.deliver(c, None).await });
         }
         while tasks.join_next().await.is_some() {}
         count
@@ -316,10 +316,7 @@ impl Engine {
         let mut next_poll = Instant::now() + self.settings.poll_interval;
         let spawn = |tasks: &mut JoinSet<()>, c: Claimed, permit: OwnedSemaphorePermit| {
             let engine = Arc::clone(&self);
-            tasks.spawn(async move {
-                engine.deliver(c).await;
-                drop(permit);
-            });
+            tasks.spawn(async move { engine.deliver(c, Some(permit)).await });
         };
         loop {
             if *shutdown.borrow() {
@@ -416,7 +413,9 @@ impl Engine {
     }
 
     /// Delivers one claimed message in a span that continues the accepting request's trace.
-    async fn deliver(&self, claimed: Claimed) {
+    /// Delivers one email in hand; its slot (`permit`, if it holds one) is given back once the
+    /// attempt ends, before the result is committed (see [`Self::deliver_traced`]).
+    async fn deliver(&self, claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
         let message = &claimed.message;
         let span = tracing::info_span!(
             "delivery",
@@ -430,15 +429,21 @@ impl Engine {
             span.record("trace_id", message.trace_id.as_str());
         }
         crate::telemetry::continue_trace(&span, &message.traceparent);
-        self.deliver_traced(claimed).instrument(span).await;
+        self.deliver_traced(claimed, permit).instrument(span).await;
     }
 
-    async fn deliver_traced(&self, claimed: Claimed) {
+    async fn deliver_traced(&self, claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
         let (attempts, completion) = {
             // The semaphore is never closed, so the permit always comes.
             let _sending = self.sending.acquire().await.ok();
             self.attempt(&claimed).await
         };
+        // The slot is free for the next email while the result waits for its commit. The
+        // writer holds a group of completions alone up to a few milliseconds for company,
+        // and ends the wait for a claim; a claim that waited for these very slots would
+        // wait out the whole delay on every round. The message stays in `in_flight`
+        // (released at shutdown) until the commit.
+        drop(permit);
         tracing::Span::current().record("mailgate.status", completion.status.as_str());
         record_metrics(&claimed.message.tenant_id, &attempts);
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");

@@ -235,10 +235,10 @@ async fn next_group(
 /// How long a group of completions alone waits for company.
 ///
 /// No caller waits on a completion's commit: it only marks a delivered email SENT (or due
-/// again), and the delivery slot it holds meanwhile is one of many. Committed alone, each
-/// completion cost a commit of its own: at 1,000 SendEmail/s on PostgreSQL, one transaction
-/// in two was a single completion. Waiting lets it ride with the next accepted email's
-/// commit instead. A crash during the wait leaves the email leased; it is sent again when
+/// again), and the engine gave the delivery's slot back before asking for it. Committed
+/// alone, each completion cost a commit of its own: at 1,000 SendEmail/s on PostgreSQL, one
+/// transaction in two was a single completion. Waiting lets it ride with the next accepted
+/// email's commit instead. A crash during the wait leaves the email leased; it is sent again when
 /// the lease ends, as after a crash during the delivery itself.
 const COMPLETION_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
