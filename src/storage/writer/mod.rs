@@ -296,17 +296,40 @@ async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
 
 /// The SQLite writer: groups go to its own connection's thread; the pool serves only the
 /// rare reads a group needs afterwards.
+///
+/// The next group is gathered while the thread applies the last one, and waits on the
+/// thread's queue behind it: one thread applies the groups in order, so they commit in
+/// order. Gathered only after the commit, a group waited for the callers that the commit
+/// had just answered to come back, and the thread idled meanwhile (1.3 ms of a 3 ms cycle
+/// under a burst of 32 callers).
 async fn run_sqlite(
     pool: AnyPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
     db: SqliteWriter,
 ) {
+    /// Groups in flight: one on the thread, the next waiting for it.
+    const IN_FLIGHT: u32 = 2;
+    let db = std::sync::Arc::new(db);
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize));
     let mut last_group = 0;
     let mut closed = Box::pin(pool.close_event());
-    while let Some(ops) = next_group(&rx, &mut closed, last_group).await {
+    loop {
+        // The semaphore is never closed.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(ops) = next_group(&rx, &mut closed, last_group).await else {
+            break;
+        };
         last_group = ops.len();
-        commit_group_sqlite(&db, &pool, ops).await;
+        let (db, pool) = (db.clone(), pool.clone());
+        tokio::spawn(async move {
+            commit_group_sqlite(&db, &pool, ops).await;
+            drop(slot);
+        });
     }
+    // The groups still in flight are answered before the writer ends.
+    let _ = slots.acquire_many(IN_FLIGHT).await;
 }
 
 async fn run(
