@@ -95,6 +95,9 @@ pub struct Engine {
     in_hand: Arc<Semaphore>,
     /// The number of those permits: [`CLAIM_AHEAD`] × `settings.concurrency`.
     in_hand_total: usize,
+    /// One permit per attempted message whose result waits for its commit, with as many
+    /// permits as `in_hand` (see [`Engine::deliver_traced`]).
+    recording: Semaphore,
     /// Where adopted emails go while the engine runs (see [`Engine::reserve`]).
     adopt: Mutex<Option<Adoptions>>,
     /// Whether a claim is running: it holds its slots already, so accepts may take the rest.
@@ -162,6 +165,7 @@ impl Engine {
         Self {
             in_hand: Arc::new(Semaphore::new(in_hand_total)),
             in_hand_total,
+            recording: Semaphore::new(in_hand_total),
             adopt: Mutex::new(None),
             claiming: AtomicBool::new(false),
             store,
@@ -417,9 +421,9 @@ impl Engine {
         info!("delivery engine stopped");
     }
 
-    /// Delivers one claimed message in a span that continues the accepting request's trace.
-    /// Delivers one email in hand; its slot (`permit`, if it holds one) is given back once the
-    /// attempt ends, before the result is committed (see [`Self::deliver_traced`]).
+    /// Delivers one email in hand in a span that continues the accepting request's trace; its
+    /// slot (`permit`, if it holds one) is given back once the attempt ends, before the
+    /// result is committed (see [`Self::deliver_traced`]).
     async fn deliver(&self, claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
         let message = &claimed.message;
         let span = tracing::info_span!(
@@ -443,11 +447,17 @@ impl Engine {
             let _sending = self.sending.acquire().await.ok();
             self.attempt(&claimed).await
         };
-        // The slot is free for the next email while the result waits for its commit. The
-        // writer holds a group of completions alone up to a few milliseconds for company,
-        // and ends the wait for a claim; a claim that waited for these very slots would
-        // wait out the whole delay on every round. The message stays in `in_flight`
-        // (released at shutdown) until the commit.
+        // The slot is free for the next email while the result waits for its commit. A
+        // group of completions alone waits a few milliseconds for company (on SQLite until
+        // an accept or a claim comes; on PostgreSQL completions have a writer of their own
+        // that claims never reach); a claim-driven round that waited for these very slots
+        // would wait out that delay on every round. The result waits with a `recording`
+        // permit instead: there are as many as slots, so a writer that stalls stops the
+        // engine after twice its slots, not after an ever-growing pile of sent emails whose
+        // leases run out. The message stays in `in_flight` (released at shutdown) until
+        // the commit.
+        // The semaphore is never closed, so the permit always comes.
+        let _recording = self.recording.acquire().await.ok();
         drop(permit);
         tracing::Span::current().record("mailgate.status", completion.status.as_str());
         record_metrics(&claimed.message.tenant_id, &attempts);
