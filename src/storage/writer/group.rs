@@ -151,15 +151,35 @@ pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -
 /// Applies a group on SQLite: one transaction on the writer's own connection (see
 /// [`super::sqlite`]). Emails whose idempotency key was taken are answered after the
 /// commit, from the stored email, read through `pool`.
-pub(super) async fn commit_group_sqlite(db: &SqliteWriter, pool: &sqlx::AnyPool, ops: Vec<Op>) {
+///
+/// The group is handed to the writer's thread at the call; the future returned waits for
+/// the commit and answers the callers. Groups handed over one after another commit in that
+/// order, however their futures are run.
+pub(super) fn commit_group_sqlite(
+    db: &SqliteWriter,
+    pool: sqlx::AnyPool,
+    ops: Vec<Op>,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
     let g = Group::new(ops);
     let claim_args = g
         .claims
         .iter()
         .map(|&(now, until, limit, _)| Claim { now, until, limit })
         .collect();
-    let (inserts, finished, applied) = db.apply(g.inserts, g.finished, claim_args).await;
+    let applying = db.apply(g.inserts, g.finished, claim_args);
     let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
+    answer_sqlite_group(applying, pool, insert_ops, complete_replies, claims)
+}
+
+/// Waits for a SQLite group's commit and answers its callers.
+async fn answer_sqlite_group(
+    applying: impl std::future::Future<Output = super::sqlite::Applied>,
+    pool: sqlx::AnyPool,
+    insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
+    complete_replies: Vec<Reply<bool>>,
+    claims: Vec<ClaimOp>,
+) {
+    let (inserts, finished, applied) = applying.await;
     let (outcome, leased) = match applied {
         Ok(done) => done,
         Err(e) => {

@@ -66,7 +66,7 @@ impl Writer {
     }
 
     /// Starts `writers` writer tasks on `pool` (PostgreSQL), whose groups commit in parallel,
-    /// and one more for completions alone.
+    /// and, when the pool has room for its connection, one more for completions alone.
     ///
     /// Callers wait on an accept's commit, never on a completion's; in a shared statement a
     /// group's completions (an UPDATE that rewrites the row and its indexes, an attempt
@@ -75,25 +75,24 @@ impl Writer {
     /// groups of their own, beside the accepts.
     ///
     /// Each writer keeps a connection of its own if the pool has more than the writers
-    /// (readers need one too); otherwise it takes one for each group.
+    /// (readers need one too). A pool with no room for the completion writer's connection
+    /// as well sends completions to the other writers, as before; with a pool of one, the
+    /// writer takes the connection for each group.
     pub(super) fn start(pool: AnyPool, writers: usize, pool_size: u32) -> Self {
         let writers = writers.max(1);
-        let keep = usize::try_from(pool_size).is_ok_and(|size| size > writers + 1);
+        let room = |kept: usize| usize::try_from(pool_size).is_ok_and(|size| size > kept);
         let (queue, rx) = mpsc::channel(4096);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..writers {
-            tokio::spawn(run(pool.clone(), rx.clone(), keep));
+            tokio::spawn(run(pool.clone(), rx.clone(), room(writers)));
         }
-        let (completions, rx) = mpsc::channel(4096);
-        tokio::spawn(run(
-            pool,
-            std::sync::Arc::new(tokio::sync::Mutex::new(rx)),
-            keep,
-        ));
-        Self {
-            queue,
-            completions: Some(completions),
-        }
+        let completions = room(writers + 1).then(|| {
+            let (completions, rx) = mpsc::channel(4096);
+            let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
+            tokio::spawn(run(pool, rx, true));
+            completions
+        });
+        Self { queue, completions }
     }
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
@@ -277,7 +276,8 @@ async fn next_group(
 const COMPLETION_LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Waits up to [`COMPLETION_LINGER`] for more operations to join a group of completions;
-/// the first operation some caller waits on (an accept, a claim) ends the wait at once.
+/// the first operation some caller waits on (an accept, a claim) ends the wait at once. (On
+/// PostgreSQL's completion writer none comes: its groups wait the whole time.)
 async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
     let deadline = tokio::time::Instant::now() + COMPLETION_LINGER;
     loop {
@@ -298,10 +298,10 @@ async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
 /// rare reads a group needs afterwards.
 ///
 /// The next group is gathered while the thread applies the last one, and waits on the
-/// thread's queue behind it: one thread applies the groups in order, so they commit in
-/// order. Gathered only after the commit, a group waited for the callers that the commit
-/// had just answered to come back, and the thread idled meanwhile (1.3 ms of a 3 ms cycle
-/// under a burst of 32 callers).
+/// thread's queue behind it: each group joins the queue here, in the loop, and one thread
+/// applies them in order, so they commit in order. Gathered only after the commit, a group
+/// waited for the callers that the commit had just answered to come back, and the thread
+/// idled meanwhile (1.3 ms of a 3 ms cycle under a burst of 32 callers).
 async fn run_sqlite(
     pool: AnyPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
@@ -309,7 +309,6 @@ async fn run_sqlite(
 ) {
     /// Groups in flight: one on the thread, the next waiting for it.
     const IN_FLIGHT: u32 = 2;
-    let db = std::sync::Arc::new(db);
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize));
     let mut last_group = 0;
     let mut closed = Box::pin(pool.close_event());
@@ -322,9 +321,9 @@ async fn run_sqlite(
             break;
         };
         last_group = ops.len();
-        let (db, pool) = (db.clone(), pool.clone());
+        let committing = commit_group_sqlite(&db, pool.clone(), ops);
         tokio::spawn(async move {
-            commit_group_sqlite(&db, &pool, ops).await;
+            committing.await;
             drop(slot);
         });
     }

@@ -152,13 +152,15 @@ impl SqliteWriter {
         Ok(Self { jobs })
     }
 
-    /// Applies a group as one transaction.
-    pub(super) async fn apply(
+    /// Applies a group as one transaction. The group joins the thread's queue at the call,
+    /// not when the answer is awaited: groups handed over one after another are applied in
+    /// that order.
+    pub(super) fn apply(
         &self,
         inserts: Vec<(NewMessage, i64)>,
         finished: Vec<Finished>,
         claims: Vec<Claim>,
-    ) -> Applied {
+    ) -> impl std::future::Future<Output = Applied> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let job = Job {
             inserts,
@@ -166,13 +168,17 @@ impl SqliteWriter {
             claims,
             reply,
         };
-        if let Err(mpsc::SendError(job)) = self.jobs.send(job) {
-            return (job.inserts, job.finished, Err(stopped()));
+        let refused = self.jobs.send(job).err();
+        async move {
+            if let Some(mpsc::SendError(job)) = refused {
+                return (job.inserts, job.finished, Err(stopped()));
+            }
+            // The thread answers every job it takes; it only stops when this handle is
+            // dropped.
+            answer
+                .await
+                .unwrap_or_else(|_| (Vec::new(), Vec::new(), Err(stopped())))
         }
-        // The thread answers every job it takes; it only stops when this handle is dropped.
-        answer
-            .await
-            .unwrap_or_else(|_| (Vec::new(), Vec::new(), Err(stopped())))
     }
 }
 
