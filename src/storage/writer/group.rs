@@ -168,42 +168,33 @@ pub(super) fn commit_group_sqlite(
         .collect();
     let applying = db.apply(g.inserts, g.finished, claim_args);
     let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
-    answer_sqlite_group(applying, pool, insert_ops, complete_replies, claims)
-}
-
-/// Waits for a SQLite group's commit and answers its callers.
-async fn answer_sqlite_group(
-    applying: impl std::future::Future<Output = super::sqlite::Applied>,
-    pool: sqlx::AnyPool,
-    insert_ops: Vec<(std::ops::Range<usize>, InsertReply)>,
-    complete_replies: Vec<Reply<bool>>,
-    claims: Vec<ClaimOp>,
-) {
-    let (inserts, finished, applied) = applying.await;
-    let (outcome, leased) = match applied {
-        Ok(done) => done,
-        Err(e) => {
-            Group::fail_parts(insert_ops, complete_replies, claims, &e);
-            return;
+    async move {
+        let (inserts, finished, applied) = applying.await;
+        let (outcome, leased) = match applied {
+            Ok(done) => done,
+            Err(e) => {
+                Group::fail_parts(insert_ops, complete_replies, claims, &e);
+                return;
+            }
+        };
+        // A connection of the pool, only if an email needs its stored row read back.
+        let replays = inserts
+            .iter()
+            .any(|(m, _)| !outcome.created.contains(&m.id));
+        let mut conn = if replays {
+            pool.acquire().await.map_err(db_error)
+        } else {
+            Err(gone())
+        };
+        let conn = match &mut conn {
+            Ok(c) => Ok(&mut **c),
+            Err(e) => Err(dup(e)),
+        };
+        let results = insert_results(&inserts, &outcome, conn).await;
+        answer_writes(insert_ops, results, &finished, complete_replies, &outcome);
+        for ((.., reply), rows) in claims.into_iter().zip(leased) {
+            Done::Claim(Ok(Box::new(move || rows.decode())), reply).answer(Ok(()));
         }
-    };
-    // A connection of the pool, only if an email needs its stored row read back.
-    let replays = inserts
-        .iter()
-        .any(|(m, _)| !outcome.created.contains(&m.id));
-    let mut conn = if replays {
-        pool.acquire().await.map_err(db_error)
-    } else {
-        Err(gone())
-    };
-    let conn = match &mut conn {
-        Ok(c) => Ok(&mut **c),
-        Err(e) => Err(dup(e)),
-    };
-    let results = insert_results(&inserts, &outcome, conn).await;
-    answer_writes(insert_ops, results, &finished, complete_replies, &outcome);
-    for ((.., reply), rows) in claims.into_iter().zip(leased) {
-        Done::Claim(Ok(Box::new(move || rows.decode())), reply).answer(Ok(()));
     }
 }
 

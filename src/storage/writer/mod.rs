@@ -44,8 +44,9 @@ enum Op {
 #[derive(Debug, Clone)]
 pub(super) struct Writer {
     queue: mpsc::Sender<Op>,
-    /// PostgreSQL: completions go to a writer of their own (see [`Writer::start`]).
-    completions: Option<mpsc::Sender<Op>>,
+    /// Where completions go: `queue`, or on PostgreSQL a writer of their own (see
+    /// [`Writer::start`]).
+    completions: mpsc::Sender<Op>,
 }
 
 fn gone() -> StoreError {
@@ -60,8 +61,8 @@ impl Writer {
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
         tokio::spawn(run_sqlite(pool, rx, SqliteWriter::start(sqlite)?));
         Ok(Self {
+            completions: queue.clone(),
             queue,
-            completions: None,
         })
     }
 
@@ -86,21 +87,18 @@ impl Writer {
         for _ in 0..writers {
             tokio::spawn(run(pool.clone(), rx.clone(), room(writers)));
         }
-        let completions = room(writers + 1).then(|| {
+        let completions = if room(writers + 1) {
             let (completions, rx) = mpsc::channel(4096);
             let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
             tokio::spawn(run(pool, rx, true));
             completions
-        });
+        } else {
+            queue.clone()
+        };
         Self { queue, completions }
     }
 
-    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
-        self.call_on(&self.queue, make).await
-    }
-
-    async fn call_on<T>(
-        &self,
+    async fn call<T>(
         queue: &mpsc::Sender<Op>,
         make: impl FnOnce(Reply<T>) -> Op,
     ) -> Result<T, StoreError> {
@@ -114,7 +112,7 @@ impl Writer {
         m: NewMessage,
         now: i64,
     ) -> Result<InsertOutcome, StoreError> {
-        self.call(|r| Op::Insert(Box::new(m), now, r)).await
+        Self::call(&self.queue, |r| Op::Insert(Box::new(m), now, r)).await
     }
 
     pub(super) async fn insert_many(
@@ -122,7 +120,7 @@ impl Writer {
         m: Vec<NewMessage>,
         now: i64,
     ) -> Result<Vec<Result<InsertOutcome, StoreError>>, StoreError> {
-        self.call(|r| Op::InsertMany(m, now, r)).await
+        Self::call(&self.queue, |r| Op::InsertMany(m, now, r)).await
     }
 
     pub(super) async fn claim(
@@ -132,7 +130,7 @@ impl Writer {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         // Decoded here, by the caller: the writer goes on with the next group meanwhile.
-        self.call(|r| Op::Claim(now, lease_until, limit, r)).await?()
+        Self::call(&self.queue, |r| Op::Claim(now, lease_until, limit, r)).await?()
     }
 
     pub(super) async fn complete(
@@ -146,8 +144,7 @@ impl Writer {
             id: claimed.message.id.clone(),
             token: claimed.lease_token.clone(),
         };
-        let queue = self.completions.as_ref().unwrap_or(&self.queue);
-        self.call_on(queue, |r| {
+        Self::call(&self.completions, |r| {
             Op::Complete(Box::new((held, attempts, completion)), now, r)
         })
         .await
