@@ -10,15 +10,18 @@
 //!   key is taken returns nothing);
 //! - attempts are stored for the completions the UPDATE returned (the lease was held).
 //!
-//! Each part's rows travel as one JSON parameter (`json_to_recordset`), so the statement's
-//! text is the same for every group: PostgreSQL parses it once per connection and keeps its
-//! plan, and no group is too large for the protocol's 65,535 parameters. With a VALUES row
-//! of parameters per email, every group size was a new statement to parse and plan.
+//! Each part's rows travel as arrays, one parameter per column (`unnest`), so the
+//! statement's text is the same for every group: PostgreSQL parses it once per connection
+//! and keeps its plan, and no group is too large for the protocol's 65,535 parameters. With
+//! a VALUES row of parameters per email, every group size was a new statement to parse and
+//! plan. The arrays travel in PostgreSQL's binary format, so the server copies each value
+//! instead of reading it character by character: with each part's rows as one JSON
+//! document (`json_to_recordset`), parsing the JSON, every body included, took a sixth of
+//! PostgreSQL's CPU per email.
 
-use std::{collections::BTreeMap, sync::LazyLock};
+use std::sync::LazyLock;
 
-use serde::Serialize;
-use sqlx::Row as _;
+use sqlx::{postgres::PgArguments, Arguments as _, PgConnection, Postgres, Row as _};
 
 use super::{
     batch::{
@@ -28,12 +31,11 @@ use super::{
     sql::{db_error, decode},
     StoreError,
 };
-use crate::domain::MessageContent;
 
 /// Runs the group's writes as one statement (its own transaction). Claims are separate
 /// statements: the writer answers the writes first (see `writer::group::commit_group`).
 pub(super) async fn run(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut PgConnection,
     inserts: &[Accepted<'_>],
     finished: &[Finished],
 ) -> Result<Outcome, StoreError> {
@@ -44,12 +46,86 @@ pub(super) async fn run(
     Ok(outcome)
 }
 
-/// The group's writes, with each part's rows as one JSON parameter: the text never changes,
-/// so PostgreSQL parses and plans it once per connection, whatever the group's size. The
-/// plan it keeps is a generic one, made without the rows: `id = ANY(ARRAY(...))` makes the
-/// completions' UPDATE find its rows by primary key (a plan made while the table was small
-/// scanned the whole table instead: PostgreSQL's CPU per email doubled). The JSON fields
-/// are the columns of `STORED_COLUMNS`, `COMPLETION_COLUMNS` and `ATTEMPT_COLUMNS`.
+/// Each part's arrays: a column's name and PostgreSQL type, in the order they are bound.
+/// The names are those of `STORED_COLUMNS`, `COMPLETION_COLUMNS` and `ATTEMPT_COLUMNS`, in
+/// their order (a test checks it).
+const MESSAGE_ARRAYS: [(&str, &str); 23] = [
+    ("id", "text"),
+    ("tenant_id", "text"),
+    ("status", "text"),
+    ("source", "text"),
+    ("email_type", "text"),
+    ("subject", "text"),
+    ("sender", "text"),
+    ("profile_id", "text"),
+    ("profile_reason", "text"),
+    ("template_id", "text"),
+    ("campaign_id", "text"),
+    ("content", "text"),
+    ("message_id_header", "text"),
+    ("trace_id", "text"),
+    ("tags", "text"),
+    ("idempotency_key", "text"),
+    ("request_hash", "text"),
+    ("created_at", "bigint"),
+    ("updated_at", "bigint"),
+    ("send_at", "bigint"),
+    ("due_at", "bigint"),
+    ("traceparent", "text"),
+    ("lease_token", "text"),
+];
+const RECIPIENT_ARRAYS: [(&str, &str); 3] = [
+    ("tenant_id", "text"),
+    ("email", "text"),
+    ("message_id", "text"),
+];
+const COMPLETION_ARRAYS: [(&str, &str); 9] = [
+    ("id", "text"),
+    ("token", "text"),
+    ("status", "text"),
+    ("due_at", "bigint"),
+    ("attempts", "bigint"),
+    ("last_error", "text"),
+    ("fallback", "bigint"),
+    ("fallback_reason", "text"),
+    ("now", "bigint"),
+];
+const ATTEMPT_ARRAYS: [(&str, &str); 12] = [
+    ("message_id", "text"),
+    ("number", "bigint"),
+    ("started_at", "bigint"),
+    ("duration_us", "bigint"),
+    ("server", "text"),
+    ("profile_id", "text"),
+    ("fallback", "bigint"),
+    ("reply_code", "bigint"),
+    ("enhanced_code", "text"),
+    ("reply_text", "text"),
+    ("outcome", "text"),
+    ("rejected_recipients", "text"),
+];
+
+/// `unnest($first::type[], ...) AS alias (name, ...)`: a part's rows from its arrays,
+/// which are parameters `first` on.
+fn unnest(first: usize, alias: &str, arrays: &[(&str, &str)]) -> String {
+    let params: Vec<String> = arrays
+        .iter()
+        .enumerate()
+        .map(|(i, (_, ty))| format!("${}::{ty}[]", first + i))
+        .collect();
+    let names: Vec<&str> = arrays.iter().map(|(name, _)| *name).collect();
+    format!(
+        "unnest({}) AS {alias} ({})",
+        params.join(", "),
+        names.join(", ")
+    )
+}
+
+/// The group's writes. The text never changes, so PostgreSQL parses and plans it once per
+/// connection, whatever the group's size. The plan it keeps is a generic one, made without
+/// the rows: `id = ANY(ARRAY(...))` makes the completions' UPDATE find its rows by primary
+/// key (a plan made while the table was small scanned the whole table instead:
+/// PostgreSQL's CPU per email doubled).
 ///
 /// A group with only accepts or only completions runs a statement of its parts alone: each
 /// run sets up every part of its statement, rows or not, and below a few hundred groups a
@@ -62,211 +138,162 @@ struct Statements {
 
 static WRITE: LazyLock<Statements> = LazyLock::new(|| {
     let accepts = format!(
-        "m AS (SELECT * FROM json_to_recordset($1::json) AS r (id text, tenant_id text, \
-           status text, source text, email_type text, subject text, sender text, \
-           profile_id text, profile_reason text, template_id text, campaign_id text, \
-           content text, message_id_header text, trace_id text, tags text, \
-           idempotency_key text, request_hash text, created_at bigint, updated_at bigint, \
-           send_at bigint, due_at bigint, traceparent text, lease_token text)), \
+        "m AS (SELECT * FROM {}), \
          ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
            ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
          rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
-           SELECT r.tenant_id, r.email, r.message_id FROM json_to_recordset($2::json) \
-           AS r (tenant_id text, email text, message_id text) \
-           JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)"
+           SELECT r.tenant_id, r.email, r.message_id FROM {} \
+           JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
+        unnest(1, "r", &MESSAGE_ARRAYS),
+        unnest(1 + MESSAGE_ARRAYS.len(), "r", &RECIPIENT_ARRAYS),
     );
-    // `$n` is the first of the completions' two parameters.
-    let completions = |n: u8| {
+    // `first` is the first of the completions' parameters.
+    let completions = |first: usize| {
         format!(
-            "v AS (SELECT * FROM json_to_recordset(${n}::json) AS r (id text, token text, \
-               status text, due_at bigint, attempts bigint, last_error text, fallback bigint, \
-               fallback_reason text, now bigint)), \
+            "v AS (SELECT * FROM {}), \
              upd AS (UPDATE messages SET {COMPLETE_SET} \
                FROM v WHERE messages.id = ANY(ARRAY(SELECT id FROM v)) \
                AND messages.id = v.id AND messages.lease_token = v.token \
                RETURNING messages.id), \
              att AS (INSERT INTO attempts ({ATTEMPT_COLUMNS}) \
-               SELECT a.* FROM json_to_recordset(${}::json) AS a (message_id text, \
-               number bigint, started_at bigint, duration_us bigint, server text, \
-               profile_id text, fallback bigint, reply_code bigint, enhanced_code text, \
-               reply_text text, outcome text, rejected_recipients text) \
-               JOIN upd ON upd.id = a.message_id)",
-            n + 1
+               SELECT a.* FROM {} JOIN upd ON upd.id = a.message_id)",
+            unnest(first, "v", &COMPLETION_ARRAYS),
+            unnest(first + COMPLETION_ARRAYS.len(), "a", &ATTEMPT_ARRAYS),
         )
     };
     Statements {
         both: format!(
             "WITH {accepts}, {} \
              SELECT 'created', id FROM ins UNION ALL SELECT 'held', id FROM upd",
-            completions(3)
+            completions(1 + MESSAGE_ARRAYS.len() + RECIPIENT_ARRAYS.len())
         ),
         accepts: format!("WITH {accepts} SELECT 'created', id FROM ins"),
         completions: format!("WITH {} SELECT 'held', id FROM upd", completions(1)),
     }
 });
 
-/// One email as a row of [`WRITE`]'s `m`. Content, tags and rejected recipients go as JSON
-/// values: PostgreSQL stores their JSON text in the TEXT column, unescaped only once.
-#[derive(Serialize)]
-struct MessageRow<'a> {
-    id: &'a str,
-    tenant_id: &'a str,
-    status: &'static str,
-    source: &'a str,
-    email_type: &'a str,
-    subject: &'a str,
-    sender: String,
-    profile_id: Option<&'a str>,
-    profile_reason: &'static str,
-    template_id: Option<&'a str>,
-    campaign_id: Option<&'a str>,
-    content: &'a MessageContent,
-    message_id_header: &'a str,
-    trace_id: &'a str,
-    tags: &'a BTreeMap<String, String>,
-    idempotency_key: Option<&'a str>,
-    request_hash: &'a str,
-    created_at: i64,
-    updated_at: i64,
-    send_at: Option<i64>,
-    due_at: i64,
-    traceparent: &'a str,
-    lease_token: Option<&'a str>,
+/// One column of a part: `f` of each row.
+fn column<'a, T, U>(rows: &'a [T], f: impl Fn(&'a T) -> U) -> Vec<U> {
+    rows.iter().map(f).collect()
 }
 
-#[derive(Serialize)]
-struct RecipientRow<'a> {
-    tenant_id: &'a str,
-    email: &'a str,
-    message_id: &'a str,
+/// Appends one array to the statement's parameters.
+fn add<'q, T>(args: &mut PgArguments, array: T) -> Result<(), StoreError>
+where
+    T: sqlx::Encode<'q, Postgres> + sqlx::Type<Postgres> + 'q,
+{
+    args.add(array)
+        .map_err(|e| StoreError::Other(anyhow::anyhow!("encoding a group parameter: {e}")))
 }
 
-#[derive(Serialize)]
-struct CompletionRow<'a> {
-    id: &'a str,
-    token: &'a str,
-    status: &'static str,
-    due_at: Option<i64>,
-    attempts: usize,
-    last_error: &'a str,
-    fallback: i64,
-    fallback_reason: &'a str,
-    now: i64,
+fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
+    decode(serde_json::to_string(value).map_err(Into::into))
 }
 
-#[derive(Serialize)]
-struct AttemptRow<'a> {
-    message_id: &'a str,
-    number: u32,
-    started_at: i64,
-    duration_us: i64,
-    server: &'a str,
-    profile_id: Option<&'a str>,
-    fallback: i64,
-    reply_code: u16,
-    enhanced_code: &'a str,
-    reply_text: &'a str,
-    outcome: &'static str,
-    rejected_recipients: &'a [String],
+/// The accepts' arrays: the columns of [`MESSAGE_ARRAYS`], then of [`RECIPIENT_ARRAYS`].
+fn add_accepts(args: &mut PgArguments, inserts: &[Accepted<'_>]) -> Result<(), StoreError> {
+    let states = column(inserts, |(m, now)| stored_state(m, *now));
+    add(args, column(inserts, |(m, _)| m.id.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.tenant_id.as_str()))?;
+    add(args, column(&states, |(status, ..)| status.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.source.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.email_type.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.content.subject.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.content.from.to_string()))?;
+    add(args, column(inserts, |(m, _)| m.profile_id.as_deref()))?;
+    add(args, column(inserts, |(m, _)| m.profile_reason.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.template_id.as_deref()))?;
+    add(args, column(inserts, |(m, _)| m.campaign_id.as_deref()))?;
+    let contents = inserts
+        .iter()
+        .map(|(m, _)| to_json(&m.content))
+        .collect::<Result<Vec<_>, _>>()?;
+    add(args, contents)?;
+    add(args, column(inserts, |(m, _)| m.message_id_header.as_str()))?;
+    add(args, column(inserts, |(m, _)| m.trace_id.as_str()))?;
+    let tags = inserts
+        .iter()
+        .map(|(m, _)| to_json(&m.tags))
+        .collect::<Result<Vec<_>, _>>()?;
+    add(args, tags)?;
+    add(args, column(inserts, |(m, _)| m.idempotency_key.as_deref()))?;
+    add(args, column(inserts, |(m, _)| m.request_hash.as_str()))?;
+    add(args, column(inserts, |(_, now)| *now))?; // created_at
+    add(args, column(inserts, |(_, now)| *now))?; // updated_at
+    add(args, column(inserts, |(m, _)| m.send_at))?;
+    add(args, column(&states, |(_, due_at, _)| *due_at))?;
+    add(args, column(inserts, |(m, _)| m.traceparent.as_str()))?;
+    add(args, column(&states, |(.., lease_token)| *lease_token))?;
+
+    let recipients = recipient_rows(inserts.iter());
+    add(args, column(&recipients, |(tenant_id, ..)| *tenant_id))?;
+    add(args, column(&recipients, |(_, email, _)| email.as_str()))?;
+    add(args, column(&recipients, |(.., message_id)| *message_id))
 }
 
-fn json<T: Serialize>(rows: &[T]) -> Result<String, StoreError> {
-    decode(serde_json::to_string(rows).map_err(Into::into))
+/// The completions' arrays: the columns of [`COMPLETION_ARRAYS`], then of
+/// [`ATTEMPT_ARRAYS`].
+fn add_completions(args: &mut PgArguments, finished: &[Finished]) -> Result<(), StoreError> {
+    add(args, column(finished, |(held, ..)| held.id.as_str()))?;
+    add(args, column(finished, |(held, ..)| held.token.as_str()))?;
+    add(args, column(finished, |(_, _, c, _)| c.status.as_str()))?;
+    add(args, column(finished, |(_, _, c, _)| c.retry_at))?;
+    add(
+        args,
+        column(finished, |(_, attempts, ..)| attempts.len() as i64),
+    )?;
+    add(args, column(finished, |(_, _, c, _)| c.last_error.as_str()))?;
+    add(args, column(finished, |(_, _, c, _)| i64::from(c.fallback)))?;
+    add(
+        args,
+        column(finished, |(_, _, c, _)| c.fallback_reason.as_str()),
+    )?;
+    add(args, column(finished, |(.., now)| *now))?;
+
+    let attempts: Vec<_> = finished
+        .iter()
+        .flat_map(|(held, attempts, ..)| attempts.iter().map(move |a| (held.id.as_str(), a)))
+        .collect();
+    add(args, column(&attempts, |(id, _)| *id))?;
+    add(args, column(&attempts, |(_, a)| i64::from(a.number)))?;
+    add(args, column(&attempts, |(_, a)| a.started_at))?;
+    add(args, column(&attempts, |(_, a)| a.duration_us))?;
+    add(args, column(&attempts, |(_, a)| a.server.as_str()))?;
+    add(args, column(&attempts, |(_, a)| a.profile_id.as_deref()))?;
+    add(args, column(&attempts, |(_, a)| i64::from(a.fallback)))?;
+    add(args, column(&attempts, |(_, a)| i64::from(a.reply_code)))?;
+    add(args, column(&attempts, |(_, a)| a.enhanced_code.as_str()))?;
+    add(args, column(&attempts, |(_, a)| a.reply_text.as_str()))?;
+    add(args, column(&attempts, |(_, a)| a.outcome.as_str()))?;
+    let rejected = attempts
+        .iter()
+        .map(|(_, a)| to_json(&a.rejected_recipients))
+        .collect::<Result<Vec<_>, _>>()?;
+    add(args, rejected)
 }
 
 async fn write(
-    conn: &mut sqlx::AnyConnection,
+    conn: &mut PgConnection,
     inserts: &[Accepted<'_>],
     finished: &[Finished],
     outcome: &mut Outcome,
 ) -> Result<(), StoreError> {
-    let recipients = recipient_rows(inserts.iter());
-    let messages: Vec<MessageRow> = inserts
-        .iter()
-        .map(|(m, now)| {
-            let (status, due_at, lease_token) = stored_state(m, *now);
-            MessageRow {
-                id: &m.id,
-                tenant_id: &m.tenant_id,
-                status: status.as_str(),
-                source: &m.source,
-                email_type: &m.email_type,
-                subject: &m.content.subject,
-                sender: m.content.from.to_string(),
-                profile_id: m.profile_id.as_deref(),
-                profile_reason: m.profile_reason.as_str(),
-                template_id: m.template_id.as_deref(),
-                campaign_id: m.campaign_id.as_deref(),
-                content: &m.content,
-                message_id_header: &m.message_id_header,
-                trace_id: &m.trace_id,
-                tags: &m.tags,
-                idempotency_key: m.idempotency_key.as_deref(),
-                request_hash: &m.request_hash,
-                created_at: *now,
-                updated_at: *now,
-                send_at: m.send_at,
-                due_at,
-                traceparent: &m.traceparent,
-                lease_token,
-            }
-        })
-        .collect();
-    let recipients: Vec<RecipientRow> = recipients
-        .iter()
-        .map(|(tenant_id, email, message_id)| RecipientRow {
-            tenant_id,
-            email,
-            message_id,
-        })
-        .collect();
-    let completions: Vec<CompletionRow> = finished
-        .iter()
-        .map(|(held, attempts, c, now)| CompletionRow {
-            id: &held.id,
-            token: &held.token,
-            status: c.status.as_str(),
-            due_at: c.retry_at,
-            attempts: attempts.len(),
-            last_error: &c.last_error,
-            fallback: i64::from(c.fallback),
-            fallback_reason: &c.fallback_reason,
-            now: *now,
-        })
-        .collect();
-    let attempts: Vec<AttemptRow> = finished
-        .iter()
-        .flat_map(|(held, attempts, ..)| {
-            attempts.iter().map(move |a| AttemptRow {
-                message_id: &held.id,
-                number: a.number,
-                started_at: a.started_at,
-                duration_us: a.duration_us,
-                server: &a.server,
-                profile_id: a.profile_id.as_deref(),
-                fallback: i64::from(a.fallback),
-                reply_code: a.reply_code,
-                enhanced_code: &a.enhanced_code,
-                reply_text: &a.reply_text,
-                outcome: a.outcome.as_str(),
-                rejected_recipients: &a.rejected_recipients,
-            })
-        })
-        .collect();
-    let query = match (messages.is_empty(), completions.is_empty()) {
-        (false, false) => sqlx::query(WRITE.both.as_str())
-            .bind(json(&messages)?)
-            .bind(json(&recipients)?)
-            .bind(json(&completions)?)
-            .bind(json(&attempts)?),
-        (false, true) => sqlx::query(WRITE.accepts.as_str())
-            .bind(json(&messages)?)
-            .bind(json(&recipients)?),
-        (true, _) => sqlx::query(WRITE.completions.as_str())
-            .bind(json(&completions)?)
-            .bind(json(&attempts)?),
+    let mut args = PgArguments::default();
+    if !inserts.is_empty() {
+        add_accepts(&mut args, inserts)?;
+    }
+    if !finished.is_empty() {
+        add_completions(&mut args, finished)?;
+    }
+    let sql = match (inserts.is_empty(), finished.is_empty()) {
+        (false, false) => WRITE.both.as_str(),
+        (false, true) => WRITE.accepts.as_str(),
+        (true, _) => WRITE.completions.as_str(),
     };
-    let rows = query.fetch_all(&mut *conn).await.map_err(db_error)?;
+    let rows = sqlx::query_with(sql, args)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db_error)?;
     for row in rows {
         let kind: String = row.try_get(0).map_err(db_error)?;
         let id: String = row.try_get(1).map_err(db_error)?;
@@ -281,4 +308,37 @@ async fn write(
         };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::batch::COMPLETION_COLUMNS;
+
+    fn names(arrays: &[(&str, &str)]) -> String {
+        let names: Vec<&str> = arrays.iter().map(|(name, _)| *name).collect();
+        names.join(", ")
+    }
+
+    /// The arrays are bound in the order of the columns they are stored in.
+    #[test]
+    fn arrays_follow_the_stored_columns() {
+        let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert_eq!(names(&MESSAGE_ARRAYS), squash(STORED_COLUMNS));
+        assert_eq!(names(&COMPLETION_ARRAYS), squash(COMPLETION_COLUMNS));
+        assert_eq!(names(&ATTEMPT_ARRAYS), squash(ATTEMPT_COLUMNS));
+    }
+
+    #[test]
+    fn parameters_are_numbered_across_the_parts() {
+        let both = &WRITE.both;
+        assert!(both.contains("unnest($1::text[], $2::text[]"));
+        assert!(both.contains("$23::text[]) AS r ("));
+        assert!(both.contains("unnest($24::text[], $25::text[], $26::text[]) AS r ("));
+        assert!(both.contains("unnest($27::text[]"));
+        assert!(both.contains("$47::text[]) AS a ("));
+        assert!(!both.contains("$48"));
+        assert!(WRITE.completions.contains("unnest($1::text[]"));
+        assert!(WRITE.completions.contains("$21::text[]) AS a ("));
+    }
 }

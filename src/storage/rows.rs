@@ -69,20 +69,26 @@ pub(super) trait MessageRow {
     fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>>;
 }
 
-impl MessageRow for AnyRow {
-    fn text(&self, column: &str) -> anyhow::Result<String> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>> {
-        Ok(self.try_get(column)?)
-    }
-    fn int(&self, column: &str) -> anyhow::Result<i64> {
-        Ok(self.try_get(column)?)
-    }
-    fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
-        Ok(self.try_get(column)?)
-    }
+/// sqlx's rows: the pool's (any backend) and a PostgreSQL writer's.
+macro_rules! sqlx_message_row {
+    ($($row:ty),*) => {$(
+        impl MessageRow for $row {
+            fn text(&self, column: &str) -> anyhow::Result<String> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_text(&self, column: &str) -> anyhow::Result<Option<String>> {
+                Ok(self.try_get(column)?)
+            }
+            fn int(&self, column: &str) -> anyhow::Result<i64> {
+                Ok(self.try_get(column)?)
+            }
+            fn opt_int(&self, column: &str) -> anyhow::Result<Option<i64>> {
+                Ok(self.try_get(column)?)
+            }
+        }
+    )*};
 }
+sqlx_message_row!(AnyRow, sqlx::postgres::PgRow);
 
 pub(super) fn message_from_row(row: &impl MessageRow) -> anyhow::Result<StoredMessage> {
     let status = MessageStatus::parse(&row.text("status")?).context("message status")?;

@@ -9,6 +9,7 @@ use anyhow::Context;
 use async_trait::async_trait;
 use sqlx::{
     any::{AnyConnectOptions, AnyPoolOptions, AnyRow},
+    postgres::PgConnectOptions,
     query::Query,
     sqlite::SqliteConnectOptions,
     Any, AnyPool, Executor,
@@ -20,7 +21,7 @@ use super::{
         attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
         DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
-    writer::Writer,
+    writer::{self, Writer},
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
 };
 use crate::domain::{
@@ -125,10 +126,26 @@ impl SqlStore {
             Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_owned(),
         };
+        // PostgreSQL: an eighth of the connections write, 1 to 4 writers (2 with the default
+        // 16). Fewer writers gather bigger groups, so each statement's fixed cost is spread
+        // over more emails: on a 2-core machine, 2 writers used 8-13 % less of PostgreSQL's
+        // CPU per email than 4, and halved the p99 at 1,000 SendEmail/s
+        // (docs/benchmarks.md). More connections (a database farther away, where a commit
+        // takes longer) get more. One more writes completions if that leaves a connection
+        // to read with; the writers' connections are a pool of their own, and the readers
+        // get the rest (at least one: with `max_connections` 1, two connections in all).
+        let writers = (max_connections / 8).clamp(1, 4);
+        let completion_writer = max_connections > writers + 1;
+        let writer_connections = writers + u32::from(completion_writer);
+        let pool_size = match backend {
+            Backend::Sqlite => max_connections,
+            Backend::Postgres => max_connections.saturating_sub(writer_connections).max(1),
+        };
+        let acquire_timeout = Duration::from_secs(10);
         let options = AnyConnectOptions::from_str(&url).map_err(db_error)?;
         let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
+            .max_connections(pool_size)
+            .acquire_timeout(acquire_timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
@@ -155,14 +172,14 @@ impl SqlStore {
                     .map_err(StoreError::Other)?
             }
             Backend::Postgres => {
-                // An eighth of the pool writes, 1 to 4 writers (2 with the default 16).
-                // Fewer writers gather bigger groups, so each statement's fixed cost is
-                // spread over more emails: on a 2-core machine, 2 writers used 8-13 % less
-                // of PostgreSQL's CPU per email than 4, and halved the p99 at 1,000
-                // SendEmail/s (docs/benchmarks.md). A larger pool (a database farther
-                // away, where a commit takes longer) gets more.
-                let writers = (max_connections / 8).clamp(1, 4) as usize;
-                Writer::start(pool.clone(), writers, max_connections)
+                let options = PgConnectOptions::from_str(&url).map_err(db_error)?;
+                let connections = writer::connections(options, writer_connections, acquire_timeout);
+                Writer::start(
+                    pool.clone(),
+                    connections,
+                    writers as usize,
+                    completion_writer,
+                )
             }
         };
         let store = Self {
@@ -291,6 +308,7 @@ impl SqlStore {
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
         self.pool.close().await;
+        self.writer.close().await;
     }
 
     pub(super) async fn fetch_messages(
@@ -941,26 +959,22 @@ pub(super) async fn replay_or_conflict(
     })
 }
 
-/// Leases up to `limit` due messages with one statement (atomic on both backends);
-/// PostgreSQL skips rows other replicas are claiming at the same moment.
+/// Leases up to `limit` due messages with one statement (PostgreSQL, on a writer's
+/// connection; the SQLite writer has its own), skipping rows other replicas are claiming at
+/// the same moment.
 pub(super) async fn claim_one(
-    conn: &mut sqlx::AnyConnection,
-    backend: Backend,
+    conn: &mut sqlx::PgConnection,
     now: i64,
     lease_until: i64,
     limit: u32,
 ) -> Result<Vec<Claimed>, StoreError> {
     let token = uuid::Uuid::new_v4().to_string();
-    let due = "SELECT id FROM messages WHERE due_at IS NOT NULL AND due_at <= $3 \
-               ORDER BY due_at LIMIT $4";
-    // PostgreSQL: `id = ANY(ARRAY(...))` looks the claimed ids up by primary key whatever the
-    // table's statistics say. With `id IN (...)`, a plan made while the table was small (a
-    // prepared statement's generic plan) joins the ids against a sequential scan of the whole
-    // table, and every claim grows slower as the table grows: 8-19 ms at 10,000 rows.
-    let target = match backend {
-        Backend::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
-        Backend::Sqlite => format!("id IN ({due})"),
-    };
+    // `id = ANY(ARRAY(...))` looks the claimed ids up by primary key whatever the table's
+    // statistics say. With `id IN (...)`, a plan made while the table was small (a prepared
+    // statement's generic plan) joins the ids against a sequential scan of the whole table,
+    // and every claim grows slower as the table grows: 8-19 ms at 10,000 rows.
+    let target = "id = ANY(ARRAY(SELECT id FROM messages WHERE due_at IS NOT NULL \
+                  AND due_at <= $3 ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED))";
     let sql = format!(
         "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
          updated_at = $3 WHERE {target} RETURNING {MESSAGE_COLUMNS}"

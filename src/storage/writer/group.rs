@@ -12,7 +12,7 @@ use crate::{
     storage::{
         batch::{Finished, Outcome},
         combined,
-        sql::{claim_one, db_error, replay_or_conflict, Backend},
+        sql::{claim_one, db_error, replay_or_conflict},
         InsertOutcome, StoreError,
     },
 };
@@ -115,13 +115,17 @@ impl Group {
 }
 
 /// Applies a group on PostgreSQL: one statement for the writes (see
-/// [`crate::storage::combined`]), then one per claim. If the writes cannot be committed,
-/// every caller hears the error (nothing of theirs was committed). Emails whose idempotency
-/// key was taken are answered after the commit, from the stored email. Returns false when
-/// the connection should not be used again: after a failed write, which may mean that the
-/// connection is broken (a database restart, a network cut), so the next group gets a new
-/// one.
-pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -> bool {
+/// [`crate::storage::combined`]), then one per claim, on the writer's connection `conn`. If
+/// the writes cannot be committed, every caller hears the error (nothing of theirs was
+/// committed). Emails whose idempotency key was taken are answered after the commit, from
+/// the stored email, read through `pool`. Returns false when the connection should not be
+/// used again: after a failed write, which may mean that the connection is broken (a
+/// database restart, a network cut), so the next group gets a new one.
+pub(super) async fn commit_group(
+    conn: &mut sqlx::PgConnection,
+    pool: &sqlx::AnyPool,
+    ops: Vec<Op>,
+) -> bool {
     let g = Group::new(ops);
     let refs: Vec<(&NewMessage, i64)> = g.inserts.iter().map(|(m, now)| (m, *now)).collect();
     let outcome = match combined::run(conn, &refs, &g.finished).await {
@@ -131,7 +135,7 @@ pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -
             return false;
         }
     };
-    let results = insert_results(&g.inserts, &outcome, Ok(&mut *conn)).await;
+    let results = insert_answers(pool, &g.inserts, &outcome).await;
     answer_writes(
         g.insert_ops,
         results,
@@ -141,7 +145,7 @@ pub(super) async fn commit_group(conn: &mut sqlx::AnyConnection, ops: Vec<Op>) -
     );
     // Each claim is one statement, atomic on its own.
     for (now, until, limit, reply) in g.claims {
-        let claimed = claim_one(conn, Backend::Postgres, now, until, limit).await;
+        let claimed = claim_one(conn, now, until, limit).await;
         let leases = claimed.map(|c| -> Leases { Box::new(move || Ok(c)) });
         Done::Claim(leases, reply).answer(Ok(()));
     }
@@ -177,25 +181,34 @@ pub(super) fn commit_group_sqlite(
                 return;
             }
         };
-        // A connection of the pool, only if an email needs its stored row read back.
-        let replays = inserts
-            .iter()
-            .any(|(m, _)| !outcome.created.contains(&m.id));
-        let mut conn = if replays {
-            pool.acquire().await.map_err(db_error)
-        } else {
-            Err(gone())
-        };
-        let conn = match &mut conn {
-            Ok(c) => Ok(&mut **c),
-            Err(e) => Err(dup(e)),
-        };
-        let results = insert_results(&inserts, &outcome, conn).await;
+        let results = insert_answers(&pool, &inserts, &outcome).await;
         answer_writes(insert_ops, results, &finished, complete_replies, &outcome);
         for ((.., reply), rows) in claims.into_iter().zip(leased) {
             Done::Claim(Ok(Box::new(move || rows.decode())), reply).answer(Ok(()));
         }
     }
+}
+
+/// Each insert's answer (see [`insert_results`]), with a connection of `pool` to read stored
+/// emails, taken only if an email needs its stored row read back.
+async fn insert_answers(
+    pool: &sqlx::AnyPool,
+    inserts: &[(NewMessage, i64)],
+    outcome: &Outcome,
+) -> Vec<Result<InsertOutcome, StoreError>> {
+    let replays = inserts
+        .iter()
+        .any(|(m, _)| !outcome.created.contains(&m.id));
+    let mut conn = if replays {
+        pool.acquire().await.map_err(db_error)
+    } else {
+        Err(gone())
+    };
+    let conn = match &mut conn {
+        Ok(c) => Ok(&mut **c),
+        Err(e) => Err(dup(e)),
+    };
+    insert_results(inserts, outcome, conn).await
 }
 
 /// Each insert's answer: created, or (its idempotency key was taken) the stored email's.

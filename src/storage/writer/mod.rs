@@ -5,7 +5,11 @@
 //!
 //! An answer still means "committed": nothing is acknowledged before its transaction is.
 
-use sqlx::{pool::PoolConnection, Any, AnyPool, Executor as _};
+use sqlx::{
+    pool::PoolConnection,
+    postgres::{PgPool, PgPoolOptions},
+    AnyPool, Executor as _, Postgres,
+};
 use tokio::sync::{mpsc, oneshot};
 
 mod group;
@@ -47,6 +51,8 @@ pub(super) struct Writer {
     /// Where completions go: `queue`, or on PostgreSQL a writer of their own (see
     /// [`Writer::start`]).
     completions: mpsc::Sender<Op>,
+    /// PostgreSQL: the writers' own connections.
+    connections: Option<PgPool>,
 }
 
 fn gone() -> StoreError {
@@ -63,39 +69,54 @@ impl Writer {
         Ok(Self {
             completions: queue.clone(),
             queue,
+            connections: None,
         })
     }
 
-    /// Starts `writers` writer tasks on `pool` (PostgreSQL), whose groups commit in parallel,
-    /// and, when the pool has room for its connection, one more for completions alone.
+    /// Starts `writers` writer tasks (PostgreSQL), whose groups commit in parallel, and with
+    /// `completion_writer` one more for completions alone. Each keeps a connection of
+    /// `connections`, a pool of the writers' own (sized for them: `writers`, plus one for the
+    /// completion writer); `pool` is the readers' pool, whose closing stops the writers, and
+    /// through which a group reads the stored emails of replayed idempotency keys.
     ///
     /// Callers wait on an accept's commit, never on a completion's; in a shared statement a
     /// group's completions (an UPDATE that rewrites the row and its indexes, an attempt
     /// row) took about half of its time, and the accepting callers waited that out. On
     /// their own writer, completions gather for up to [`COMPLETION_LINGER`] and commit in
-    /// groups of their own, beside the accepts.
-    ///
-    /// Each writer keeps a connection of its own if the pool has more than the writers
-    /// (readers need one too). A pool with no room for the completion writer's connection
-    /// as well sends completions to the other writers, as before; with a pool of one, the
-    /// writer takes the connection for each group.
-    pub(super) fn start(pool: AnyPool, writers: usize, pool_size: u32) -> Self {
-        let writers = writers.max(1);
-        let room = |kept: usize| usize::try_from(pool_size).is_ok_and(|size| size > kept);
+    /// groups of their own, beside the accepts. Without it, completions go to the other
+    /// writers.
+    pub(super) fn start(
+        pool: AnyPool,
+        connections: PgPool,
+        writers: usize,
+        completion_writer: bool,
+    ) -> Self {
         let (queue, rx) = mpsc::channel(4096);
         let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers {
-            tokio::spawn(run(pool.clone(), rx.clone(), room(writers)));
+        for _ in 0..writers.max(1) {
+            tokio::spawn(run(pool.clone(), connections.clone(), rx.clone()));
         }
-        let completions = if room(writers + 1) {
+        let completions = if completion_writer {
             let (completions, rx) = mpsc::channel(4096);
             let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-            tokio::spawn(run(pool, rx, true));
+            tokio::spawn(run(pool, connections.clone(), rx));
             completions
         } else {
             queue.clone()
         };
-        Self { queue, completions }
+        Self {
+            queue,
+            completions,
+            connections: Some(connections),
+        }
+    }
+
+    /// Waits for the writers' connections to come back (each writer stops once the readers'
+    /// pool closes, after the group it is committing), then closes them.
+    pub(super) async fn close(&self) {
+        if let Some(connections) = &self.connections {
+            connections.close().await;
+        }
     }
 
     async fn call<T>(
@@ -330,28 +351,22 @@ async fn run_sqlite(
 
 async fn run(
     pool: AnyPool,
+    connections: PgPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
-    keep: bool,
 ) {
-    // The writer keeps one connection (`keep`): taking one from the pool and giving it back
-    // costs a round trip to the database each time (sqlx pings a returned connection). A
-    // connection that failed is closed and replaced for the next group. It is opened before
-    // the first group: opening it (TLS, authentication) on the first email held the first
-    // callers up.
-    let mut conn: Option<PoolConnection<Any>> = if keep {
-        writer_connection(&pool).await.ok()
-    } else {
-        None
-    };
+    // The writer keeps its connection: taking one from a pool and giving it back costs a
+    // round trip to the database each time (sqlx pings a returned connection). A connection
+    // that failed is closed and replaced for the next group. It is opened before the first
+    // group: opening it (TLS, authentication) on the first email held the first callers up.
+    let mut conn: Option<PoolConnection<Postgres>> = connections.acquire().await.ok();
     let mut last_group = 0;
-    // Closing the pool waits for every connection to come back: give ours back then.
+    // The readers' pool closing stops the writer, after the group it is committing.
     let mut closed = Box::pin(pool.close_event());
     while let Some(ops) = next_group(&rx, &mut closed, last_group).await {
         last_group = ops.len();
         let taken = match conn.take() {
             Some(c) => Ok(c),
-            None if keep => writer_connection(&pool).await,
-            None => pool.acquire().await.map_err(db_error),
+            None => connections.acquire().await.map_err(db_error),
         };
         let mut c = match taken {
             Ok(c) => c,
@@ -360,17 +375,16 @@ async fn run(
                 continue;
             }
         };
-        if !commit_group(&mut c, ops).await {
-            // It may be broken, and a kept one carries the writer's setting (below): close
-            // it rather than give it back to the pool.
-            let _ = c.close().await;
-        } else if keep {
+        if commit_group(&mut c, &pool, ops).await {
             conn = Some(c);
+        } else {
+            // It may be broken: close it rather than give it back.
+            let _ = c.close().await;
         }
     }
 }
 
-/// A connection from the pool for a PostgreSQL writer to keep, set up for writing.
+/// The pool of the PostgreSQL writers' connections (`size` of them), set up for writing.
 ///
 /// On PostgreSQL, a writer's statements never scan `messages`: they find its rows by key.
 /// Yet each is prepared once per connection, and PostgreSQL keeps a generic plan made with
@@ -378,11 +392,23 @@ async fn run(
 /// sequential scan for the completions' UPDATE until the next ANALYZE (`auto_explain`
 /// showed it after 10,000 emails), so each completion read the whole table. Without
 /// sequential scans the planner uses the keys whatever the statistics say.
-async fn writer_connection(pool: &AnyPool) -> Result<PoolConnection<Any>, StoreError> {
-    let mut conn = pool.acquire().await.map_err(db_error)?;
-    (&mut *conn)
-        .execute("SET enable_seqscan = off")
-        .await
-        .map_err(db_error)?;
-    Ok(conn)
+///
+/// The writers' connections are PostgreSQL's own, not the `Any` pool's: they send each
+/// group's rows as binary arrays (see [`crate::storage::combined`]). The pool opens them
+/// when the writers start, not here.
+pub(super) fn connections(
+    options: sqlx::postgres::PgConnectOptions,
+    size: u32,
+    acquire_timeout: std::time::Duration,
+) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(size)
+        .acquire_timeout(acquire_timeout)
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                conn.execute("SET enable_seqscan = off").await?;
+                Ok(())
+            })
+        })
+        .connect_lazy_with(options)
 }
