@@ -927,34 +927,39 @@ impl Store for SqlStore {
 }
 
 /// For a message whose insert hit an existing idempotency key: the earlier message if the
-/// request is the same, else a conflict.
-pub(super) async fn replay_or_conflict(
-    conn: &mut sqlx::AnyConnection,
+/// request is the same, else a conflict. On any connection: the pool's (SQLite's writer
+/// reads through it) or a PostgreSQL writer's own.
+pub(super) async fn replay_or_conflict<DB>(
+    conn: &mut DB::Connection,
     m: &NewMessage,
-) -> Result<InsertOutcome, StoreError> {
+) -> Result<InsertOutcome, StoreError>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    (String, String, String): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
     let key = m.idempotency_key.as_deref().unwrap_or_default();
-    let row: Option<AnyRow> = sqlx::query(
+    let row: Option<(String, String, String)> = sqlx::query_as(
         "SELECT id, status, request_hash FROM messages \
          WHERE tenant_id = $1 AND idempotency_key = $2",
     )
-    .bind(&m.tenant_id)
-    .bind(key)
+    .bind(m.tenant_id.clone())
+    .bind(key.to_owned())
     .fetch_optional(&mut *conn)
     .await
     .map_err(db_error)?;
-    let row = row.ok_or_else(|| {
+    let (id, status, hash) = row.ok_or_else(|| {
         StoreError::Other(anyhow::anyhow!("insert returned nothing and no row exists"))
     })?;
-    use sqlx::Row as _;
-    let hash: String = row.try_get("request_hash").map_err(db_error)?;
     if hash != m.request_hash {
         return Err(StoreError::Conflict(format!(
             "idempotency key {key:?} was already used for a different request"
         )));
     }
-    let status: String = row.try_get("status").map_err(db_error)?;
     Ok(InsertOutcome::Replayed {
-        id: row.try_get("id").map_err(db_error)?,
+        id,
         status: decode(MessageStatus::parse(&status).context("message status"))?,
     })
 }

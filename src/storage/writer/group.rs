@@ -118,14 +118,10 @@ impl Group {
 /// [`crate::storage::combined`]), then one per claim, on the writer's connection `conn`. If
 /// the writes cannot be committed, every caller hears the error (nothing of theirs was
 /// committed). Emails whose idempotency key was taken are answered after the commit, from
-/// the stored email, read through `pool`. Returns false when the connection should not be
-/// used again: after a failed write, which may mean that the connection is broken (a
-/// database restart, a network cut), so the next group gets a new one.
-pub(super) async fn commit_group(
-    conn: &mut sqlx::PgConnection,
-    pool: &sqlx::AnyPool,
-    ops: Vec<Op>,
-) -> bool {
+/// the stored email, read on `conn` too. Returns false when the connection should not be
+/// used again: after a failed write or claim, which may mean that the connection is broken
+/// (a database restart, a network cut), so the next group gets a new one.
+pub(super) async fn commit_group(conn: &mut sqlx::PgConnection, ops: Vec<Op>) -> bool {
     let g = Group::new(ops);
     let refs: Vec<(&NewMessage, i64)> = g.inserts.iter().map(|(m, now)| (m, *now)).collect();
     let outcome = match combined::run(conn, &refs, &g.finished).await {
@@ -135,7 +131,7 @@ pub(super) async fn commit_group(
             return false;
         }
     };
-    let results = insert_answers(pool, &g.inserts, &outcome).await;
+    let results = insert_results::<sqlx::Postgres>(&g.inserts, &outcome, Ok(&mut *conn)).await;
     answer_writes(
         g.insert_ops,
         results,
@@ -143,13 +139,16 @@ pub(super) async fn commit_group(
         g.complete_replies,
         &outcome,
     );
-    // Each claim is one statement, atomic on its own.
+    // Each claim is one statement, atomic on its own. A failed one may mean a broken
+    // connection, as a failed write does.
+    let mut usable = true;
     for (now, until, limit, reply) in g.claims {
         let claimed = claim_one(conn, now, until, limit).await;
+        usable &= claimed.is_ok();
         let leases = claimed.map(|c| -> Leases { Box::new(move || Ok(c)) });
         Done::Claim(leases, reply).answer(Ok(()));
     }
-    true
+    usable
 }
 
 /// Applies a group on SQLite: one transaction on the writer's own connection (see
@@ -190,7 +189,8 @@ pub(super) fn commit_group_sqlite(
 }
 
 /// Each insert's answer (see [`insert_results`]), with a connection of `pool` to read stored
-/// emails, taken only if an email needs its stored row read back.
+/// emails (SQLite: the writer's own connection is on its thread), taken only if an email
+/// needs its stored row read back.
 async fn insert_answers(
     pool: &sqlx::AnyPool,
     inserts: &[(NewMessage, i64)],
@@ -208,22 +208,29 @@ async fn insert_answers(
         Ok(c) => Ok(&mut **c),
         Err(e) => Err(dup(e)),
     };
-    insert_results(inserts, outcome, conn).await
+    insert_results::<sqlx::Any>(inserts, outcome, conn).await
 }
 
 /// Each insert's answer: created, or (its idempotency key was taken) the stored email's.
-async fn insert_results(
+async fn insert_results<DB>(
     inserts: &[(NewMessage, i64)],
     outcome: &Outcome,
-    mut conn: Result<&mut sqlx::AnyConnection, StoreError>,
-) -> Vec<Result<InsertOutcome, StoreError>> {
+    mut conn: Result<&mut DB::Connection, StoreError>,
+) -> Vec<Result<InsertOutcome, StoreError>>
+where
+    DB: sqlx::Database,
+    for<'c> &'c mut DB::Connection: sqlx::Executor<'c, Database = DB>,
+    for<'q> DB::Arguments<'q>: sqlx::IntoArguments<'q, DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    (String, String, String): for<'r> sqlx::FromRow<'r, DB::Row>,
+{
     let mut results = Vec::with_capacity(inserts.len());
     for (m, _) in inserts {
         results.push(if outcome.created.contains(&m.id) {
             Ok(InsertOutcome::Created)
         } else {
             match &mut conn {
-                Ok(c) => replay_or_conflict(c, m).await,
+                Ok(c) => replay_or_conflict::<DB>(c, m).await,
                 Err(e) => Err(dup(e)),
             }
         });

@@ -76,8 +76,7 @@ impl Writer {
     /// Starts `writers` writer tasks (PostgreSQL), whose groups commit in parallel, and with
     /// `completion_writer` one more for completions alone. Each keeps a connection of
     /// `connections`, a pool of the writers' own (sized for them: `writers`, plus one for the
-    /// completion writer); `pool` is the readers' pool, whose closing stops the writers, and
-    /// through which a group reads the stored emails of replayed idempotency keys.
+    /// completion writer); `pool` is the readers' pool, whose closing stops the writers.
     ///
     /// Callers wait on an accept's commit, never on a completion's; in a shared statement a
     /// group's completions (an UPDATE that rewrites the row and its indexes, an attempt
@@ -255,11 +254,14 @@ async fn next_group(
 ) -> Option<Vec<Op>> {
     // Take a group while holding the queue, then commit it without: another writer gathers
     // the next group meanwhile.
+    // Biased: operations already queued are committed before the writer stops.
     let mut rx = tokio::select! {
+        biased;
         rx = rx.lock() => rx,
         () = closed.as_mut() => return None,
     };
     let first = tokio::select! {
+        biased;
         op = rx.recv() => op,
         () = closed.as_mut() => None,
     };
@@ -375,7 +377,7 @@ async fn run(
                 continue;
             }
         };
-        if commit_group(&mut c, &pool, ops).await {
+        if commit_group(&mut c, ops).await {
             conn = Some(c);
         } else {
             // It may be broken: close it rather than give it back.
