@@ -259,9 +259,22 @@ impl SqlStore {
         let mut rolled = stored_rolled;
         // Hours watched since the previous pass are safe to roll up: a change that began
         // before the triggers watched them has long committed. Ended hours get watched now.
+        // On PostgreSQL, never beyond the database's own current hour: its triggers let only
+        // rows of hours before that one reach their check (migration 0011), so a watched
+        // hour must be one of them whatever this process's clock says.
         let current = now.div_euclid(HOUR);
         if watched < current {
-            sqlx::query("UPDATE log_rollup_state SET watched_until = $1 WHERE id = 1 AND watched_until < $1")
+            let watch = match self.backend {
+                Backend::Postgres => {
+                    "UPDATE log_rollup_state SET watched_until = hour FROM (SELECT LEAST($1, \
+                     floor(date_part('epoch', statement_timestamp()) / 3600)::bigint) AS hour) \
+                     AS h WHERE id = 1 AND watched_until < hour"
+                }
+                Backend::Sqlite => {
+                    "UPDATE log_rollup_state SET watched_until = $1 WHERE id = 1 AND watched_until < $1"
+                }
+            };
+            sqlx::query(watch)
                 .bind(current)
                 .execute(&self.pool)
                 .await
