@@ -708,3 +708,50 @@ async fn statistics_from_the_hourly_rollup_match_live_counts_and_follow_later_ch
         purged
     );
 }
+
+/// A replica whose clock runs ahead stamps emails in an hour that has not begun for the
+/// database, and runs the rollup pass with that clock. The email's later changes must
+/// still count: on PostgreSQL the triggers pass only rows of hours the database has seen
+/// end, so the pass must not roll up (watch) an hour beyond the database's clock.
+#[tokio::test]
+async fn statistics_follow_changes_when_a_replica_clock_runs_ahead() {
+    let (store, _db) = store().await;
+    const HOUR: i64 = 3_600_000_000;
+    let now = now_micros();
+    let hour = (now / HOUR + 2) * HOUR;
+    let ahead = hour + 60_000_000;
+    let m = message("t1", None);
+    store.insert_message(&m, ahead).await.unwrap();
+    // Two passes by a process three hours ahead: the first watches, the second rolls up.
+    let pass_now = now + 3 * HOUR;
+    store.roll_up_log(pass_now, 500).await.unwrap();
+    store.roll_up_log(pass_now, 500).await.unwrap();
+    let stats = |s: mailgate::storage::EmailStats| s.by_status;
+    assert_eq!(
+        stats(
+            store
+                .email_stats("t1", hour, hour + HOUR, None)
+                .await
+                .unwrap()
+        ),
+        vec![("QUEUED".to_owned(), 1)]
+    );
+    // Delivered (two status changes), then another pass.
+    let claimed = store.claim_due(ahead + 1, ahead + HOUR, 1).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(store
+        .complete(&claimed[0], &[attempt(1)], &sent(), ahead + 2)
+        .await
+        .unwrap());
+    store.roll_up_log(pass_now, 500).await.unwrap();
+    assert_eq!(
+        stats(
+            store
+                .email_stats("t1", hour, hour + HOUR, None)
+                .await
+                .unwrap()
+        ),
+        vec![("SENT".to_owned(), 1)],
+        "the statistics follow the delivery"
+    );
+}
