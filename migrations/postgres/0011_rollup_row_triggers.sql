@@ -27,14 +27,18 @@ $$;
 
 -- In the WHEN clauses, the database's current hour as created_at / 3600000000 counts it
 -- is written out (built-in functions only): a SQL function there would be called, not
--- inlined, for every row.
+-- inlined, for every row. It is the hour when the row changes (clock_timestamp), not when
+-- its statement began, as the statement triggers checked at the statement's end.
+-- Replicas still running a release without that cap on watched_until (a rolling upgrade)
+-- could watch an hour the database has not ended only if their clock ran ahead of the
+-- database's by more than the time between two rollup passes.
 CREATE TRIGGER log_rollup_mark_insert AFTER INSERT ON messages
 FOR EACH ROW
-WHEN (NEW.created_at / 3600000000 < floor(date_part('epoch', statement_timestamp()) / 3600)::bigint)
+WHEN (NEW.created_at / 3600000000 < floor(date_part('epoch', clock_timestamp()) / 3600)::bigint)
 EXECUTE FUNCTION log_rollup_mark_row();
 
 CREATE TRIGGER log_rollup_mark_update AFTER UPDATE OF status ON messages
 FOR EACH ROW
 WHEN (NEW.status IS DISTINCT FROM OLD.status
-      AND NEW.created_at / 3600000000 < floor(date_part('epoch', statement_timestamp()) / 3600)::bigint)
+      AND NEW.created_at / 3600000000 < floor(date_part('epoch', clock_timestamp()) / 3600)::bigint)
 EXECUTE FUNCTION log_rollup_mark_row();
