@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::Completion;
+use super::{Completion, StoreError};
 use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 
 /// The lease a finished delivery held: its message and token (all a completion needs of the
@@ -30,6 +30,12 @@ pub(super) const COMPLETE_SET: &str = "status = v.status, due_at = v.due_at, \
 /// The columns an attempt is stored with.
 pub(super) const ATTEMPT_COLUMNS: &str = "message_id, number, started_at, duration_us, server, \
      profile_id, fallback, reply_code, enhanced_code, reply_text, outcome, rejected_recipients";
+
+/// A value stored as JSON text (an email's content and tags, an attempt's rejected
+/// recipients).
+pub(super) fn json(value: &impl serde::Serialize) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Other(e.into()))
+}
 
 /// An email to store, and when it was accepted.
 pub(super) type Accepted<'a> = (&'a NewMessage, i64);

@@ -25,8 +25,8 @@ use sqlx::{postgres::PgArguments, Arguments as _, PgConnection, Postgres, Row as
 
 use super::{
     batch::{
-        recipient_rows, stored_state, Accepted, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
-        STORED_COLUMNS,
+        json, recipient_rows, stored_state, Accepted, Finished, Outcome, ATTEMPT_COLUMNS,
+        COMPLETE_SET, STORED_COLUMNS,
     },
     sql::{db_error, decode},
     StoreError,
@@ -186,8 +186,12 @@ where
         .map_err(|e| StoreError::Other(anyhow::anyhow!("encoding a group parameter: {e}")))
 }
 
-fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> Result<String, StoreError> {
-    decode(serde_json::to_string(value).map_err(Into::into))
+/// One column of JSON text: `f` of each row, encoded.
+fn json_column<'a, T, U: serde::Serialize + 'a>(
+    rows: &'a [T],
+    f: impl Fn(&'a T) -> &'a U,
+) -> Result<Vec<String>, StoreError> {
+    rows.iter().map(|row| json(f(row))).collect()
 }
 
 /// The accepts' arrays: the columns of [`MESSAGE_ARRAYS`], then of [`RECIPIENT_ARRAYS`].
@@ -204,18 +208,10 @@ fn add_accepts(args: &mut PgArguments, inserts: &[Accepted<'_>]) -> Result<(), S
     add(args, column(inserts, |(m, _)| m.profile_reason.as_str()))?;
     add(args, column(inserts, |(m, _)| m.template_id.as_deref()))?;
     add(args, column(inserts, |(m, _)| m.campaign_id.as_deref()))?;
-    let contents = inserts
-        .iter()
-        .map(|(m, _)| to_json(&m.content))
-        .collect::<Result<Vec<_>, _>>()?;
-    add(args, contents)?;
+    add(args, json_column(inserts, |(m, _)| &m.content)?)?;
     add(args, column(inserts, |(m, _)| m.message_id_header.as_str()))?;
     add(args, column(inserts, |(m, _)| m.trace_id.as_str()))?;
-    let tags = inserts
-        .iter()
-        .map(|(m, _)| to_json(&m.tags))
-        .collect::<Result<Vec<_>, _>>()?;
-    add(args, tags)?;
+    add(args, json_column(inserts, |(m, _)| &m.tags)?)?;
     add(args, column(inserts, |(m, _)| m.idempotency_key.as_deref()))?;
     add(args, column(inserts, |(m, _)| m.request_hash.as_str()))?;
     add(args, column(inserts, |(_, now)| *now))?; // created_at
@@ -265,11 +261,10 @@ fn add_completions(args: &mut PgArguments, finished: &[Finished]) -> Result<(), 
     add(args, column(&attempts, |(_, a)| a.enhanced_code.as_str()))?;
     add(args, column(&attempts, |(_, a)| a.reply_text.as_str()))?;
     add(args, column(&attempts, |(_, a)| a.outcome.as_str()))?;
-    let rejected = attempts
-        .iter()
-        .map(|(_, a)| to_json(&a.rejected_recipients))
-        .collect::<Result<Vec<_>, _>>()?;
-    add(args, rejected)
+    add(
+        args,
+        json_column(&attempts, |(_, a)| &a.rejected_recipients)?,
+    )
 }
 
 async fn write(

@@ -35,7 +35,7 @@ use crate::{
     domain::{AttemptRecord, NewMessage},
     storage::{
         batch::{
-            recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
+            json, recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
             COMPLETION_COLUMNS, STORED_COLUMNS,
         },
         rows::{message_from_row, MessageRow, MESSAGE_COLUMNS},
@@ -241,10 +241,6 @@ fn sqlite_error(e: rusqlite::Error) -> StoreError {
         }
         _ => StoreError::Other(anyhow::Error::new(e).context("SQLite writer")),
     }
-}
-
-fn json(value: &impl serde::Serialize) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Other(e.into()))
 }
 
 /// One anonymous placeholder per column of `columns`.
