@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 /// with 4 it was 59-67 MiB, at the same throughput (docs/benchmarks.md).
 const SQLITE_DEFAULT_CONNECTIONS: u32 = 4;
 
-/// Default pool size on PostgreSQL: an eighth of the pool writes (2 group writers; 1 to 4),
-/// one more connection writes completions.
+/// Default pool size on PostgreSQL: a sixteenth of the pool writes accepts (1 group writer;
+/// 1 to 4), one more connection writes completions and runs claims.
 const POSTGRES_DEFAULT_CONNECTIONS: u32 = 16;
 
 /// The whole configuration of one mailgate process.

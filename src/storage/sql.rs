@@ -126,15 +126,16 @@ impl SqlStore {
             Backend::Sqlite if !url.contains('?') => format!("{url}?mode=rwc"),
             _ => url.to_owned(),
         };
-        // PostgreSQL: an eighth of the connections write, 1 to 4 writers (2 with the default
-        // 16). Fewer writers gather bigger groups, so each statement's fixed cost is spread
-        // over more emails: on a 2-core machine, 2 writers used 8-13 % less of PostgreSQL's
-        // CPU per email than 4, and halved the p99 at 1,000 SendEmail/s
-        // (docs/benchmarks.md). More connections (a database farther away, where a commit
-        // takes longer) get more. One more writes completions if that leaves a connection
-        // to read with; the writers' connections are a pool of their own, and the readers
-        // get the rest (at least one: with `max_connections` 1, two connections in all).
-        let writers = (max_connections / 8).clamp(1, 4);
+        // PostgreSQL: a sixteenth of the connections write accepts, 1 to 4 writers (1 with
+        // the default 16). Fewer writers gather bigger groups, so each statement's fixed
+        // cost is spread over more emails: on a 2-core machine one writer used 10-15 % less
+        // of PostgreSQL's CPU per email than two, and unary bursts gained 6 %; 2 writers
+        // used 8-13 % less than 4 (docs/benchmarks.md). More connections (a database
+        // farther away, where a commit takes longer) get more. One more writes completions
+        // and runs the claims, if that leaves a connection to read with; the writers'
+        // connections are a pool of their own, and the readers get the rest (at least one:
+        // with `max_connections` 1, two connections in all).
+        let writers = (max_connections / 16).clamp(1, 4);
         let completion_writer = max_connections > writers + 1;
         let writer_connections = writers + u32::from(completion_writer);
         let pool_size = match backend {

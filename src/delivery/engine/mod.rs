@@ -448,10 +448,10 @@ impl Engine {
             self.attempt(&claimed).await
         };
         // The slot is free for the next email while the result waits for its commit. A
-        // group of completions alone waits a few milliseconds for company (on SQLite until
-        // an accept or a claim comes; on PostgreSQL completions have a writer of their own
-        // that claims never reach); a claim-driven round that waited for these very slots
-        // would wait out that delay on every round. The result waits with a `recording`
+        // group of completions alone waits a few milliseconds for company (until an accept
+        // or a claim comes: on PostgreSQL completions and claims have a writer of their
+        // own); a claim-driven round that waited for these very slots would wait out that
+        // delay on every round. The result waits with a `recording`
         // permit instead: there are as many as slots, so a writer that stalls stops the
         // engine after twice its slots, not after an ever-growing pile of sent emails whose
         // leases run out. The message stays in `in_flight` (released at shutdown) until

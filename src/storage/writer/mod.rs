@@ -74,7 +74,7 @@ impl Writer {
     }
 
     /// Starts `writers` writer tasks (PostgreSQL), whose groups commit in parallel, and with
-    /// `completion_writer` one more for completions alone. Each keeps a connection of
+    /// `completion_writer` one more for completions and claims. Each keeps a connection of
     /// `connections`, a pool of the writers' own (sized for them: `writers`, plus one for the
     /// completion writer); `pool` is the readers' pool, whose closing stops the writers.
     ///
@@ -82,8 +82,10 @@ impl Writer {
     /// group's completions (an UPDATE that rewrites the row and its indexes, an attempt
     /// row) took about half of its time, and the accepting callers waited that out. On
     /// their own writer, completions gather for up to [`COMPLETION_LINGER`] and commit in
-    /// groups of their own, beside the accepts. Without it, completions go to the other
-    /// writers.
+    /// groups of their own, beside the accepts; a claim ends the wait and runs after the
+    /// group's completions. Claims used to go to the accepts' writers, where a claim waited
+    /// for every SendBatch group of a thousand emails queued ahead of it. Without a
+    /// completion writer, completions and claims go to the other writers.
     pub(super) fn start(
         pool: AnyPool,
         connections: PgPool,
@@ -150,7 +152,9 @@ impl Writer {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         // Decoded here, by the caller: the writer goes on with the next group meanwhile.
-        Self::call(&self.queue, |r| Op::Claim(now, lease_until, limit, r)).await?()
+        // On PostgreSQL claims go to the completion writer: behind the accepts, a claim
+        // waited for every SendBatch group of a thousand emails ahead of it.
+        Self::call(&self.completions, |r| Op::Claim(now, lease_until, limit, r)).await?()
     }
 
     pub(super) async fn complete(
@@ -297,7 +301,7 @@ const COMPLETION_LINGER: std::time::Duration = std::time::Duration::from_millis(
 
 /// Waits up to [`COMPLETION_LINGER`] for more operations to join a group of completions;
 /// the first operation some caller waits on (an accept, a claim) ends the wait at once. (On
-/// PostgreSQL's completion writer none comes: its groups wait the whole time.)
+/// PostgreSQL's completion writer only claims come.)
 async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) {
     let deadline = tokio::time::Instant::now() + COMPLETION_LINGER;
     loop {
