@@ -451,11 +451,10 @@ impl Engine {
         // group of completions alone waits a few milliseconds for company (until an accept
         // or a claim comes: on PostgreSQL completions and claims have a writer of their
         // own); a claim-driven round that waited for these very slots would wait out that
-        // delay on every round. The result waits with a `recording`
-        // permit instead: there are as many as slots, so a writer that stalls stops the
-        // engine after twice its slots, not after an ever-growing pile of sent emails whose
-        // leases run out. The message stays in `in_flight` (released at shutdown) until
-        // the commit.
+        // delay on every round. The result waits with a `recording` permit instead: there
+        // are as many as slots, so a writer that stalls stops the engine after twice its
+        // slots, not after an ever-growing pile of sent emails whose leases run out. The
+        // message stays in `in_flight` (released at shutdown) until the commit.
         // The semaphore is never closed, so the permit always comes.
         let _recording = self.recording.acquire().await.ok();
         drop(permit);
