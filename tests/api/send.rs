@@ -158,6 +158,36 @@ async fn permanent_rejection_after_data_fails() {
     assert!(entry.next_attempt_time.is_none());
 }
 
+/// A server may put any byte but CR LF in a reply. PostgreSQL cannot store a NUL in text:
+/// kept as sent, the reply failed the completion (and every completion and claim committed
+/// with it), again at each retry.
+#[tokio::test]
+async fn a_reply_with_control_characters_is_recorded_without_them() {
+    let behavior = Behavior {
+        data_reply: "554 5.7.1 Message\0rejected\x1b[0m as spam".into(),
+        ..Behavior::default()
+    };
+    let (entry, _smtp) = settle_with(behavior, &["bob@example.com"]).await;
+    assert_eq!(entry.status(), EmailStatus::Failed);
+    assert_eq!(entry.attempts[0].reply_code, 554);
+    assert_eq!(entry.attempts[0].enhanced_code, "5.7.1");
+    for text in [&entry.last_error, &entry.attempts[0].reply_text] {
+        assert!(
+            text.contains("Message\u{FFFD}rejected\u{FFFD}[0m as spam"),
+            "{text}"
+        );
+    }
+
+    let behavior = Behavior {
+        data_reply: "250 2.0.0 OK\0queued".into(),
+        ..Behavior::default()
+    };
+    let (entry, _smtp) = settle_with(behavior, &["bob@example.com"]).await;
+    assert_eq!(entry.status(), EmailStatus::Sent);
+    let text = &entry.attempts[0].reply_text;
+    assert!(text.contains("OK\u{FFFD}queued"), "{text}");
+}
+
 #[tokio::test]
 async fn temporary_failure_after_data_defers_with_a_retry_time() {
     let behavior = Behavior {

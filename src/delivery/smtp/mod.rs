@@ -152,6 +152,22 @@ pub struct SmtpFailure {
     pub text: String,
 }
 
+/// Text a server sent, as mailgate keeps and shows it: each control character becomes
+/// U+FFFD (a tab, a space). A reply may carry any byte but CR LF; PostgreSQL cannot store a
+/// NUL in text, and a completion holding one failed its whole group, again at every retry.
+pub fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|c| match c {
+            '\t' => ' ',
+            c if c.is_control() => char::REPLACEMENT_CHARACTER,
+            c => c,
+        })
+        .collect()
+}
+
 impl SmtpFailure {
     fn local(stage: Stage, kind: FailureKind, text: impl Into<String>) -> Self {
         Self {
@@ -159,7 +175,7 @@ impl SmtpFailure {
             kind,
             code: None,
             enhanced_code: String::new(),
-            text: text.into(),
+            text: printable(&text.into()),
         }
     }
 
@@ -193,11 +209,11 @@ impl SmtpFailure {
             kind,
             code,
             enhanced_code: enhanced_code(&text),
-            text: if code.is_some() {
+            text: printable(&if code.is_some() {
                 text
             } else {
                 err.to_string()
-            },
+            }),
         }
     }
 }
@@ -241,7 +257,8 @@ impl Default for Progress {
 impl Progress {
     pub(super) fn passed(&mut self, stage: Stage, detail: String) {
         let now = Instant::now();
-        self.passed.push((stage, now - self.last, detail));
+        self.passed
+            .push((stage, now - self.last, printable(&detail)));
         self.last = now;
     }
     /// Time since the last passed stage (the failing stage's duration).
@@ -511,7 +528,7 @@ fn ehlo_keywords(reply: &Response) -> Vec<String> {
         .skip(1)
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .map(str::to_owned)
+        .map(printable)
         .collect()
 }
 
@@ -564,6 +581,16 @@ async fn connect(addrs: &[SocketAddr]) -> Result<TcpStream, SmtpFailure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_text_loses_its_control_characters() {
+        assert_eq!(printable("2.0.0 OK queued"), "2.0.0 OK queued");
+        assert_eq!(
+            printable("5.7.1 bad\0byte\tand\x1b[31mred"),
+            "5.7.1 bad\u{FFFD}byte and\u{FFFD}[31mred"
+        );
+        assert_eq!(printable("caf\u{e9} \u{7f}"), "caf\u{e9} \u{FFFD}");
+    }
 
     #[test]
     fn parses_enhanced_codes() {

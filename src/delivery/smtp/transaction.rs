@@ -18,7 +18,7 @@ use lettre::{
 };
 use tokio::time::Instant;
 
-use super::{enhanced_code, step, Accepted, FailureKind, Session, SmtpFailure, Stage};
+use super::{enhanced_code, printable, step, Accepted, FailureKind, Session, SmtpFailure, Stage};
 
 /// A reply that refuses (4xx, 5xx): part of the conversation, which stays in step.
 type Reply = Result<Response, LettreError>;
@@ -276,7 +276,7 @@ impl Session {
         })
         .await?
         .map_err(|e| SmtpFailure::from_lettre(Stage::Data, &e))?;
-        let text = response.message().collect::<Vec<_>>().join(" ");
+        let text = printable(&response.message().collect::<Vec<_>>().join(" "));
         Ok(Accepted {
             code: u16::from(response.code()),
             enhanced_code: enhanced_code(&text),
