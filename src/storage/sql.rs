@@ -973,7 +973,7 @@ pub(super) async fn claim_one(
     now: i64,
     lease_until: i64,
     limit: u32,
-) -> Result<Vec<Claimed>, StoreError> {
+) -> Result<super::writer::Leases, StoreError> {
     let token = uuid::Uuid::new_v4().to_string();
     // `id = ANY(ARRAY(...))` looks the claimed ids up by primary key whatever the table's
     // statistics say. With `id IN (...)`, a plan made while the table was small (a prepared
@@ -993,12 +993,16 @@ pub(super) async fn claim_one(
         .fetch_all(&mut *conn)
         .await
         .map_err(db_error)?;
-    rows.iter()
-        .map(|r| {
-            decode(message_from_row(r)).map(|message| Claimed {
-                message,
-                lease_token: token.clone(),
+    // Decoded by the claiming caller: the writer goes on meanwhile (the completions its
+    // next group commits wait for it).
+    Ok(Box::new(move || {
+        rows.iter()
+            .map(|r| {
+                decode(message_from_row(r)).map(|message| Claimed {
+                    message,
+                    lease_token: token.clone(),
+                })
             })
-        })
-        .collect()
+            .collect()
+    }))
 }

@@ -143,9 +143,8 @@ pub(super) async fn commit_group(conn: &mut sqlx::PgConnection, ops: Vec<Op>) ->
     // connection, as a failed write does.
     let mut usable = true;
     for (now, until, limit, reply) in g.claims {
-        let claimed = claim_one(conn, now, until, limit).await;
-        usable &= claimed.is_ok();
-        let leases = claimed.map(|c| -> Leases { Box::new(move || Ok(c)) });
+        let leases = claim_one(conn, now, until, limit).await;
+        usable &= leases.is_ok();
         Done::Claim(leases, reply).answer(Ok(()));
     }
     usable
