@@ -155,9 +155,10 @@ pub struct SmtpFailure {
 /// Text a server sent, as mailgate keeps and shows it: each control character becomes
 /// U+FFFD (a tab, a space). A reply may carry any byte but CR LF; PostgreSQL cannot store a
 /// NUL in text, and a completion holding one failed its whole group, again at every retry.
-pub fn printable(text: &str) -> String {
+/// Text without control characters comes back as it is, without a copy.
+fn printable(text: String) -> String {
     if !text.chars().any(char::is_control) {
-        return text.to_owned();
+        return text;
     }
     text.chars()
         .map(|c| match c {
@@ -175,7 +176,7 @@ impl SmtpFailure {
             kind,
             code: None,
             enhanced_code: String::new(),
-            text: printable(&text.into()),
+            text: printable(text.into()),
         }
     }
 
@@ -209,7 +210,7 @@ impl SmtpFailure {
             kind,
             code,
             enhanced_code: enhanced_code(&text),
-            text: printable(&if code.is_some() {
+            text: printable(if code.is_some() {
                 text
             } else {
                 err.to_string()
@@ -258,7 +259,7 @@ impl Progress {
     pub(super) fn passed(&mut self, stage: Stage, detail: String) {
         let now = Instant::now();
         self.passed
-            .push((stage, now - self.last, printable(&detail)));
+            .push((stage, now - self.last, printable(detail)));
         self.last = now;
     }
     /// Time since the last passed stage (the failing stage's duration).
@@ -528,7 +529,7 @@ fn ehlo_keywords(reply: &Response) -> Vec<String> {
         .skip(1)
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .map(printable)
+        .map(|k| printable(k.to_owned()))
         .collect()
 }
 
@@ -584,12 +585,12 @@ mod tests {
 
     #[test]
     fn server_text_loses_its_control_characters() {
-        assert_eq!(printable("2.0.0 OK queued"), "2.0.0 OK queued");
+        assert_eq!(printable("2.0.0 OK queued".into()), "2.0.0 OK queued");
         assert_eq!(
-            printable("5.7.1 bad\0byte\tand\x1b[31mred"),
+            printable("5.7.1 bad\0byte\tand\x1b[31mred".into()),
             "5.7.1 bad\u{FFFD}byte and\u{FFFD}[31mred"
         );
-        assert_eq!(printable("caf\u{e9} \u{7f}"), "caf\u{e9} \u{FFFD}");
+        assert_eq!(printable("caf\u{e9} \u{7f}".into()), "caf\u{e9} \u{FFFD}");
     }
 
     #[test]

@@ -276,7 +276,7 @@ impl Session {
         })
         .await?
         .map_err(|e| SmtpFailure::from_lettre(Stage::Data, &e))?;
-        let text = printable(&response.message().collect::<Vec<_>>().join(" "));
+        let text = printable(response.message().collect::<Vec<_>>().join(" "));
         Ok(Accepted {
             code: u16::from(response.code()),
             enhanced_code: enhanced_code(&text),

@@ -152,8 +152,7 @@ impl Writer {
         limit: u32,
     ) -> Result<Vec<Claimed>, StoreError> {
         // Decoded here, by the caller: the writer goes on with the next group meanwhile.
-        // On PostgreSQL claims go to the completion writer: behind the accepts, a claim
-        // waited for every SendBatch group of a thousand emails ahead of it.
+        // Claims go where completions go (on PostgreSQL their own writer; see `start`).
         Self::call(&self.completions, |r| Op::Claim(now, lease_until, limit, r)).await?()
     }
 
