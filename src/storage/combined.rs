@@ -140,8 +140,7 @@ static WRITE: LazyLock<Statements> = LazyLock::new(|| {
     let accepts = format!(
         "m AS (SELECT * FROM {}), \
          ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
-           ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
-           DO NOTHING RETURNING id), \
+           ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
          rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
            SELECT r.tenant_id, r.email, r.message_id FROM {} \
            JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
