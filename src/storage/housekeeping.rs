@@ -47,72 +47,25 @@ impl SqlStore {
         batch: u32,
     ) -> Result<u64, StoreError> {
         // Only final entries: a message still waiting to be sent is never dropped, however
-        // old.
+        // old. Attempts and recipients go with their message (ON DELETE CASCADE; on
+        // PostgreSQL a trigger does it, see migration 0012).
         let oldest = "SELECT id FROM messages WHERE created_at < $1 AND due_at IS NULL \
                       ORDER BY created_at LIMIT $2";
-        match self.backend {
-            Backend::Postgres => self.delete_expired_postgres(oldest, before, batch).await,
+        // PostgreSQL: by primary key, whatever the statistics (see `claim_one`).
+        let sql = match self.backend {
+            Backend::Postgres => {
+                format!("DELETE FROM messages WHERE due_at IS NULL AND id = ANY(ARRAY({oldest}))")
+            }
             Backend::Sqlite => {
-                // Attempts and recipients go with their message (ON DELETE CASCADE).
-                let deleted = sqlx::query(&format!(
-                    "DELETE FROM messages WHERE due_at IS NULL AND id IN ({oldest})"
-                ))
-                .bind(before)
-                .bind(i64::from(batch))
-                .execute(&self.pool)
-                .await
-                .map_err(db_error)?;
-                Ok(deleted.rows_affected())
+                format!("DELETE FROM messages WHERE due_at IS NULL AND id IN ({oldest})")
             }
-        }
-    }
-
-    /// PostgreSQL keeps no foreign keys from attempts and recipients to their message
-    /// (migration 0012): one statement deletes the emails and their rows. It runs in a
-    /// REPEATABLE READ transaction, so that an email whose row changed after the statement's
-    /// snapshot (queued again, delivered, an attempt recorded that the snapshot cannot see)
-    /// fails the statement instead of leaving that attempt behind; the batch is then tried
-    /// again on a new snapshot.
-    async fn delete_expired_postgres(
-        &self,
-        oldest: &str,
-        before: i64,
-        batch: u32,
-    ) -> Result<u64, StoreError> {
-        // By primary key, whatever the statistics (see `claim_one`).
-        let sql = format!(
-            "WITH gone AS (DELETE FROM messages \
-               WHERE due_at IS NULL AND id = ANY(ARRAY({oldest})) RETURNING id), \
-             a AS (DELETE FROM attempts WHERE message_id IN (SELECT id FROM gone)), \
-             r AS (DELETE FROM message_recipients WHERE message_id IN (SELECT id FROM gone)) \
-             SELECT count(*) FROM gone"
-        );
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut tx = self.pool.begin().await.map_err(db_error)?;
-            let deleted = async {
-                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-                    .execute(&mut *tx)
-                    .await?;
-                let deleted: i64 = sqlx::query_scalar(&sql)
-                    .bind(before)
-                    .bind(i64::from(batch))
-                    .fetch_one(&mut *tx)
-                    .await?;
-                tx.commit().await?;
-                Ok::<_, sqlx::Error>(deleted)
-            }
-            .await;
-            match deleted {
-                Ok(n) => return Ok(u64::try_from(n).unwrap_or(0)),
-                Err(sqlx::Error::Database(e))
-                    if e.code().as_deref() == Some(SERIALIZATION_FAILURE) && tries < 5 => {}
-                Err(e) => return Err(db_error(e)),
-            }
-        }
+        };
+        let deleted = sqlx::query(&sql)
+            .bind(before)
+            .bind(i64::from(batch))
+            .execute(&self.pool)
+            .await
+            .map_err(db_error)?;
+        Ok(deleted.rows_affected())
     }
 }
-
-/// PostgreSQL's SQLSTATE for a transaction that conflicted with a concurrent one.
-const SERIALIZATION_FAILURE: &str = "40001";

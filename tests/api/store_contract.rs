@@ -518,6 +518,14 @@ async fn retention_deletes_old_final_entries_in_batches_and_never_pending_ones()
     }
     let fresh = message("t1", None);
     store.insert_message(&fresh, now_micros()).await.unwrap();
+    let leased = store
+        .lease_message("t1", &fresh.id, now_micros(), now_micros() + 60_000_000)
+        .await
+        .unwrap();
+    assert!(store
+        .complete(&leased, &[attempt(1)], &sent(), now_micros())
+        .await
+        .unwrap());
     let cutoff = now_micros() - 30 * 86_400_000_000;
     assert_eq!(store.delete_expired(cutoff, 3).await.unwrap(), 3);
     assert_eq!(store.delete_expired(cutoff, 3).await.unwrap(), 1);
@@ -535,8 +543,8 @@ async fn retention_deletes_old_final_entries_in_batches_and_never_pending_ones()
     for c in &claimed {
         assert!(store.get_message("t1", &c.message.id).await.is_err());
     }
-    // Their attempts and recipients went with them (PostgreSQL keeps no foreign keys to
-    // cascade the delete: the store deletes them itself), and no other email's did.
+    // Their attempts and recipients went with them (on PostgreSQL a trigger deletes them,
+    // not a foreign key), and no other email's did.
     let gone: Vec<String> = claimed.iter().map(|c| c.message.id.clone()).collect();
     assert_eq!(child_rows(&db, "attempts", &gone).await, 0);
     assert_eq!(child_rows(&db, "message_recipients", &gone).await, 0);
@@ -545,6 +553,11 @@ async fn retention_deletes_old_final_entries_in_batches_and_never_pending_ones()
         child_rows(&db, "message_recipients", &kept).await,
         2,
         "the kept emails keep their recipient"
+    );
+    assert_eq!(
+        child_rows(&db, "attempts", &kept).await,
+        1,
+        "the kept sent email keeps its attempt"
     );
 }
 
