@@ -8,6 +8,11 @@
 //! Checks that would otherwise need a round trip each are in the SQL:
 //! - recipients are stored for the emails the INSERT returned (an email whose idempotency
 //!   key is taken returns nothing);
+//! - the INSERT's conflict target carries the predicate `idempotency_key IS NOT NULL`: it
+//!   matches today's unique constraint, and also a unique index of only the emails that have
+//!   a key, which would spare every key-less email an index entry per row version (about
+//!   3 % of PostgreSQL's CPU per email). A later release can make that change: a predicate-less
+//!   target of an older release would find no index to match during a rolling upgrade.
 //! - attempts are stored for the completions the UPDATE returned (the lease was held).
 //!
 //! Each part's rows travel as arrays, one parameter per column (`unnest`), so the
@@ -140,7 +145,8 @@ static WRITE: LazyLock<Statements> = LazyLock::new(|| {
     let accepts = format!(
         "m AS (SELECT * FROM {}), \
          ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
-           ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING id), \
+           ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
+           DO NOTHING RETURNING id), \
          rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
            SELECT r.tenant_id, r.email, r.message_id FROM {} \
            JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
