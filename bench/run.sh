@@ -530,7 +530,7 @@ run_pass() {
  "loadgen": $loadgen_json}
 EOF
   if [ "$loadgen_json" != null ]; then
-    log "pass $name: $(node -p 'const r=require(process.argv[1]); `delivered ${Math.round(r.delivered_rate)} msg/s, accepted ${Math.round(r.accept_rate)}/s, p99 ${r.latency_ms && Number(r.latency_ms.p99).toFixed(2)} ms, errors ${r.errors}`' "$dir/loadgen.json"); peak RSS ${rss} MiB"
+    log "pass $name: $(node -p 'const r=require(process.argv[1]); `delivered ${Math.round(r.delivered_rate)} msg/s, accepted ${Math.round(r.accept_rate)}/s, p99 ${r.latency_ms && Number(r.latency_ms.p99).toFixed(2)} ms, errors ${r.errors}` + (r.slow_windows && r.slow_windows.length ? `; requests over 10 ms by 100 ms window of their planned start: ${r.slow_windows.map(w => `${w.at_s} s: ${w.requests} (max ${Math.round(w.max_ms)} ms)`).join(", ")}` : "")' "$dir/loadgen.json"); peak RSS ${rss} MiB"
   fi
 }
 

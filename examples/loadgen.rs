@@ -136,8 +136,14 @@ fn email(profile_id: &str, i: usize, body: &str) -> SendEmailRequest {
 }
 
 /// Sends N unary requests with C callers (closed loop) or at a fixed rate (open loop);
-/// returns latencies in ms and the error count.
-async fn unary(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> (Vec<f64>, usize) {
+/// returns each request's planned start (seconds into the run) and latency (ms), and the
+/// error count.
+async fn unary(
+    channel: &Channel,
+    args: &Args,
+    profile_id: &str,
+    body: &str,
+) -> (Vec<(f64, f64)>, usize) {
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -172,7 +178,10 @@ async fn unary(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> 
                     .send_email(request(&tenant, email(&profile_id, i, &body)))
                     .await
                 {
-                    Ok(_) => latencies.push(planned.elapsed().as_secs_f64() * 1000.0),
+                    Ok(_) => latencies.push((
+                        (planned - start).as_secs_f64(),
+                        planned.elapsed().as_secs_f64() * 1000.0,
+                    )),
                     Err(_) => errors += 1,
                 }
             }
@@ -196,7 +205,13 @@ fn next_batch(batches: &Batches) -> Option<(usize, usize)> {
 }
 
 /// Sends N emails in batches of 1,000 with C batches in flight.
-async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> (Vec<f64>, usize) {
+async fn batch(
+    channel: &Channel,
+    args: &Args,
+    profile_id: &str,
+    body: &str,
+) -> (Vec<(f64, f64)>, usize) {
+    let start = Instant::now();
     let batches: Vec<(usize, usize)> = (0..args.messages)
         .step_by(1000)
         .map(|from| (from, (from + 1000).min(args.messages)))
@@ -240,7 +255,10 @@ async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> 
                     Ok(r) => {
                         let r = r.into_inner();
                         errors += (to - from).saturating_sub(r.accepted_count as usize);
-                        latencies.push(started.elapsed().as_secs_f64() * 1000.0);
+                        latencies.push((
+                            (started - start).as_secs_f64(),
+                            started.elapsed().as_secs_f64() * 1000.0,
+                        ));
                     }
                     Err(_) => errors += to - from,
                 }
@@ -256,6 +274,36 @@ async fn batch(channel: &Channel, args: &Args, profile_id: &str, body: &str) -> 
     }
     (all, errors)
 }
+
+/// At a fixed rate, where the slow requests (over [`SLOW_MS`]) were planned: the
+/// [`SLOW_WINDOWS`] 100 ms windows with the most of them, in order. A stall of the server,
+/// the database or the machine shows as one window or a few in a row; a p99 made of
+/// requests spread over the whole run is a slower path, not a stall.
+fn slow_windows(timeline: &[(f64, f64)]) -> serde_json::Value {
+    let mut windows: std::collections::BTreeMap<u64, (usize, f64)> = Default::default();
+    for &(at, ms) in timeline.iter().filter(|(_, ms)| *ms > SLOW_MS) {
+        let w = windows.entry((at * 10.0) as u64).or_default();
+        w.0 += 1;
+        w.1 = w.1.max(ms);
+    }
+    let mut worst: Vec<_> = windows.into_iter().collect();
+    worst.sort_by_key(|(_, (n, _))| std::cmp::Reverse(*n));
+    worst.truncate(SLOW_WINDOWS);
+    worst.sort_by_key(|(w, _)| *w);
+    serde_json::Value::Array(
+        worst
+            .into_iter()
+            .map(|(w, (n, max))| {
+                serde_json::json!({"at_s": w as f64 / 10.0, "requests": n, "max_ms": max})
+            })
+            .collect(),
+    )
+}
+
+/// A request slower than this counts in `slow_windows`: the fixed-rate target's p99.
+const SLOW_MS: f64 = 10.0;
+/// How many windows `slow_windows` lists.
+const SLOW_WINDOWS: usize = 10;
 
 /// Polls GetEmailStats until `expected` messages created since `since` are SENT.
 ///
@@ -335,10 +383,11 @@ async fn main() -> anyhow::Result<()> {
     let body: String = line.repeat(args.size.saturating_sub(400) / line.len() + 1);
     let started_at = SystemTime::now();
     let clock = Instant::now();
-    let (mut latencies, errors) = match args.mode {
+    let (timeline, errors) = match args.mode {
         Mode::Unary => unary(&channel, &args, &profile_id, &body).await,
         Mode::Batch => batch(&channel, &args, &profile_id, &body).await,
     };
+    let mut latencies: Vec<f64> = timeline.iter().map(|(_, ms)| *ms).collect();
     let accept_seconds = clock.elapsed().as_secs_f64();
     wait_delivered(&channel, &args.tenant, started_at, args.messages - errors).await?;
     let delivered_seconds = clock.elapsed().as_secs_f64();
@@ -359,6 +408,7 @@ async fn main() -> anyhow::Result<()> {
         "delivered_seconds": delivered_seconds,
         "delivered_rate": args.messages as f64 / delivered_seconds,
         "errors": errors,
+        "slow_windows": args.rate.map(|_| slow_windows(&timeline)),
     });
     let text = serde_json::to_string_pretty(&result)?;
     match &args.json {
