@@ -2,7 +2,7 @@
 --
 -- Every check of those keys looked the message up and locked its row: once for each
 -- recipient when an email was stored, once for each attempt when its delivery was recorded.
--- In a burst of SendEmail calls that was about an eighth of PostgreSQL's CPU per email
+-- In a burst of SendEmail calls that was about a tenth of PostgreSQL's CPU per email
 -- (docs/benchmarks.md, 2026-12-03, fourth session). The keys guarded nothing the statements
 -- do not guarantee already:
 -- - recipients are stored in the statement that stores their email, only for the rows its
