@@ -8,11 +8,6 @@
 //! Checks that would otherwise need a round trip each are in the SQL:
 //! - recipients are stored for the emails the INSERT returned (an email whose idempotency
 //!   key is taken returns nothing);
-//! - the INSERT's conflict target carries the predicate `idempotency_key IS NOT NULL`: it
-//!   matches today's unique constraint, and also a unique index of only the emails that have
-//!   a key, which would spare every key-less email an index entry per row version (about
-//!   3 % of PostgreSQL's CPU per email). A later release can make that change: a predicate-less
-//!   target of an older release would find no index to match during a rolling upgrade.
 //! - attempts are stored for the completions the UPDATE returned (the lease was held).
 //!
 //! Each part's rows travel as arrays, one parameter per column (`unnest`), so the
@@ -142,6 +137,11 @@ struct Statements {
 }
 
 static WRITE: LazyLock<Statements> = LazyLock::new(|| {
+    // The conflict target carries the predicate `idempotency_key IS NOT NULL`: it matches
+    // today's unique constraint, and also a unique index of only the emails that have a key,
+    // which would spare every key-less email an index entry per row version (about 3 % of
+    // PostgreSQL's CPU per email). A later release can make that change; a target without
+    // the predicate, from an older release, would match no index during a rolling upgrade.
     let accepts = format!(
         "m AS (SELECT * FROM {}), \
          ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
