@@ -10,7 +10,7 @@
 //! of the RPC span; the context of the accepting request is stored with each message so the
 //! asynchronous delivery attempts join the same trace, even after a restart.
 
-use std::collections::HashMap;
+use std::{collections::HashMap, fmt::Write as _};
 
 use opentelemetry::{
     global,
@@ -105,50 +105,101 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 struct AppendJsonFields;
 
-/// Writes fields as `"name":value` members, comma-separated.
-struct JsonMembers<'a> {
-    out: &'a mut String,
+/// Writes fields as `"name":value` members, comma-separated, straight into the span's
+/// string: every value is escaped as it is written, with no string of its own (spans are
+/// made for every email, and allocating for each of their fields showed in profiles).
+struct JsonMembers<'a, W: std::fmt::Write> {
+    out: &'a mut W,
     first: bool,
 }
 
-impl JsonMembers<'_> {
-    fn member(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Display) {
+impl<W: std::fmt::Write> JsonMembers<'_, W> {
+    /// Starts a member; false for the `otel.*` fields, which tell the OpenTelemetry layer
+    /// how to name a span and say nothing the `rpc.*` fields beside them do not.
+    fn name(&mut self, field: &tracing::field::Field) -> bool {
+        if field.name().starts_with("otel.") {
+            return false;
+        }
         if !self.first {
-            self.out.push(',');
+            let _ = self.out.write_char(',');
         }
         self.first = false;
-        self.out.push_str(&json_string(field.name()));
-        self.out.push(':');
-        let _ = std::fmt::Write::write_fmt(self.out, format_args!("{value}"));
+        let _ = self.quoted(format_args!("{}", field.name()));
+        let _ = self.out.write_char(':');
+        true
+    }
+
+    /// A JSON number or `true`/`false`: written as it displays.
+    fn bare(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Display) {
+        if self.name(field) {
+            let _ = write!(self.out, "{value}");
+        }
+    }
+
+    /// A JSON string of what `args` writes.
+    fn string(&mut self, field: &tracing::field::Field, args: std::fmt::Arguments<'_>) {
+        if self.name(field) {
+            let _ = self.quoted(args);
+        }
+    }
+
+    fn quoted(&mut self, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
+        self.out.write_char('"')?;
+        JsonEscape(&mut *self.out).write_fmt(args)?;
+        self.out.write_char('"')
     }
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
+/// Escapes what is written through it for the inside of a JSON string.
+struct JsonEscape<'a, W: std::fmt::Write>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for JsonEscape<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut plain = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escaped = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            self.0.write_str(&s[plain..i])?;
+            if escaped.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escaped)?;
+            }
+            plain = i + 1;
+        }
+        self.0.write_str(&s[plain..])
+    }
 }
 
-impl tracing::field::Visit for JsonMembers<'_> {
+impl<W: std::fmt::Write> tracing::field::Visit for JsonMembers<'_, W> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.member(field, &json_string(value));
+        self.string(field, format_args!("{value}"));
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.member(field, &value);
+        self.bare(field, &value);
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.member(field, &value);
+        self.bare(field, &value);
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.member(field, &value);
+        self.bare(field, &value);
     }
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
         if value.is_finite() {
-            self.member(field, &value);
+            self.bare(field, &value);
         } else {
-            self.member(field, &json_string(&value.to_string()));
+            self.string(field, format_args!("{value}"));
         }
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.member(field, &json_string(&format!("{value:?}")));
+        self.string(field, format_args!("{value:?}"));
     }
 }
 
@@ -158,13 +209,12 @@ impl<'w> fmt::FormatFields<'w> for AppendJsonFields {
         mut writer: fmt::format::Writer<'w>,
         fields: R,
     ) -> std::fmt::Result {
-        let mut out = String::from("{");
+        writer.write_char('{')?;
         fields.record(&mut JsonMembers {
-            out: &mut out,
+            out: &mut writer,
             first: true,
         });
-        out.push('}');
-        writer.write_str(&out)
+        writer.write_char('}')
     }
 
     fn add_fields(
@@ -336,5 +386,94 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let cx: Context = TraceContextPropagator::new().extract(&carrier);
     if cx.span().span_context().is_valid() {
         let _ = span.set_parent(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Log lines written through the JSON layer while `f` runs.
+    fn json_lines(f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let layer = fmt::layer()
+            .json()
+            .flatten_event(true)
+            .fmt_fields(AppendJsonFields)
+            .with_writer(move || Sink(Arc::clone(&sink)));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        text.lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Span fields reach the lines of events inside the span as valid JSON, whatever their
+    /// characters, with fields recorded later added and the `otel.*` fields left out.
+    #[test]
+    fn span_fields_are_escaped_json() {
+        let tricky = "quote \" backslash \\ newline \n tab \t nul \0 esc \u{1b} é ✓";
+        let lines = json_lines(|| {
+            let span = tracing::info_span!(
+                "rpc",
+                otel.name = "svc/Method",
+                rpc.method = %"Send\"Email",
+                text = tricky,
+                debug = ?vec!["a\"b"],
+                count = 3u64,
+                delta = -2i64,
+                ok = true,
+                ratio = 0.5f64,
+                inf = f64::INFINITY,
+                later = tracing::field::Empty,
+            );
+            span.record("later", "recorded \"later\"");
+            span.in_scope(|| tracing::info!("inside"));
+        });
+        assert_eq!(lines.len(), 1);
+        let span = &lines[0]["span"];
+        assert_eq!(span["name"], "rpc");
+        assert_eq!(span["rpc.method"], "Send\"Email");
+        assert_eq!(span["text"], tricky);
+        assert_eq!(span["debug"], "[\"a\\\"b\"]");
+        assert_eq!(span["count"], 3);
+        assert_eq!(span["delta"], -2);
+        assert_eq!(span["ok"], true);
+        assert_eq!(span["ratio"], 0.5);
+        assert_eq!(span["inf"], "inf");
+        assert_eq!(span["later"], "recorded \"later\"");
+        assert!(span.get("otel.name").is_none(), "{span}");
+    }
+
+    /// A span whose only fields are left out, or that has none, still gives valid lines.
+    #[test]
+    fn spans_without_logged_fields() {
+        let lines = json_lines(|| {
+            let outer = tracing::info_span!("outer", otel.kind = "server");
+            outer.in_scope(|| {
+                tracing::info_span!("inner").in_scope(|| tracing::info!(n = 1, "inside"));
+            });
+            outer.record("otel.kind", "client");
+        });
+        assert_eq!(lines.len(), 1);
+        assert_eq!(lines[0]["spans"][0]["name"], "outer", "{}", lines[0]);
+        assert_eq!(lines[0]["spans"][1]["name"], "inner");
+        assert_eq!(lines[0]["n"], 1);
     }
 }
