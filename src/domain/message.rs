@@ -180,7 +180,8 @@ pub struct NewMessage {
     pub send_at: Option<i64>,
     /// The idempotency key, if any.
     pub idempotency_key: Option<String>,
-    /// Hash of the request, to tell a replay from a conflicting reuse of the key.
+    /// Hash of the request, to tell a replay from a conflicting reuse of the key; empty when
+    /// the email has no key.
     pub request_hash: String,
     /// Caller tags.
     pub tags: BTreeMap<String, String>,
