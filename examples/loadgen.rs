@@ -126,7 +126,8 @@ async fn setup_profile(channel: &Channel, args: &Args) -> anyhow::Result<String>
 /// quoted-printable, which costs mailgate an encoding pass and the wire 3 % more bytes
 /// that the references do not pay.
 fn body(size: usize) -> String {
-    const LINE: &str = "The quick brown fox jumps over the lazy dog, and again and again and again.";
+    const LINE: &str =
+        "The quick brown fox jumps over the lazy dog, and again and again and again.";
     let lines = size.saturating_sub(400) / (LINE.len() + 1) + 1;
     let mut body = String::with_capacity(lines * (LINE.len() + 1));
     for _ in 0..lines {

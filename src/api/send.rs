@@ -688,7 +688,9 @@ mod tests {
         req.idempotency_key = "k1".into();
         let keyed = request_hash(&req);
         assert_eq!(keyed.len(), 64);
-        assert!(keyed.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(keyed
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
         assert_eq!(request_hash(&req), keyed);
         req.subject = "Hello again".into();
         assert_ne!(request_hash(&req), keyed);

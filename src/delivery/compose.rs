@@ -4,8 +4,9 @@
 use std::str::FromStr;
 
 use lettre::message::{
-    header::{ContentType, HeaderName, HeaderValue},
-    Attachment as LettreAttachment, Mailbox as LettreMailbox, MultiPart, SinglePart,
+    header::{ContentTransferEncoding, ContentType, HeaderName, HeaderValue},
+    Attachment as LettreAttachment, Body as LettreBody, Mailbox as LettreMailbox, MultiPart,
+    SinglePart,
 };
 
 use crate::domain::{Mailbox, MessageContent};
@@ -96,13 +97,51 @@ enum Body {
 fn body_part(content: &MessageContent) -> Body {
     match (&content.text, &content.html) {
         (Some(text), Some(html)) => Body::Multi(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
+            wire_body(text),
+            wire_body(html),
         )),
-        (None, Some(html)) => Body::Single(SinglePart::html(html.clone())),
-        (Some(text), None) => Body::Single(SinglePart::plain(text.clone())),
+        (None, Some(html)) => Body::Single(SinglePart::html(wire_body(html))),
+        (Some(text), None) => Body::Single(SinglePart::plain(wire_body(text))),
         (None, None) => Body::Single(SinglePart::plain(String::new())),
     }
+}
+
+/// Longest line, without its line break, of a body sent as it is (7bit): the length of a
+/// quoted-printable line (RFC 2045), under the 78 that RFC 5322 asks for, and the limit
+/// under which Nodemailer sends text as it is.
+const SEVEN_BIT_LINE: usize = 76;
+
+/// A text or HTML body as it goes on the wire. Printable ASCII in lines of at most
+/// [`SEVEN_BIT_LINE`] characters goes as it is (7bit, with CRLF line breaks): readable in the
+/// raw message, and no encoding pass. Anything else is encoded as lettre chooses
+/// (quoted-printable or base64). lettre alone sends 7bit only for lines of at most 74
+/// characters, so a body of 75- or 76-character lines would be quoted-printable.
+fn wire_body(text: &str) -> LettreBody {
+    match seven_bit(text) {
+        Some(wire) => LettreBody::dangerous_pre_encoded(wire, ContentTransferEncoding::SevenBit),
+        None => LettreBody::new(text.to_owned()),
+    }
+}
+
+/// `text` with CRLF line breaks, if it can go as 7bit: every line printable ASCII (tabs
+/// allowed) and at most [`SEVEN_BIT_LINE`] characters long. Line breaks may be LF or CRLF;
+/// any other control character, a lone CR included, needs an encoding.
+fn seven_bit(text: &str) -> Option<Vec<u8>> {
+    let mut wire = Vec::with_capacity(text.len() + text.len() / 32 + 2);
+    for (i, line) in text.split('\n').enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        let printable = line
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        if line.len() > SEVEN_BIT_LINE || !printable {
+            return None;
+        }
+        if i > 0 {
+            wire.extend_from_slice(b"\r\n");
+        }
+        wire.extend_from_slice(line.as_bytes());
+    }
+    Some(wire)
 }
 
 fn raw_header(name: &str, value: &str) -> Result<HeaderValue, ComposeError> {
@@ -174,5 +213,110 @@ mod tests {
         assert!(!raw.contains("secret@x.test"), "{raw}");
         assert!(!raw.contains("\r\nTo:"), "{raw}");
         assert!(raw.contains("From: support@acme.test"), "{raw}");
+    }
+
+    fn text_only(text: &str) -> String {
+        let content = MessageContent {
+            from: mb("support@acme.test"),
+            reply_to: None,
+            error_to: None,
+            to: vec![mb("a@x.test")],
+            cc: vec![],
+            bcc: vec![],
+            subject: "Hello".into(),
+            text: Some(text.into()),
+            html: None,
+            headers: vec![],
+            attachments: vec![],
+        };
+        String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap()
+    }
+
+    fn body_of(raw: &str) -> &str {
+        raw.split_once("\r\n\r\n").unwrap().1
+    }
+
+    /// Printable ASCII in lines of up to 76 characters goes as it is, with CRLF line breaks
+    /// (LF or CRLF in the input); lettre ends the part with a CRLF of its own.
+    #[test]
+    fn short_ascii_lines_go_as_they_are() {
+        let line = "x".repeat(76);
+        let text = format!("{line}\n\tindented\r\n. a dot\n\n{}", "y".repeat(75));
+        let raw = text_only(&text);
+        assert!(raw.contains("Content-Transfer-Encoding: 7bit\r\n"), "{raw}");
+        assert_eq!(
+            body_of(&raw),
+            format!(
+                "{line}\r\n\tindented\r\n. a dot\r\n\r\n{}\r\n",
+                "y".repeat(75)
+            )
+        );
+        assert!(body_of(&text_only("ends with a break\n")).ends_with("break\r\n\r\n"));
+    }
+
+    /// What may go as it is: printable ASCII and tabs, lines of at most 76 characters.
+    #[test]
+    fn seven_bit_takes_only_short_printable_lines() {
+        assert_eq!(seven_bit("a\r\nb\n").unwrap(), b"a\r\nb\r\n");
+        assert_eq!(seven_bit("").unwrap(), b"");
+        assert!(seven_bit(&"z".repeat(76)).is_some());
+        for text in [
+            "z".repeat(77),
+            format!("ok\n{}", "z".repeat(77)),
+            "caf\u{e9}".to_owned(),
+            "bell \u{7}".to_owned(),
+            "lone \r cr".to_owned(),
+            "del \u{7f}".to_owned(),
+            "nul \0".to_owned(),
+        ] {
+            assert!(seven_bit(&text).is_none(), "{text:?}");
+        }
+    }
+
+    /// A longer line or a non-ASCII character is encoded; the encoded body reads back.
+    #[test]
+    fn other_bodies_are_encoded() {
+        let raw = text_only(&"z".repeat(77));
+        assert!(
+            raw.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{raw}"
+        );
+        assert_eq!(
+            body_of(&raw).replace("=\r\n", ""),
+            format!("{}\r\n", "z".repeat(77))
+        );
+        let raw = text_only("caf\u{e9}");
+        assert!(!raw.contains("Content-Transfer-Encoding: 7bit"), "{raw}");
+    }
+
+    /// Both parts of an alternative body get the same choice, each on its own.
+    #[test]
+    fn each_part_is_chosen_on_its_own() {
+        let mut content = MessageContent {
+            from: mb("support@acme.test"),
+            reply_to: None,
+            error_to: None,
+            to: vec![mb("a@x.test")],
+            cc: vec![],
+            bcc: vec![],
+            subject: "Hello".into(),
+            text: Some("short lines\nonly".into()),
+            html: Some(format!("<p>{}</p>", "w".repeat(100))),
+            headers: vec![],
+            attachments: vec![],
+        };
+        let raw = String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap();
+        assert!(
+            raw.contains("Content-Transfer-Encoding: 7bit\r\n\r\nshort lines\r\nonly"),
+            "{raw}"
+        );
+        assert!(
+            raw.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{raw}"
+        );
+        content.html = None;
+        content.text = None;
+        let raw = String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap();
+        assert!(raw.contains("Content-Type: text/plain"), "{raw}");
     }
 }
