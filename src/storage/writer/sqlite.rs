@@ -146,9 +146,14 @@ impl SqliteWriter {
     /// group, and again after a group that left it unusable.
     pub(super) fn start(path: PathBuf) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel();
+        let (nudge, nudged) = mpsc::sync_channel(1);
+        let checkpointed = path.clone();
+        std::thread::Builder::new()
+            .name("mailgate-sqlite-checkpointer".to_owned())
+            .spawn(move || checkpoints(&checkpointed, &nudged))?;
         std::thread::Builder::new()
             .name("mailgate-sqlite-writer".to_owned())
-            .spawn(move || serve(&path, &rx))?;
+            .spawn(move || serve(&path, &rx, &nudge))?;
         Ok(Self { jobs })
     }
 
@@ -186,7 +191,46 @@ fn stopped() -> StoreError {
     StoreError::Other(anyhow::anyhow!("the SQLite writer thread has stopped"))
 }
 
-fn serve(path: &std::path::Path, jobs: &Receiver<Job>) {
+/// Shortest time between two checkpoints of the checkpointer's thread.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
+
+/// Copies committed WAL frames into the database file on a thread of its own, so that the
+/// writer's thread does not.
+///
+/// With SQLite's automatic checkpoint alone, the connection whose commit took the WAL past
+/// 1,000 pages copied all of them into the database file, with its `fsync`, before it went on:
+/// the writer's thread, which every accepted email waits for (9 % of its time in a profile of
+/// a unary burst, in stalls of a few milliseconds). Here, after each of the writer's commits
+/// (`nudged`), this thread runs a passive checkpoint, at most every [`CHECKPOINT_EVERY`]: it
+/// copies what is committed without taking a lock the writer needs. The writer keeps the
+/// automatic checkpoint, which then finds most pages copied already; it is what lets the WAL
+/// start over from its beginning (a passive checkpoint beside a busy writer never catches up
+/// with it alone).
+fn checkpoints(path: &std::path::Path, nudged: &Receiver<()>) {
+    let mut conn: Option<Connection> = None;
+    while nudged.recv().is_ok() {
+        match conn.take().map_or_else(|| open(path), Ok) {
+            Ok(c) => match checkpoint(&c) {
+                Ok(_) => conn = Some(c),
+                Err(e) => tracing::debug!(error = %e, "background WAL checkpoint failed"),
+            },
+            Err(e) => {
+                tracing::debug!(error = %e, "opening the WAL checkpointer's connection failed")
+            }
+        }
+        std::thread::sleep(CHECKPOINT_EVERY);
+    }
+}
+
+/// A passive checkpoint: (pages in the WAL, pages copied into the database file).
+fn checkpoint(conn: &Connection) -> Result<(i64, i64), StoreError> {
+    conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| {
+        Ok((row.get(1)?, row.get(2)?))
+    })
+    .map_err(sqlite_error)
+}
+
+fn serve(path: &std::path::Path, jobs: &Receiver<Job>, nudge: &mpsc::SyncSender<()>) {
     let mut conn: Option<Connection> = None;
     while let Ok(job) = jobs.recv() {
         let result = match conn.take().map_or_else(|| open(path), Ok) {
@@ -201,7 +245,12 @@ fn serve(path: &std::path::Path, jobs: &Receiver<Job>) {
             }
             Err(e) => Err(e),
         };
+        let committed = result.is_ok();
         let _ = job.reply.send((job.inserts, job.finished, result));
+        if committed {
+            // Full: a checkpoint is due already.
+            let _ = nudge.try_send(());
+        }
     }
 }
 
@@ -423,4 +472,56 @@ fn insert_attempt(
         ])
         .map_err(sqlite_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Rows in the database file alone, without its WAL: what checkpoints copied.
+    fn rows_in_main_file(path: &std::path::Path, dir: &std::path::Path) -> i64 {
+        let copy = dir.join("copy.db");
+        std::fs::copy(path, &copy).unwrap();
+        let conn = Connection::open(&copy).unwrap();
+        conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// A nudge makes the checkpointer's thread copy what the WAL holds into the database
+    /// file; the thread ends when the writer's side goes away.
+    #[test]
+    fn the_checkpointer_copies_committed_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        drop(Connection::open(&path).unwrap());
+        let writer = open(&path).unwrap();
+        writer
+            .execute_batch(
+                "PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (v TEXT); \
+                 PRAGMA wal_checkpoint(TRUNCATE);",
+            )
+            .unwrap();
+        let tx = writer.unchecked_transaction().unwrap();
+        for i in 0..500 {
+            tx.execute("INSERT INTO t VALUES (?1)", [format!("row {i}")])
+                .unwrap();
+        }
+        tx.commit().unwrap();
+        assert_eq!(
+            rows_in_main_file(&path, dir.path()),
+            0,
+            "nothing copied yet"
+        );
+
+        let (nudge, nudged) = mpsc::sync_channel(1);
+        let thread_path = path.clone();
+        let thread = std::thread::spawn(move || checkpoints(&thread_path, &nudged));
+        nudge.try_send(()).unwrap();
+        drop(nudge);
+        thread.join().unwrap();
+        assert_eq!(rows_in_main_file(&path, dir.path()), 500);
+        // Everything was copied: a checkpoint finds nothing left.
+        let (in_wal, copied) = checkpoint(&writer).unwrap();
+        assert_eq!(in_wal, copied);
+    }
 }
