@@ -215,7 +215,8 @@ mod tests {
         assert!(raw.contains("From: support@acme.test"), "{raw}");
     }
 
-    fn text_only(text: &str) -> String {
+    /// An email to one recipient with these bodies, composed.
+    fn raw_with(text: Option<&str>, html: Option<&str>) -> String {
         let content = MessageContent {
             from: mb("support@acme.test"),
             reply_to: None,
@@ -224,12 +225,16 @@ mod tests {
             cc: vec![],
             bcc: vec![],
             subject: "Hello".into(),
-            text: Some(text.into()),
-            html: None,
+            text: text.map(str::to_owned),
+            html: html.map(str::to_owned),
             headers: vec![],
             attachments: vec![],
         };
         String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap()
+    }
+
+    fn text_only(text: &str) -> String {
+        raw_with(Some(text), None)
     }
 
     fn body_of(raw: &str) -> &str {
@@ -292,20 +297,8 @@ mod tests {
     /// Both parts of an alternative body get the same choice, each on its own.
     #[test]
     fn each_part_is_chosen_on_its_own() {
-        let mut content = MessageContent {
-            from: mb("support@acme.test"),
-            reply_to: None,
-            error_to: None,
-            to: vec![mb("a@x.test")],
-            cc: vec![],
-            bcc: vec![],
-            subject: "Hello".into(),
-            text: Some("short lines\nonly".into()),
-            html: Some(format!("<p>{}</p>", "w".repeat(100))),
-            headers: vec![],
-            attachments: vec![],
-        };
-        let raw = String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap();
+        let long_html = format!("<p>{}</p>", "w".repeat(100));
+        let raw = raw_with(Some("short lines\nonly"), Some(&long_html));
         assert!(
             raw.contains("Content-Transfer-Encoding: 7bit\r\n\r\nshort lines\r\nonly"),
             "{raw}"
@@ -314,9 +307,7 @@ mod tests {
             raw.contains("Content-Transfer-Encoding: quoted-printable"),
             "{raw}"
         );
-        content.html = None;
-        content.text = None;
-        let raw = String::from_utf8(compose(&content, "abc@mailgate", "m-1").unwrap()).unwrap();
+        let raw = raw_with(None, None);
         assert!(raw.contains("Content-Type: text/plain"), "{raw}");
     }
 }
