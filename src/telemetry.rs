@@ -143,10 +143,13 @@ impl<W: std::fmt::Write> JsonMembers<'_, W> {
         }
     }
 
+    /// The closing quote is written even if a value's formatting fails midway, so the
+    /// span's JSON stays valid.
     fn quoted(&mut self, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
         self.out.write_char('"')?;
-        JsonEscape(&mut *self.out).write_fmt(args)?;
-        self.out.write_char('"')
+        let written = JsonEscape(&mut *self.out).write_fmt(args);
+        self.out.write_char('"')?;
+        written
     }
 }
 
@@ -465,15 +468,20 @@ mod tests {
     #[test]
     fn spans_without_logged_fields() {
         let lines = json_lines(|| {
-            let outer = tracing::info_span!("outer", otel.kind = "server");
+            let outer =
+                tracing::info_span!("outer", otel.kind = "server", later = tracing::field::Empty);
             outer.in_scope(|| {
                 tracing::info_span!("inner").in_scope(|| tracing::info!(n = 1, "inside"));
             });
-            outer.record("otel.kind", "client");
+            // A logged field recorded after only left-out ones: no stray comma.
+            outer.record("later", 2u64);
+            outer.in_scope(|| tracing::info!("after"));
         });
-        assert_eq!(lines.len(), 1);
+        assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["spans"][0]["name"], "outer", "{}", lines[0]);
         assert_eq!(lines[0]["spans"][1]["name"], "inner");
         assert_eq!(lines[0]["n"], 1);
+        assert_eq!(lines[1]["span"]["later"], 2, "{}", lines[1]);
+        assert!(lines[1]["span"].get("otel.kind").is_none());
     }
 }

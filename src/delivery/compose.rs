@@ -123,23 +123,29 @@ fn wire_body(text: &str) -> LettreBody {
     }
 }
 
-/// `text` with CRLF line breaks, if it can go as 7bit: every line printable ASCII (tabs
-/// allowed) and at most [`SEVEN_BIT_LINE`] characters long. Line breaks may be LF or CRLF;
-/// any other control character, a lone CR included, needs an encoding.
+/// `text` with CRLF line breaks, if it can go as it is: every line printable ASCII (tabs
+/// allowed) and at most [`SEVEN_BIT_LINE`] characters long, line breaks LF or CRLF. Any other
+/// body (a lone CR included, a final one too) is left to lettre's chooser.
 fn seven_bit(text: &str) -> Option<Vec<u8>> {
     let mut wire = Vec::with_capacity(text.len() + text.len() / 32 + 2);
-    for (i, line) in text.split('\n').enumerate() {
-        let line = line.strip_suffix('\r').unwrap_or(line);
+    let mut lines = text.split('\n').peekable();
+    while let Some(line) = lines.next() {
+        let broken = lines.peek().is_some();
+        // A CR belongs to the line break only before an LF.
+        let line = match line.strip_suffix('\r') {
+            Some(stripped) if broken => stripped,
+            _ => line,
+        };
         let printable = line
             .bytes()
             .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
         if line.len() > SEVEN_BIT_LINE || !printable {
             return None;
         }
-        if i > 0 {
+        wire.extend_from_slice(line.as_bytes());
+        if broken {
             wire.extend_from_slice(b"\r\n");
         }
-        wire.extend_from_slice(line.as_bytes());
     }
     Some(wire)
 }
@@ -263,6 +269,7 @@ mod tests {
     #[test]
     fn seven_bit_takes_only_short_printable_lines() {
         assert_eq!(seven_bit("a\r\nb\n").unwrap(), b"a\r\nb\r\n");
+        assert_eq!(seven_bit("a\nb").unwrap(), b"a\r\nb");
         assert_eq!(seven_bit("").unwrap(), b"");
         assert!(seven_bit(&"z".repeat(76)).is_some());
         for text in [
@@ -271,6 +278,8 @@ mod tests {
             "caf\u{e9}".to_owned(),
             "bell \u{7}".to_owned(),
             "lone \r cr".to_owned(),
+            "final cr\r".to_owned(),
+            "final cr\n\r".to_owned(),
             "del \u{7f}".to_owned(),
             "nul \0".to_owned(),
         ] {
