@@ -105,104 +105,59 @@ where
 #[derive(Debug, Clone, Copy, Default)]
 struct AppendJsonFields;
 
-/// Writes fields as `"name":value` members, comma-separated, straight into the span's
-/// string: every value is escaped as it is written, with no string of its own (spans are
-/// made for every email, and allocating for each of their fields showed in profiles).
-struct JsonMembers<'a, W: std::fmt::Write> {
-    out: &'a mut W,
+/// Writes fields as `"name":value` members, comma-separated. The `otel.*` fields are left
+/// out: they tell the OpenTelemetry layer how to name a span, and say nothing the `rpc.*`
+/// fields beside them do not.
+struct JsonMembers<'a> {
+    out: &'a mut String,
     first: bool,
 }
 
-impl<W: std::fmt::Write> JsonMembers<'_, W> {
-    /// Starts a member; false for the `otel.*` fields, which tell the OpenTelemetry layer
-    /// how to name a span and say nothing the `rpc.*` fields beside them do not.
-    fn name(&mut self, field: &tracing::field::Field) -> bool {
+impl JsonMembers<'_> {
+    fn member(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Display) {
         if field.name().starts_with("otel.") {
-            return false;
+            return;
         }
         if !self.first {
-            let _ = self.out.write_char(',');
+            self.out.push(',');
         }
         self.first = false;
-        let _ = self.quoted(format_args!("{}", field.name()));
-        let _ = self.out.write_char(':');
-        true
-    }
-
-    /// A JSON number or `true`/`false`: written as it displays.
-    fn bare(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Display) {
-        if self.name(field) {
-            let _ = write!(self.out, "{value}");
-        }
-    }
-
-    /// A JSON string of what `args` writes.
-    fn string(&mut self, field: &tracing::field::Field, args: std::fmt::Arguments<'_>) {
-        if self.name(field) {
-            let _ = self.quoted(args);
-        }
-    }
-
-    /// The closing quote is written even if a value's formatting fails midway, so the
-    /// span's JSON stays valid.
-    fn quoted(&mut self, args: std::fmt::Arguments<'_>) -> std::fmt::Result {
-        self.out.write_char('"')?;
-        let written = JsonEscape(&mut *self.out).write_fmt(args);
-        self.out.write_char('"')?;
-        written
+        self.out.push_str(&json_string(field.name()));
+        self.out.push(':');
+        let _ = write!(self.out, "{value}");
     }
 }
 
-/// Escapes what is written through it for the inside of a JSON string.
-struct JsonEscape<'a, W: std::fmt::Write>(&'a mut W);
-
-impl<W: std::fmt::Write> std::fmt::Write for JsonEscape<'_, W> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        let mut plain = 0;
-        for (i, b) in s.bytes().enumerate() {
-            let escaped = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0..=0x1f => "",
-                _ => continue,
-            };
-            self.0.write_str(&s[plain..i])?;
-            if escaped.is_empty() {
-                write!(self.0, "\\u{b:04x}")?;
-            } else {
-                self.0.write_str(escaped)?;
-            }
-            plain = i + 1;
-        }
-        self.0.write_str(&s[plain..])
-    }
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
-impl<W: std::fmt::Write> tracing::field::Visit for JsonMembers<'_, W> {
+impl tracing::field::Visit for JsonMembers<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
-        self.string(field, format_args!("{value}"));
+        self.member(field, &json_string(value));
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
-        self.bare(field, &value);
+        self.member(field, &value);
     }
     fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-        self.bare(field, &value);
+        self.member(field, &value);
     }
     fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
-        self.bare(field, &value);
+        self.member(field, &value);
     }
     fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
         if value.is_finite() {
-            self.bare(field, &value);
+            self.member(field, &value);
         } else {
-            self.string(field, format_args!("{value}"));
+            self.member(field, &json_string(&value.to_string()));
         }
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
-        self.string(field, format_args!("{value:?}"));
+        // Not `format!`, which panics if the value's formatting fails; what was written
+        // before the failure is kept.
+        let mut text = String::new();
+        let _ = write!(text, "{value:?}");
+        self.member(field, &json_string(&text));
     }
 }
 
@@ -212,12 +167,13 @@ impl<'w> fmt::FormatFields<'w> for AppendJsonFields {
         mut writer: fmt::format::Writer<'w>,
         fields: R,
     ) -> std::fmt::Result {
-        writer.write_char('{')?;
+        let mut out = String::from("{");
         fields.record(&mut JsonMembers {
-            out: &mut writer,
+            out: &mut out,
             first: true,
         });
-        writer.write_char('}')
+        out.push('}');
+        writer.write_str(&out)
     }
 
     fn add_fields(

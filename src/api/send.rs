@@ -1,6 +1,6 @@
 //! SendService: accepts emails into the durable outbox. No SMTP work on the request path.
 
-use std::{collections::BTreeMap, fmt::Write as _};
+use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
 use tracing::{instrument, Instrument};
@@ -88,11 +88,7 @@ fn request_hash(req: &pb::SendEmailRequest) -> String {
     }
     let bytes = prost::Message::encode_to_vec(req);
     let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    let mut hex = String::with_capacity(2 * digest.as_ref().len());
-    for b in digest.as_ref() {
-        let _ = write!(hex, "{b:02x}");
-    }
-    hex
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 impl SendApi {

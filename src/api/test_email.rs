@@ -3,7 +3,6 @@
 use crate::{
     domain::{EmailAddress, Mailbox, MessageContent, NewMessage, ProfileReason, ProfileSettings},
     error::ApiError,
-    proto::v1 as pb,
 };
 
 use super::Caller;
@@ -38,15 +37,6 @@ pub(crate) fn message(
         "This is a test email sent by mailgate through {}:{}.\r\n\r\nIf you can read it, the SMTP profile works.\r\n",
         settings.host, settings.port
     );
-    let request_hash = {
-        let bytes = prost::Message::encode_to_vec(&pb::SendTestEmailRequest {
-            to: to.to_string(),
-            subject: subject.clone(),
-            target: None,
-        });
-        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-        digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
-    };
     Ok(NewMessage {
         message_id_header: format!("{id}@{}", from.email.domain()),
         id,
@@ -76,7 +66,8 @@ pub(crate) fn message(
         // Far in the future: never due for the engine; the caller leases it at once.
         send_at: Some(i64::MAX / 2),
         idempotency_key: None,
-        request_hash,
+        // Only an idempotency key needs a request hash (see `send::request_hash`).
+        request_hash: String::new(),
         tags: Default::default(),
         trace_id: String::new(),
         traceparent: String::new(),

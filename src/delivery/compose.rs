@@ -113,9 +113,10 @@ const SEVEN_BIT_LINE: usize = 76;
 
 /// A text or HTML body as it goes on the wire. Printable ASCII in lines of at most
 /// [`SEVEN_BIT_LINE`] characters goes as it is (7bit, with CRLF line breaks): readable in the
-/// raw message, and no encoding pass. Anything else is encoded as lettre chooses
-/// (quoted-printable or base64). lettre alone sends 7bit only for lines of at most 74
-/// characters, so a body of 75- or 76-character lines would be quoted-printable.
+/// raw message, and no encoding pass. Anything else is left to lettre's chooser
+/// (quoted-printable or base64 for long lines and non-ASCII text). lettre alone sends 7bit
+/// only for lines of at most 74 characters, so a body of 75- or 76-character lines would be
+/// quoted-printable.
 fn wire_body(text: &str) -> LettreBody {
     match seven_bit(text) {
         Some(wire) => LettreBody::dangerous_pre_encoded(wire, ContentTransferEncoding::SevenBit),

@@ -546,36 +546,35 @@ async fn retention_deletes_old_final_entries_in_batches_and_never_pending_ones()
     // Their attempts and recipients went with them (on PostgreSQL a trigger deletes them,
     // not a foreign key), and no other email's did.
     let gone: Vec<String> = claimed.iter().map(|c| c.message.id.clone()).collect();
-    assert_eq!(child_rows(&db, "attempts", &gone).await, 0);
-    assert_eq!(child_rows(&db, "message_recipients", &gone).await, 0);
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    assert_eq!(child_rows(&raw, "attempts", &gone).await, 0);
+    assert_eq!(child_rows(&raw, "message_recipients", &gone).await, 0);
     let kept = vec![pending.clone(), fresh.id.clone()];
     assert_eq!(
-        child_rows(&db, "message_recipients", &kept).await,
+        child_rows(&raw, "message_recipients", &kept).await,
         2,
         "the kept emails keep their recipient"
     );
     assert_eq!(
-        child_rows(&db, "attempts", &kept).await,
+        child_rows(&raw, "attempts", &kept).await,
         1,
         "the kept sent email keeps its attempt"
     );
+    raw.close().await;
 }
 
 /// The rows of `table` (attempts, message_recipients) that belong to the emails `ids`,
 /// read straight from the database.
-async fn child_rows(db: &TestDatabase, table: &str, ids: &[String]) -> i64 {
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+async fn child_rows(raw: &sqlx::AnyPool, table: &str, ids: &[String]) -> i64 {
     let list: Vec<String> = ids.iter().map(|id| format!("'{id}'")).collect();
-    let count: i64 = sqlx::query_scalar(&format!(
+    sqlx::query_scalar(&format!(
         "SELECT count(*) FROM {table} WHERE message_id IN ({})",
         list.join(", ")
     ))
-    .fetch_one(&pool)
+    .fetch_one(raw)
     .await
-    .unwrap();
-    pool.close().await;
-    count
+    .unwrap()
 }
 
 #[tokio::test]

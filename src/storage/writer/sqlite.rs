@@ -200,9 +200,9 @@ const CHECKPOINT_EVERY: Duration = Duration::from_millis(10);
 /// With SQLite's automatic checkpoint alone, the connection whose commit took the WAL past
 /// 1,000 pages copied all of them into the database file, with its `fsync`, before it went on:
 /// the writer's thread, which every accepted email waits for (9 % of its time in a profile of
-/// a unary burst). Here, after each of the writer's commits
-/// (`nudged`), this thread runs a passive checkpoint, at most every [`CHECKPOINT_EVERY`]: it
-/// copies what is committed without taking a lock the writer needs. The writer keeps the
+/// a unary burst). Here, after each of the writer's commits (`nudged`), this thread runs a
+/// passive checkpoint, at most every [`CHECKPOINT_EVERY`]: it copies what is committed
+/// without taking a lock the writer needs. The writer keeps the
 /// automatic checkpoint, which then finds most pages copied already; it is what lets the WAL
 /// start over from its beginning (a passive checkpoint beside a busy writer never catches up
 /// with it alone).
