@@ -120,7 +120,7 @@ impl Default for Config {
 pub struct DeliveryConfig {
     /// Run the delivery engine in this process.
     pub enabled: bool,
-    /// Most SMTP sends at once by this process (the engine keeps up to three times as many
+    /// Most SMTP sends at once by this process (the engine keeps up to six times as many
     /// messages in hand, so database round trips overlap with sending).
     pub concurrency: usize,
     /// How long a claimed message stays leased to this process before another may take it.
