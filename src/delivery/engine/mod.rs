@@ -125,10 +125,10 @@ impl Reservation {
 
 /// Messages in hand (claimed, sending, or being recorded) per sending slot. A message waits
 /// for its claim and its completion to be committed, each a group commit of the writer; with
-/// only one message per slot, the slot would sit idle through both. On PostgreSQL a claim
-/// runs after the completion writer's group, so it can take a few milliseconds: with 3 per
-/// slot, SendBatch's sending slots ran dry meanwhile and delivered 20 % fewer emails a
-/// second than with 6 (docs/benchmarks.md).
+/// only one message per slot, the slot would sit idle through both. With 3 per slot,
+/// SendBatch on PostgreSQL delivered 20 % fewer emails a second than with 6, on a machine
+/// that was a quarter idle: most likely its sending slots ran dry while a claim waited
+/// behind the completion writer's group (docs/benchmarks.md).
 pub(super) const CLAIM_AHEAD: usize = 6;
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
