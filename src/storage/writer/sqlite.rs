@@ -524,4 +524,50 @@ mod tests {
         let (in_wal, copied) = checkpoint(&writer).unwrap();
         assert_eq!(in_wal, copied);
     }
+
+    /// A group of `claims` for the writer's thread, and where its answer comes.
+    fn job(claims: Vec<Claim>) -> (Job, oneshot::Receiver<Applied>) {
+        let (reply, answer) = oneshot::channel();
+        let job = Job {
+            inserts: Vec::new(),
+            finished: Vec::new(),
+            claims,
+            reply,
+        };
+        (job, answer)
+    }
+
+    /// The writer's thread nudges the checkpointer after each group it commits, and not
+    /// after a group that failed (nothing new in the WAL).
+    #[test]
+    fn the_writer_nudges_the_checkpointer_after_commits_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        // A database without the schema: an empty group commits, a claim fails (no table).
+        drop(Connection::open(&path).unwrap());
+        let (jobs, rx) = mpsc::channel();
+        let (nudge, nudged) = mpsc::sync_channel(1);
+        let thread_path = path.clone();
+        let thread = std::thread::spawn(move || serve(&thread_path, &rx, &nudge));
+
+        let (empty, answer) = job(Vec::new());
+        jobs.send(empty).unwrap();
+        assert!(answer.blocking_recv().unwrap().2.is_ok());
+        nudged
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a nudge after the commit");
+
+        let claim = Claim {
+            now: 0,
+            until: 1,
+            limit: 1,
+        };
+        let (failing, answer) = job(vec![claim]);
+        jobs.send(failing).unwrap();
+        assert!(answer.blocking_recv().unwrap().2.is_err());
+        // The thread ends once its handle is gone; every nudge it sent is queued by then.
+        drop(jobs);
+        thread.join().unwrap();
+        assert!(nudged.try_recv().is_err(), "no nudge after a failed group");
+    }
 }
