@@ -2,7 +2,8 @@
 //!
 //! A ciphertext is stored as `v1:<key id>:<base64(nonce || ciphertext)>`; the key id lets an
 //! operator rotate keys. The tenant id and profile id are bound as associated data, so a
-//! ciphertext copied to another row does not decrypt.
+//! ciphertext copied to another row does not decrypt. Also the SHA-256 digests, in hex, that
+//! are stored to compare with later (API token hashes, request hashes).
 
 use std::{fmt, path::Path};
 
@@ -12,6 +13,12 @@ use chacha20poly1305::{
     XChaCha20Poly1305, XNonce,
 };
 use rand::RngCore;
+
+/// The SHA-256 of `bytes`, in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
 
 /// Why a secret could not be sealed or opened.
 #[derive(Debug, thiserror::Error)]

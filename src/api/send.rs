@@ -86,9 +86,7 @@ fn request_hash(req: &pb::SendEmailRequest) -> String {
     if req.idempotency_key.is_empty() {
         return String::new();
     }
-    let bytes = prost::Message::encode_to_vec(req);
-    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
-    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    crate::crypto::sha256_hex(&prost::Message::encode_to_vec(req))
 }
 
 impl SendApi {

@@ -152,9 +152,7 @@ pub fn new_key(name: &str, role: Role, tenant: &str) -> NewKey {
 
 /// `sha256:` and the hex SHA-256 of a token: what the configuration stores.
 pub fn hash_token(token: &str) -> String {
-    let d = digest::digest(&digest::SHA256, token.as_bytes());
-    let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{hex}")
+    format!("sha256:{}", crate::crypto::sha256_hex(token.as_bytes()))
 }
 
 fn parse_hash(hash: &str) -> Option<[u8; 32]> {
