@@ -444,12 +444,16 @@ impl Engine {
         self.deliver_traced(claimed, permit).instrument(span).await;
     }
 
-    async fn deliver_traced(&self, claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
+    async fn deliver_traced(&self, mut claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
         let (attempts, completion) = {
             // The semaphore is never closed, so the permit always comes.
             let _sending = self.sending.acquire().await.ok();
             self.attempt(&claimed).await
         };
+        // Recording the result needs none of what was sent: the bodies and attachments go
+        // before it waits for its commit, where as many emails may wait as are in hand.
+        let content = &mut claimed.message.content;
+        (content.text, content.html, content.attachments) = (None, None, Vec::new());
         // The slot is free for the next email while the result waits for its commit. A
         // group of completions alone waits a few milliseconds for company (until an accept
         // or a claim comes: on PostgreSQL completions and claims have a writer of their
