@@ -80,16 +80,19 @@ fn reply(stage: Stage, result: Reply) -> Result<Reply, SmtpFailure> {
 /// bytes are not UTF-8 (lettre's writer then sends them).
 fn data_payload(body: &[u8]) -> Option<String> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 8);
-    let mut line_start = true;
-    let mut after_cr = false;
-    for &b in body {
-        if line_start && b == b'.' {
-            out.push(b'.');
-        }
-        out.push(b);
-        line_start = after_cr && b == b'\n';
-        after_cr = b == b'\r';
+    // A line starts at the beginning and after each CRLF; one that starts with a dot gets
+    // another. The runs in between are copied whole (byte by byte, this was a sixteenth of
+    // mailgate's instructions per email).
+    if body.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    let mut copied = 0;
+    for at in memchr::memmem::find_iter(body, b"\r\n.") {
+        out.extend_from_slice(&body[copied..at + 2]);
+        out.push(b'.');
+        copied = at + 2;
+    }
+    out.extend_from_slice(&body[copied..]);
     out.extend_from_slice(b"\r\n.\r\n");
     String::from_utf8(out).ok()
 }
@@ -300,5 +303,43 @@ mod tests {
         assert_eq!(data_payload(b"x\n.y").as_deref(), Some("x\n.y\r\n.\r\n"));
         assert_eq!(data_payload(b"").as_deref(), Some("\r\n.\r\n"));
         assert_eq!(data_payload(&[0xff, b'a']), None);
+    }
+
+    /// Dot-stuffing byte by byte, as RFC 5321 4.5.2 states it.
+    fn stuffed_bytewise(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let (mut line_start, mut after_cr) = (true, false);
+        for &b in body {
+            if line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            line_start = after_cr && b == b'\n';
+            after_cr = b == b'\r';
+        }
+        out.extend_from_slice(b"\r\n.\r\n");
+        out
+    }
+
+    #[test]
+    fn payload_matches_bytewise_stuffing_for_every_short_body() {
+        // Every body of up to 7 bytes over the bytes that matter: 21,845 of them.
+        const ALPHABET: [u8; 4] = [b'.', b'\r', b'\n', b'a'];
+        for len in 0..=7u32 {
+            for mut n in 0..4usize.pow(len) {
+                let body: Vec<u8> = (0..len)
+                    .map(|_| {
+                        let b = ALPHABET[n % 4];
+                        n /= 4;
+                        b
+                    })
+                    .collect();
+                assert_eq!(
+                    data_payload(&body).map(String::into_bytes),
+                    Some(stuffed_bytewise(&body)),
+                    "{body:?}"
+                );
+            }
+        }
     }
 }
