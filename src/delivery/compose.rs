@@ -128,26 +128,31 @@ fn wire_body(text: &str) -> LettreBody {
 /// allowed) and at most [`SEVEN_BIT_LINE`] characters long, line breaks LF or CRLF. Any other
 /// body (a lone CR included, a final one too) is left to lettre's chooser.
 fn seven_bit(text: &str) -> Option<Vec<u8>> {
-    let mut wire = Vec::with_capacity(text.len() + text.len() / 32 + 2);
-    let mut lines = text.split('\n').peekable();
-    while let Some(line) = lines.next() {
-        let broken = lines.peek().is_some();
+    let bytes = text.as_bytes();
+    // One pass over the bytes, then line by line with memchr: checked and copied character
+    // by character, this was 4 % of mailgate's instructions per email.
+    let allowed = |b: &u8| matches!(b, b'\t' | b'\n' | b'\r' | 0x20..=0x7e);
+    if !bytes.iter().all(allowed) {
+        return None;
+    }
+    let mut wire = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes) {
         // A CR belongs to the line break only before an LF.
-        let line = match line.strip_suffix('\r') {
-            Some(stripped) if broken => stripped,
-            _ => line,
-        };
-        let printable = line
-            .bytes()
-            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
-        if line.len() > SEVEN_BIT_LINE || !printable {
+        let line = &bytes[start..end];
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.len() > SEVEN_BIT_LINE || memchr::memchr(b'\r', line).is_some() {
             return None;
         }
-        wire.extend_from_slice(line.as_bytes());
-        if broken {
-            wire.extend_from_slice(b"\r\n");
-        }
+        wire.extend_from_slice(line);
+        wire.extend_from_slice(b"\r\n");
+        start = end + 1;
     }
+    let last = &bytes[start..];
+    if last.len() > SEVEN_BIT_LINE || memchr::memchr(b'\r', last).is_some() {
+        return None;
+    }
+    wire.extend_from_slice(last);
     Some(wire)
 }
 
@@ -285,6 +290,67 @@ mod tests {
             "nul \0".to_owned(),
         ] {
             assert!(seven_bit(&text).is_none(), "{text:?}");
+        }
+    }
+
+    /// Line by line, as the rule reads: split at LF, a CR before an LF belongs to the line
+    /// break, every line printable ASCII or tabs and at most 76 characters.
+    fn seven_bit_by_lines(text: &str) -> Option<Vec<u8>> {
+        let mut wire = Vec::new();
+        let mut lines = text.split('\n').peekable();
+        while let Some(line) = lines.next() {
+            let broken = lines.peek().is_some();
+            let line = match line.strip_suffix('\r') {
+                Some(stripped) if broken => stripped,
+                _ => line,
+            };
+            let printable = line
+                .bytes()
+                .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+            if line.len() > SEVEN_BIT_LINE || !printable {
+                return None;
+            }
+            wire.extend_from_slice(line.as_bytes());
+            if broken {
+                wire.extend_from_slice(b"\r\n");
+            }
+        }
+        Some(wire)
+    }
+
+    #[test]
+    fn seven_bit_matches_the_rule_for_every_short_body() {
+        // Every body of up to 7 characters over the ones that matter (97,656), and lines
+        // around the limit.
+        const ALPHABET: [char; 5] = ['a', '\r', '\n', '\t', '\u{7f}'];
+        let mut bodies = Vec::new();
+        for len in 0..=7u32 {
+            for mut n in 0..5usize.pow(len) {
+                bodies.push(
+                    (0..len)
+                        .map(|_| {
+                            let c = ALPHABET[n % 5];
+                            n /= 5;
+                            c
+                        })
+                        .collect::<String>(),
+                );
+            }
+        }
+        for len in [75, 76, 77] {
+            let line = "z".repeat(len);
+            for body in [
+                line.clone(),
+                format!("{line}\r\n"),
+                format!("a\n{line}"),
+                format!("{line}\r\nb"),
+                format!("{line}\r"),
+            ] {
+                bodies.push(body);
+            }
+        }
+        for body in bodies {
+            assert_eq!(seven_bit(&body), seven_bit_by_lines(&body), "{body:?}");
         }
     }
 
