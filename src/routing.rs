@@ -4,6 +4,8 @@
 //! default > the operator's system default service. A named profile that is inactive or not
 //! usable by the tenant is an error; a bound or default one that is not usable is skipped.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 use crate::{
@@ -15,12 +17,18 @@ use crate::{
 };
 
 /// What routing reads: straight from the store, or through the API's short-lived cache.
+/// Settings and profiles come shared: a cached one is handed out without a copy of its
+/// strings (copying them was 4 % of mailgate's instructions per email).
 #[async_trait]
 pub trait RouteReads: Send + Sync {
     /// The tenant's settings.
-    async fn tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError>;
+    async fn tenant_settings(&self, tenant_id: &str) -> Result<Arc<TenantSettings>, StoreError>;
     /// A profile the tenant may send through (its own or shared with it).
-    async fn usable_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError>;
+    async fn usable_profile(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Arc<SmtpProfile>, StoreError>;
     /// A template or campaign of the tenant.
     async fn document(
         &self,
@@ -32,11 +40,15 @@ pub trait RouteReads: Send + Sync {
 
 #[async_trait]
 impl RouteReads for dyn Store {
-    async fn tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError> {
-        self.get_tenant_settings(tenant_id).await
+    async fn tenant_settings(&self, tenant_id: &str) -> Result<Arc<TenantSettings>, StoreError> {
+        self.get_tenant_settings(tenant_id).await.map(Arc::new)
     }
-    async fn usable_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
-        self.get_usable_profile(tenant_id, id).await
+    async fn usable_profile(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Arc<SmtpProfile>, StoreError> {
+        self.get_usable_profile(tenant_id, id).await.map(Arc::new)
     }
     async fn document(
         &self,
@@ -75,7 +87,7 @@ pub struct Context {
 #[derive(Debug, Clone)]
 pub struct Route {
     /// The profile that sends; None: the system default service.
-    pub profile: Option<SmtpProfile>,
+    pub profile: Option<Arc<SmtpProfile>>,
     /// Why.
     pub reason: ProfileReason,
     /// The sender of the system default service for this tenant.
@@ -114,7 +126,11 @@ async fn load(
 }
 
 /// A bound profile, if it is usable: active and owned by or shared with the tenant.
-async fn usable(store: &dyn RouteReads, tenant_id: &str, id: Option<&str>) -> Option<SmtpProfile> {
+async fn usable(
+    store: &dyn RouteReads,
+    tenant_id: &str,
+    id: Option<&str>,
+) -> Option<Arc<SmtpProfile>> {
     let id = id?;
     store
         .usable_profile(tenant_id, id)
@@ -143,7 +159,7 @@ pub async fn route(
             Err(e) => return Err(e.into()),
         };
         if profile.status != ProfileStatus::Active {
-            return Err(RoutingError::Inactive(profile.name));
+            return Err(RoutingError::Inactive(profile.name.clone()));
         }
         (Some(profile), ProfileReason::Request)
     } else if let Some(p) = usable(
@@ -179,7 +195,7 @@ pub async fn route(
             .default_from
             .clone()
             .unwrap_or_else(|| operator_sender.clone()),
-        gateway_url: tenant.gateway_url,
+        gateway_url: tenant.gateway_url.clone(),
         template: template.map(|t| t.0),
         campaign: campaign.map(|c| c.0),
     })

@@ -41,8 +41,8 @@ enum Key {
 
 #[derive(Debug, Clone)]
 enum Value {
-    Tenant(TenantSettings),
-    Profile(Option<Box<SmtpProfile>>),
+    Tenant(Arc<TenantSettings>),
+    Profile(Option<Arc<SmtpProfile>>),
     Document(Option<Document>),
 }
 
@@ -106,27 +106,32 @@ fn missing_as_none<T>(result: Result<T, StoreError>) -> Result<Option<T>, StoreE
 
 #[async_trait]
 impl RouteReads for Cached<'_> {
-    async fn tenant_settings(&self, tenant_id: &str) -> Result<TenantSettings, StoreError> {
+    async fn tenant_settings(&self, tenant_id: &str) -> Result<Arc<TenantSettings>, StoreError> {
         let key = Key::Tenant(tenant_id.to_owned());
         if let Some(Value::Tenant(t)) = self.cache.get(&key) {
             return Ok(t);
         }
         let generation = self.start();
-        let settings = self.store.get_tenant_settings(tenant_id).await?;
+        let settings = Arc::new(self.store.get_tenant_settings(tenant_id).await?);
         self.cache
-            .put(key, Value::Tenant(settings.clone()), generation);
+            .put(key, Value::Tenant(Arc::clone(&settings)), generation);
         Ok(settings)
     }
 
-    async fn usable_profile(&self, tenant_id: &str, id: &str) -> Result<SmtpProfile, StoreError> {
+    async fn usable_profile(
+        &self,
+        tenant_id: &str,
+        id: &str,
+    ) -> Result<Arc<SmtpProfile>, StoreError> {
         let key = Key::Profile(tenant_id.to_owned(), id.to_owned());
         let found = match self.cache.get(&key) {
-            Some(Value::Profile(p)) => p.map(|p| *p),
+            Some(Value::Profile(p)) => p,
             _ => {
                 let generation = self.start();
-                let found = missing_as_none(self.store.get_usable_profile(tenant_id, id).await)?;
+                let found = missing_as_none(self.store.get_usable_profile(tenant_id, id).await)?
+                    .map(Arc::new);
                 self.cache
-                    .put(key, Value::Profile(found.clone().map(Box::new)), generation);
+                    .put(key, Value::Profile(found.clone()), generation);
                 found
             }
         };
