@@ -20,6 +20,8 @@
 #   PG_URL [postgres://postgres@127.0.0.1:5432]  server for DB=postgres (a fresh database per run)
 #   SERVER_BIN, LOADGEN_BIN  prebuilt binaries (default: target/release, built if SKIP_BUILD=0)
 #   BASE_BIN             a second server binary to count the same way (the reference)
+#   LABEL [current], BASE_LABEL [reference]  what the result file calls the two binaries
+#                        (a commit, say; the file records no paths)
 #   SKIP_BUILD [0]       1: do not run cargo
 #   OUT [bench/results/instructions-<UTC timestamp>.json]
 set -euo pipefail
@@ -129,8 +131,8 @@ ratio=null
 [ -n "$BASE_BIN" ] && ratio=$(awk -v a="${PER_EMAIL[current]}" -v b="${PER_EMAIL[reference]}" 'BEGIN { printf "%.3f", a / b }')
 cat >"$OUT" <<JSON
 {"db": "$DB", "n1": $N1, "n2": $N2, "concurrency": $C, "size": $SIZE,
- "server": "$SERVER_BIN", "instructions_per_email": ${PER_EMAIL[current]},
- "reference": $( [ -n "$BASE_BIN" ] && echo "\"$BASE_BIN\"" || echo null ),
+ "server": "${LABEL:-current}", "instructions_per_email": ${PER_EMAIL[current]},
+ "reference": $( [ -n "$BASE_BIN" ] && echo "\"${BASE_LABEL:-reference}\"" || echo null ),
  "reference_instructions_per_email": ${PER_EMAIL[reference]:-null}, "ratio_to_reference": $ratio}
 JSON
 printf 'mailgate instructions per email (%s, unary, C=%s, %s-byte messages)\n' "$DB" "$C" "$SIZE"
