@@ -135,16 +135,12 @@ impl JsonMembers<'_> {
     }
 }
 
-fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned())
-}
-
 /// Appends `s` as a JSON string. Most span fields (ids, names, hosts) need no escaping and
 /// are copied as they are. Each used to become a JSON `String` of its own, copied in
 /// through the formatter: span fields took a tenth of mailgate's instructions per email.
 fn push_json_string(out: &mut String, s: &str) {
     if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(&json_string(s));
+        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
     } else {
         out.reserve(s.len() + 2);
         out.push('"');

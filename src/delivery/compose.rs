@@ -135,13 +135,15 @@ fn seven_bit(text: &str) -> Option<Vec<u8>> {
     if !bytes.iter().all(allowed) {
         return None;
     }
+    // A line without its break: short enough, and no CR left in it.
+    let fits = |line: &[u8]| line.len() <= SEVEN_BIT_LINE && memchr::memchr(b'\r', line).is_none();
     let mut wire = Vec::with_capacity(bytes.len() + bytes.len() / 32 + 2);
     let mut start = 0;
     for end in memchr::memchr_iter(b'\n', bytes) {
         // A CR belongs to the line break only before an LF.
         let line = &bytes[start..end];
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.len() > SEVEN_BIT_LINE || memchr::memchr(b'\r', line).is_some() {
+        if !fits(line) {
             return None;
         }
         wire.extend_from_slice(line);
@@ -149,7 +151,7 @@ fn seven_bit(text: &str) -> Option<Vec<u8>> {
         start = end + 1;
     }
     let last = &bytes[start..];
-    if last.len() > SEVEN_BIT_LINE || memchr::memchr(b'\r', last).is_some() {
+    if !fits(last) {
         return None;
     }
     wire.extend_from_slice(last);
