@@ -56,10 +56,11 @@ fi
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailgate-instr.XXXXXX")
 chmod 755 "$WORK"
-PIDS=(); DBS=()
+SINK_PID=""; SERVER_PID=""; DBS=()
 cleanup() {
   set +e
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+  # Only the processes still running that this script started.
+  for pid in $SERVER_PID $SINK_PID; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
   for db in "${DBS[@]}"; do
     psql "$PG_URL/postgres" -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1
@@ -72,7 +73,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 SINK_PORT=$(free_port)
 user_opt=(); [ "$(id -u)" = 0 ] && { id postfix >/dev/null 2>&1 && user_opt=(-u postfix) || user_opt=(-u nobody); }
 smtp-sink -m 256 "${user_opt[@]}" "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 &
-PIDS+=($!)
+SINK_PID=$!
 
 # count BIN N PROFILE: runs one server under callgrind that accepts and delivers N emails,
 # keeps its profile as PROFILE and sets TOTAL to its instruction count.
@@ -93,10 +94,10 @@ count() {
   MAILGATE_ENCRYPTION__KEY="$(python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())')" \
   MAILGATE_ENCRYPTION__KEY_ID=bench \
     valgrind -q --tool=callgrind --callgrind-out-file="$out" "$bin" serve >"$run/server.log" 2>&1 &
-  local pid=$!; PIDS+=("$pid")
+  SERVER_PID=$!
   local ready=0
   for _ in $(seq 600); do
-    kill -0 "$pid" 2>/dev/null || break
+    kill -0 "$SERVER_PID" 2>/dev/null || break
     if "$bin" healthcheck --addr "127.0.0.1:$port" --timeout 2s >/dev/null 2>&1; then ready=1; break; fi
     sleep 0.2
   done
@@ -105,7 +106,8 @@ count() {
     --smtp-port "$SINK_PORT" --messages "$n" --concurrency "$C" --size "$SIZE" --mode unary \
     --json "$run/loadgen.json" >"$run/loadgen.out" 2>&1 \
     || { tail -5 "$run/loadgen.out" >&2; die "loadgen failed"; }
-  kill -TERM "$pid"; wait "$pid" 2>/dev/null || true
+  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=""
   [ -n "$db" ] && psql "$PG_URL/postgres" -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
   # callgrind writes "summary: <Ir>" and "totals: <Ir>" into its output file.
   TOTAL=$(awk '/^(totals|summary):/ {print $2; exit}' "$out")
