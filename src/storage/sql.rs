@@ -131,13 +131,14 @@ impl SqlStore {
         // cost is spread over more emails: on a 2-core machine one writer used 10-15 % less
         // of PostgreSQL's CPU per email than two, and unary bursts gained 6 %; 2 writers
         // used 8-13 % less than 4 (docs/benchmarks.md). More connections (a database
-        // farther away, where a commit takes longer) get more. One more writes completions
-        // and runs the claims, if that leaves a connection to read with; the writers'
-        // connections are a pool of their own, and the readers get the rest (at least one:
-        // with `max_connections` 1, two connections in all).
+        // farther away, where a commit takes longer) get more. One more writes completions,
+        // and one more runs the claims, each if that leaves a connection to read with; the
+        // writers' connections are a pool of their own, and the readers get the rest (at
+        // least one: with `max_connections` 1, two connections in all).
         let writers = (max_connections / 16).clamp(1, 4);
         let completion_writer = max_connections > writers + 1;
-        let writer_connections = writers + u32::from(completion_writer);
+        let claim_writer = max_connections > writers + 2;
+        let writer_connections = writers + u32::from(completion_writer) + u32::from(claim_writer);
         let pool_size = match backend {
             Backend::Sqlite => max_connections,
             Backend::Postgres => max_connections.saturating_sub(writer_connections).max(1),
@@ -180,6 +181,7 @@ impl SqlStore {
                     connections,
                     writers as usize,
                     completion_writer,
+                    claim_writer,
                 )
             }
         };

@@ -456,8 +456,8 @@ impl Engine {
         (content.text, content.html, content.attachments) = (None, None, Vec::new());
         // The slot is free for the next email while the result waits for its commit. A
         // group of completions alone waits a few milliseconds for company (until an accept
-        // or a claim comes: on PostgreSQL completions and claims have a writer of their
-        // own); a claim-driven round that waited for these very slots would wait out that
+        // or a claim comes; on PostgreSQL completions have a writer of their own, and
+        // claims another); a claim-driven round that waited for these very slots would wait out that
         // delay on every round. The result waits with a `recording` permit instead: there
         // are as many as slots, so a writer that stalls stops the engine after twice its
         // slots, not after an ever-growing pile of sent emails whose leases run out. The
