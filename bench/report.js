@@ -183,6 +183,7 @@ const cols = [
   ['RSS MiB', 7],
   ['CPU s', 6],
   ['CPU us/msg', 10],
+  ['DB us/msg', 9],
   ['errors', 6],
   ['sink got', 8],
   ['steal', 5],
@@ -192,11 +193,11 @@ const line = (cells) =>
 const rows = [];
 if (smtp) {
   const cpu = smtp.cpu_user_seconds + smtp.cpu_system_seconds;
-  rows.push([`smtp-source -d, ${smtp.sessions} sessions`, f(smtpRate), fp(1), fx(ratio(smtpRate, nmRate)), '-', '-', '-', '-', '-', '-', f(cpu, 2), f((cpu / smtp.messages) * 1e6), '-', sr(smtp.sink_received), fp(smtp.steal_share)]);
+  rows.push([`smtp-source -d, ${smtp.sessions} sessions`, f(smtpRate), fp(1), fx(ratio(smtpRate, nmRate)), '-', '-', '-', '-', '-', '-', f(cpu, 2), f((cpu / smtp.messages) * 1e6), '-', '-', sr(smtp.sink_received), fp(smtp.steal_share)]);
 }
 if (nm) {
   const cpu = nm.cpu_user_seconds + nm.cpu_system_seconds;
-  rows.push([`nodemailer ${nm.version} pool ${nm.connections}`, f(nmRate), fp(ratio(nmRate, smtpRate)), fx(1), '-', '-', '-', '-', '-', f(nm.peak_rss_mib, 1), f(cpu, 2), f((cpu / nm.messages) * 1e6), nm.errors, sr(nm.sink_received), fp(nm.steal_share)]);
+  rows.push([`nodemailer ${nm.version} pool ${nm.connections}`, f(nmRate), fp(ratio(nmRate, smtpRate)), fx(1), '-', '-', '-', '-', '-', f(nm.peak_rss_mib, 1), f(cpu, 2), f((cpu / nm.messages) * 1e6), '-', nm.errors, sr(nm.sink_received), fp(nm.steal_share)]);
 }
 for (const p of passes) {
   const l = p.loadgen || {};
@@ -204,6 +205,7 @@ for (const p of passes) {
   const label = `mailgate ${p.database} ` + (p.rate ? `unary @${p.rate}/s` : p.mode === 'batch' ? 'SendBatch' : `unary C=${p.concurrency}`);
   const failed = !passOk(p);
   const cpu = p.server ? p.server.cpu_seconds : null;
+  const dbCpu = num(p.database_cpu_seconds);
   rows.push([
     label + (failed ? ' FAILED' : ''),
     f(l.delivered_rate),
@@ -217,6 +219,7 @@ for (const p of passes) {
     f(p.server && p.server.peak_rss_mib, 1),
     f(cpu, 2),
     f(num(cpu) !== null ? (cpu / p.messages) * 1e6 : null),
+    f(dbCpu !== null ? (dbCpu / p.messages) * 1e6 : null),
     l.errors === undefined ? '-' : l.errors,
     sr(p.sink_received),
     fp(p.steal_share),
@@ -244,6 +247,7 @@ tableLines.push(line(cols.map((c) => c[0])));
 tableLines.push(line(cols.map((c) => '-'.repeat(c[1]))));
 for (const r of rows) tableLines.push(line(r));
 tableLines.push('CPU: the client for the references (user+sys), the mailgate server during the load for the passes; the loadgen and the sink also use the same cores.');
+tableLines.push("DB: the PostgreSQL server's processes on this machine during a postgres pass (SQLite's work is in mailgate's CPU).");
 tableLines.push("steal: the share of the machine's CPU time its VM host took during the run (/proc/stat); a run with more steal is slower for a reason outside it.");
 if (targets.length) {
   tableLines.push('');

@@ -159,6 +159,15 @@ cpu_seconds() {
   awk -v t="$CLK_TCK" '{ printf "%.3f", ($12 + $13) / t }' <<<"$stat"
 }
 
+# utime + stime of every PostgreSQL server process on this machine (named "postgres"), in
+# seconds: the database's work in a postgres pass. It counts the server's other databases too,
+# and misses a backend that exits during the pass; "null" when there is none (a server on
+# another machine).
+db_cpu_seconds() {
+  cat /proc/[0-9]*/stat 2>/dev/null | awk -v t="$CLK_TCK" \
+    '$2 == "(postgres)" { s += $14 + $15; n++ } END { if (n) printf "%.3f", s / t; else printf "null" }'
+}
+
 peak_rss_mib() {
   local status
   status=$(cat "/proc/$1/status" 2>/dev/null) || { echo null; return; }
@@ -481,6 +490,8 @@ run_pass() {
   local cpu0 sink0 sc0 la
   cpu0=$(cpu_seconds "$SERVER_PID"); sink0=$(sink_count); sc0=$(cpu_seconds "$SINK_PID"); la=$(loadavg)
   local ticks0; ticks0=$(cpu_ticks)
+  local db0=null db1=null
+  [ "$db" = postgres ] && db0=$(db_cpu_seconds)
 
   local args=(--addr "127.0.0.1:$port" --tenant bench --smtp-host 127.0.0.1 --smtp-port "$SINK_PORT"
               --messages "$messages" --concurrency "$C" --size "$SIZE" --mode "$mode"
@@ -497,6 +508,7 @@ run_pass() {
   kill -0 "$SERVER_PID" 2>/dev/null || alive=false
   sink_alive || sink_ok=false
   cpu1=$(cpu_seconds "$SERVER_PID"); rss=$(peak_rss_mib "$SERVER_PID")
+  [ "$db" = postgres ] && db1=$(db_cpu_seconds)
   sink1=$(sink_wait_for $(( sink0 + messages ))); sc1=$(cpu_seconds "$SINK_PID")
   stop_server
   [ -n "$dbname" ] && drop_db "$dbname"
@@ -525,6 +537,7 @@ run_pass() {
  "loadgen_wall_seconds": $wall, "loadgen_cpu_seconds": $(awk -v u="${lg_user/null/0}" -v s="${lg_sys/null/0}" 'BEGIN { printf "%.3f", u + s }'),
  "server": {"startup_seconds": $startup, "peak_rss_mib": $rss, "cpu_seconds": $(awk -v a="$cpu0" -v b="$cpu1" 'BEGIN { printf "%.3f", b - a }'),
             "cpu_seconds_total": $cpu1},
+ "database_cpu_seconds": $(awk -v a="$db0" -v b="$db1" 'BEGIN { if (a == "null" || b == "null") printf "null"; else printf "%.3f", b - a }'),
  "sink_received": $([ "$SINK_COUNT" = 1 ] && echo $(( sink1 - sink0 )) || echo null), "sink_cpu_seconds": $(awk -v a="$sc0" -v b="$sc1" 'BEGIN { printf "%.3f", b - a }'),
  "steal_share": $steal, "loadavg_before": "$la",
  "loadgen": $loadgen_json}
