@@ -133,10 +133,10 @@ pub(super) const CLAIM_AHEAD: usize = 6;
 
 /// Attempted messages whose results may wait for their commit, per message in hand. It bounds
 /// what a stalled writer lets pile up: sent emails, their bodies already freed, whose leases
-/// run on. With one per message in hand, a commit of the completions that took a few tens of
-/// milliseconds (an `fsync` behind a checkpoint, a statement behind a large group) used up
-/// the permits and stopped the sending while the machine idled: PostgreSQL SendBatch
-/// delivered 9-12 % less than with four (docs/benchmarks.md).
+/// run on. With one per message in hand, PostgreSQL SendBatch delivered 9-12 % less than
+/// with four, at the same CPU per email (docs/benchmarks.md): the permits ran out and the
+/// sending stopped while the machine idled, most likely whenever a commit of completions
+/// took a few tens of milliseconds (inferred from the result, not traced).
 const RECORDING_AHEAD: usize = 4;
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
