@@ -133,10 +133,11 @@ pub(super) const CLAIM_AHEAD: usize = 6;
 
 /// Attempted messages whose results may wait for their commit, per message in hand. It bounds
 /// what a stalled writer lets pile up: sent emails, their bodies already freed, whose leases
-/// run on. With one per message in hand, PostgreSQL SendBatch delivered 9-12 % less than
-/// with four, at the same CPU per email (docs/benchmarks.md): the permits ran out and the
-/// sending stopped while the machine idled, most likely whenever a commit of completions
-/// took a few tens of milliseconds (inferred from the result, not traced).
+/// run on. Under a SendBatch burst on PostgreSQL a result waits about 20 ms for its commit
+/// (the completions' writer gathers, then commits groups of dozens; up to 55 ms), so at
+/// 9,000 emails/s about 180 wait at once: with one permit per message in hand (192), 40 % of
+/// the attempts found none free and kept their slot meanwhile, and SendBatch delivered
+/// 9-12 % less than with four, where none waited (docs/benchmarks.md).
 const RECORDING_AHEAD: usize = 4;
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
