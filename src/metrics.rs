@@ -37,6 +37,9 @@ pub struct Metrics {
     pub attempts: Counter<u64>,
     /// Duration of delivery attempts, seconds.
     pub attempt_duration: Histogram<f64>,
+    /// From an attempt's end until its result is committed, seconds: the wait for a
+    /// recording permit, then for the completion's commit.
+    pub record_duration: Histogram<f64>,
     /// Fallbacks to the system default service, by tenant.
     pub fallbacks: Counter<u64>,
     /// Verification results (passed, failed).
@@ -80,6 +83,12 @@ pub fn metrics() -> &'static Metrics {
             attempt_duration: meter
                 .f64_histogram("mailgate.delivery.attempt.duration")
                 .with_unit("s")
+                .with_boundaries(seconds.clone())
+                .build(),
+            record_duration: meter
+                .f64_histogram("mailgate.delivery.record.duration")
+                .with_unit("s")
+                .with_description("From an attempt's end until its result is committed")
                 .with_boundaries(seconds.clone())
                 .build(),
             fallbacks: meter

@@ -200,6 +200,12 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         "{sent_line}"
     );
     assert!(scrape.contains("mailgate_rpc_duration"), "{scrape}");
+    // The delivery's result was committed (the watch saw it SENT): one recording timed.
+    let recorded = scrape
+        .lines()
+        .find(|l| l.starts_with("mailgate_delivery_record_duration") && l.contains("_count"))
+        .unwrap_or_else(|| panic!("no recording duration in {scrape}"));
+    assert!(recorded.ends_with(" 1"), "{recorded}");
 
     // SIGTERM: a graceful shutdown flushes the exporter.
     let (status, log) = server.terminate().await;

@@ -473,6 +473,7 @@ impl Engine {
         // leases run out. The message stays in `in_flight` (released at shutdown) until the
         // commit.
         // The semaphore is never closed, so the permit always comes.
+        let ended = std::time::Instant::now();
         let _recording = self.recording.acquire().await.ok();
         drop(permit);
         tracing::Span::current().record("mailgate.status", completion.status.as_str());
@@ -480,11 +481,15 @@ impl Engine {
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
         let status = completion.status;
         let message = &claimed.message;
-        match self
+        let committed = self
             .store
             .complete(&claimed, &attempts, &completion, now_micros())
-            .await
-        {
+            .await;
+        // Recorded before the status is published, so a watcher that saw it finds it.
+        crate::metrics::metrics()
+            .record_duration
+            .record(ended.elapsed().as_secs_f64(), &[]);
+        match committed {
             Ok(true) => self.publish(&message.tenant_id, &message.id, status),
             Ok(false) => warn!("lease lost before completion; another worker owns the message"),
             Err(e) => {
