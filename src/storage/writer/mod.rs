@@ -100,25 +100,24 @@ impl Writer {
         completion_writer: bool,
         claim_writer: bool,
     ) -> Self {
-        let spawn = |capacity: usize| {
+        // A queue of `capacity` operations and `tasks` writers sharing it.
+        let spawn = |capacity: usize, tasks: usize| {
             let (queue, rx) = mpsc::channel(capacity);
             let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-            tokio::spawn(run(pool.clone(), connections.clone(), rx));
+            for _ in 0..tasks {
+                tokio::spawn(run(pool.clone(), connections.clone(), rx.clone()));
+            }
             queue
         };
-        let (queue, rx) = mpsc::channel(4096);
-        let rx = std::sync::Arc::new(tokio::sync::Mutex::new(rx));
-        for _ in 0..writers.max(1) {
-            tokio::spawn(run(pool.clone(), connections.clone(), rx.clone()));
-        }
+        let queue = spawn(4096, writers.max(1));
         let completions = if completion_writer {
-            spawn(4096)
+            spawn(4096, 1)
         } else {
             queue.clone()
         };
         // One claim at a time per engine; a few engines' worth of room.
         let claims = if claim_writer {
-            spawn(16)
+            spawn(16, 1)
         } else {
             completions.clone()
         };
