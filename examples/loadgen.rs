@@ -386,7 +386,13 @@ fn poll_interval(sent: usize, expected: usize, elapsed: Duration) -> Duration {
     Duration::from_secs_f64(remaining / rate / 4.0).clamp(min, max)
 }
 
-#[tokio::main]
+/// One thread: the load generator shares the machine's cores with the server, its database
+/// and the SMTP sink, and should take as little of them as it can. On the 2-core benchmark
+/// machine, Tokio's default (a worker per core) used about 45 % more CPU per request than
+/// one thread, in wake-ups between its workers, and the server delivered about 5 % less
+/// (docs/benchmarks.md). At about 17 us of CPU per request, one thread has room for far
+/// more requests than the server takes.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let channel = Channel::from_shared(format!("http://{}", args.addr))?
