@@ -238,10 +238,14 @@ const settings = {
   reference_runs: smtpRuns.length,
   mailgate_log_level: env.BENCH_LOG_LEVEL || null,
   sink_count: env.BENCH_SINK_COUNT === '1',
+  // Tokio's worker threads in the server (and Nodemailer's and the loadgen's environment,
+  // where nothing reads it): null = one per CPU, Tokio's default.
+  server_worker_threads: env.TOKIO_WORKER_THREADS ? Number(env.TOKIO_WORKER_THREADS) : null,
 };
 tableLines.push(
   `mailgate benchmark ${machine.date}  N=${settings.messages} C=${settings.concurrency} SIZE=${settings.size}  ` +
-    `${machine.nproc} CPUs (${cpuModel}), ${(machine.memory_mib / 1024).toFixed(1)} GiB, load avg at start ${machine.loadavg_start}`,
+    `${machine.nproc} CPUs (${cpuModel}), ${(machine.memory_mib / 1024).toFixed(1)} GiB, load avg at start ${machine.loadavg_start}` +
+    (settings.server_worker_threads ? `  server worker threads ${settings.server_worker_threads}` : ''),
 );
 tableLines.push(line(cols.map((c) => c[0])));
 tableLines.push(line(cols.map((c) => '-'.repeat(c[1]))));
