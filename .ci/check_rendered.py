@@ -78,6 +78,11 @@ def main(rendered_path, values_path):
     got = config.get("MAILGATE_DATABASE_MAX_CONNECTIONS")
     check(got == (None if pool is None else str(pool)),
           f"MAILGATE_DATABASE_MAX_CONNECTIONS is {got!r} for databaseMaxConnections {pool!r}")
+    # Likewise the worker threads: unset, one per CPU the pod may use.
+    workers = (values.get("config") or {}).get("workerThreads")
+    got = config.get("MAILGATE_WORKER_THREADS")
+    check(got == (None if workers is None else str(workers)),
+          f"MAILGATE_WORKER_THREADS is {got!r} for workerThreads {workers!r}")
 
     # --- Secrets ---------------------------------------------------------------------------
     secret_objs = by_kind.get("Secret", [])

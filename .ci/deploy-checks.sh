@@ -96,6 +96,8 @@ expect_failure "a termination grace not above the shutdown grace" "must be large
   -f helm/ci-values/default.yaml --set config.shutdownGrace=30s
 expect_failure "a misspelt setting (schema)" "additional properties" \
   -f helm/ci-values/default.yaml --set config.delivery.concurency=8
+expect_failure "no worker threads (schema)" "/config/workerThreads" \
+  -f helm/ci-values/default.yaml --set config.workerThreads=0
 expect_failure "a bad duration (schema)" "/config/delivery/lease" \
   -f helm/ci-values/default.yaml --set config.delivery.lease=soon
 expect_failure "preStop sleep before Kubernetes 1.30" "needs Kubernetes 1.30" \

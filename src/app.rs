@@ -335,7 +335,12 @@ impl App {
             stop_rx.clone(),
         ));
 
-        info!(addr = %self.local_addr, database = ?self.store.backend(), "mailgate listening");
+        info!(
+            addr = %self.local_addr,
+            database = ?self.store.backend(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "mailgate listening"
+        );
         let ctx = self.ctx.clone();
         let stop_signal = {
             let stop_tx = stop_tx.clone();

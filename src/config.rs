@@ -34,6 +34,10 @@ pub struct Config {
     /// in-process readers; each connection has a thread and a page cache of its own), 16 on
     /// PostgreSQL.
     pub database_max_connections: Option<u32>,
+    /// Worker threads of the async runtime that serves requests and delivers email. Unset:
+    /// Tokio's `TOKIO_WORKER_THREADS` if set, else one per CPU the process may use (a
+    /// container's CPU limit counts; its CPU request does not).
+    pub worker_threads: Option<usize>,
     /// How long graceful shutdown waits for in-flight deliveries.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -92,6 +96,9 @@ pub struct MetricsConfig {
     pub prometheus_addr: Option<SocketAddr>,
 }
 
+/// Most worker threads `worker_threads` may ask for: beyond this it is a typo, not a machine.
+const MAX_WORKER_THREADS: usize = 1024;
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -99,6 +106,7 @@ impl Default for Config {
             data_dir: PathBuf::from("mailgate-data"),
             database_url: Secret::default(),
             database_max_connections: None,
+            worker_threads: None,
             shutdown_grace: Duration::from_secs(25),
             delivery: DeliveryConfig::default(),
             smtp: SmtpConfig::default(),
@@ -352,6 +360,14 @@ impl Config {
                 "database_max_connections must be at least 1".into(),
             ));
         }
+        if let Some(n) = self.worker_threads {
+            if !(1..=MAX_WORKER_THREADS).contains(&n) {
+                return Err(ConfigError(format!(
+                    "worker_threads must be between 1 and {MAX_WORKER_THREADS} (unset: one per \
+                     CPU), not {n}"
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -422,5 +438,19 @@ mod tests {
         assert_eq!(config.effective_max_connections(), 7);
         config.database_max_connections = Some(0);
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn worker_threads_between_one_and_the_maximum() {
+        let mut config = Config::default();
+        for ok in [None, Some(1), Some(MAX_WORKER_THREADS)] {
+            config.worker_threads = ok;
+            assert!(config.validate().is_ok(), "{ok:?}");
+        }
+        for bad in [0, MAX_WORKER_THREADS + 1] {
+            config.worker_threads = Some(bad);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains("worker_threads"), "{err}");
+        }
     }
 }

@@ -117,8 +117,7 @@ fn humantime_parse(value: &str) -> Result<Duration, String> {
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Keys { command }) = cli.command {
         return keys(command);
@@ -130,7 +129,21 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let command = cli.command.unwrap_or(Command::Serve);
+    // Built here, not by `#[tokio::main]`: its size comes from the configuration.
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        runtime.worker_threads(n);
+    }
+    match runtime.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run(cli.command.unwrap_or(Command::Serve), config)),
+        Err(e) => {
+            eprintln!("mailgate: starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> ExitCode {
     if !matches!(command, Command::Serve) {
         telemetry::init(&config.log);
     }

@@ -420,6 +420,16 @@ impl Binary {
             .unwrap()
     }
 
+    /// The JSON log line, up to and including "mailgate listening", whose message is
+    /// `message`.
+    pub fn startup_line(&self, message: &str) -> serde_json::Value {
+        self.startup
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|line| line["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} line in the startup log: {}", self.startup))
+    }
+
     /// SIGTERM, then waits (off the async runtime): the exit status and the whole log.
     pub async fn terminate(mut self) -> (std::process::ExitStatus, String) {
         std::process::Command::new("kill")

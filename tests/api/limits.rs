@@ -9,7 +9,7 @@ use tokio::sync::broadcast;
 use crate::{
     external::TestPki,
     helpers::{
-        as_tenant, plain_profile, simple_email, test_config, wait_all_settled, TestApp,
+        as_tenant, plain_profile, simple_email, test_config, wait_all_settled, Binary, TestApp,
         TestDatabase,
     },
     smtp_server::{Behavior, TestSmtpServer},
@@ -295,4 +295,36 @@ async fn shutdown_finishes_in_flight_work_that_ends_within_the_grace_period() {
     // Both completions were recorded before the engine stopped.
     wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
     assert_eq!(smtp.received().len(), 2);
+}
+
+/// `worker_threads` sizes the binary's async runtime (the startup line says how many workers
+/// it has), and a value out of range stops the binary at start with a message naming it.
+#[tokio::test]
+async fn worker_threads_size_the_binarys_runtime() {
+    let db = TestDatabase::new().await;
+    let data = db.dir.path().join("data").display().to_string();
+    for workers in [1_u64, 3] {
+        let server = Binary::start(&[
+            ("MAILGATE_DATA_DIR", data.clone()),
+            ("MAILGATE_DATABASE_URL", db.url.clone()),
+            ("MAILGATE_WORKER_THREADS", workers.to_string()),
+        ]);
+        let line = server.startup_line("mailgate listening");
+        assert_eq!(line["worker_threads"], workers, "{line}");
+        let (status, log) = server.terminate().await;
+        assert!(status.success(), "{log}");
+    }
+    let refused = Binary::command()
+        .arg("serve")
+        .env("MAILGATE_DATA_DIR", &data)
+        .env("MAILGATE_DATABASE_URL", &db.url)
+        .env("MAILGATE_WORKER_THREADS", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("worker_threads must be between 1 and 1024"),
+        "{stderr}"
+    );
 }
