@@ -238,9 +238,10 @@ const settings = {
   reference_runs: smtpRuns.length,
   mailgate_log_level: env.BENCH_LOG_LEVEL || null,
   sink_count: env.BENCH_SINK_COUNT === '1',
-  // Tokio's worker threads in the server (and Nodemailer's and the loadgen's environment,
-  // where nothing reads it): null = one per CPU, Tokio's default.
-  server_worker_threads: env.TOKIO_WORKER_THREADS ? Number(env.TOKIO_WORKER_THREADS) : null,
+  // The server's worker threads when set (MAILGATE_WORKER_THREADS wins over Tokio's
+  // TOKIO_WORKER_THREADS, as in mailgate): null = one per CPU, the default.
+  server_worker_threads:
+    Number(env.MAILGATE_WORKER_THREADS || env.TOKIO_WORKER_THREADS) || null,
 };
 tableLines.push(
   `mailgate benchmark ${machine.date}  N=${settings.messages} C=${settings.concurrency} SIZE=${settings.size}  ` +
