@@ -129,9 +129,22 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Built here, not by `#[tokio::main]`: its size comes from the configuration.
+    // Built here, not by `#[tokio::main]`: its size comes from the configuration, else from
+    // Tokio's own variable, checked here (Tokio would panic on a bad value).
+    let workers = match (config.worker_threads, std::env::var("TOKIO_WORKER_THREADS")) {
+        (Some(n), _) => Some(n),
+        (None, Err(std::env::VarError::NotPresent)) => None,
+        (None, Ok(v)) if v.trim().parse::<usize>().is_ok_and(|n| n >= 1) => v.trim().parse().ok(),
+        (None, v) => {
+            eprintln!(
+                "mailgate: TOKIO_WORKER_THREADS must be a whole number of at least 1 (or \
+                 unset), not {v:?}"
+            );
+            return ExitCode::from(2);
+        }
+    };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = config.worker_threads {
+    if let Some(n) = workers {
         runtime.worker_threads(n);
     }
     match runtime.enable_all().build() {
@@ -222,24 +235,36 @@ async fn healthcheck(addr: SocketAddr, timeout: Duration) -> anyhow::Result<()> 
     }
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is called, before
+/// the server starts and says it listens, not when the future is first polled: a signal in
+/// between took the default action, which ends the process at once, with no graceful
+/// shutdown (a test that stopped a server right after it started saw it).
+#[cfg(unix)]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    use tokio::signal::unix::{signal, Signal, SignalKind};
+    /// The next signal of `s`; never, without a handler.
+    async fn next(s: Option<Signal>) {
+        match s {
+            Some(mut s) => {
                 s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            None => std::future::pending().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term => {}
+    }
+    let term = next(signal(SignalKind::terminate()).ok());
+    let int = next(signal(SignalKind::interrupt()).ok());
+    async move {
+        tokio::select! {
+            () = term => {}
+            () = int => {}
+        }
+    }
+}
+
+/// Resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> impl std::future::Future<Output = ()> + Send + 'static {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
