@@ -308,23 +308,47 @@ async fn worker_threads_size_the_binarys_runtime() {
             ("MAILGATE_DATA_DIR", data.clone()),
             ("MAILGATE_DATABASE_URL", db.url.clone()),
             ("MAILGATE_WORKER_THREADS", workers.to_string()),
+            // The setting wins over Tokio's variable.
+            ("TOKIO_WORKER_THREADS", "2".to_owned()),
         ]);
         let line = server.startup_line("mailgate listening");
         assert_eq!(line["worker_threads"], workers, "{line}");
         let (status, log) = server.terminate().await;
         assert!(status.success(), "{log}");
     }
-    let refused = Binary::command()
-        .arg("serve")
-        .env("MAILGATE_DATA_DIR", &data)
-        .env("MAILGATE_DATABASE_URL", &db.url)
-        .env("MAILGATE_WORKER_THREADS", "0")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&refused.stderr);
-    assert_eq!(refused.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("worker_threads must be between 1 and 1024"),
-        "{stderr}"
+    // Tokio's own variable counts when the setting is unset, and the setting wins over it.
+    let server = Binary::start(&[
+        ("MAILGATE_DATA_DIR", data.clone()),
+        ("MAILGATE_DATABASE_URL", db.url.clone()),
+        ("TOKIO_WORKER_THREADS", "2".to_owned()),
+    ]);
+    assert_eq!(
+        server.startup_line("mailgate listening")["worker_threads"],
+        2
     );
+    drop(server);
+    for (name, value, message) in [
+        (
+            "MAILGATE_WORKER_THREADS",
+            "0",
+            "worker_threads must be between 1 and 1024",
+        ),
+        (
+            "TOKIO_WORKER_THREADS",
+            "two",
+            "TOKIO_WORKER_THREADS must be a whole number of at least 1",
+        ),
+    ] {
+        let refused = Binary::command()
+            .arg("serve")
+            .env("MAILGATE_DATA_DIR", &data)
+            .env("MAILGATE_DATABASE_URL", &db.url)
+            .env(name, value)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert_eq!(refused.status.code(), Some(2), "{name}={value}: {stderr}");
+        assert!(stderr.contains(message), "{name}={value}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}={value}: {stderr}");
+    }
 }
