@@ -115,7 +115,10 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     L: Layer<S> + Send + Sync + 'static,
 {
-    let static_only = !directives.contains(['[', '{']);
+    // `Targets` reads an empty directive (`info,`) as a bare `error`, which would override
+    // the level before it; `EnvFilter` skips it.
+    let static_only =
+        !directives.contains(['[', '{']) && !directives.split(',').any(|d| d.trim().is_empty());
     match directives.parse::<Targets>() {
         Ok(targets) if static_only => layer.with_filter(targets).boxed(),
         _ => layer.with_filter(EnvFilter::new(directives)).boxed(),
@@ -472,6 +475,9 @@ mod tests {
             ["mailgate debug", "mailgate info", "h2 info"]
         );
         assert_eq!(let_through("h2=off,mailgate=info"), ["mailgate info"]);
+        assert_eq!(let_through("info,"), ["mailgate info", "h2 info"]);
+        assert_eq!(let_through(",h2=off"), [] as [&str; 0]);
+        assert_eq!(let_through("mailgate"), ["mailgate debug", "mailgate info"]);
         assert_eq!(
             let_through("info,[delivery]=debug"),
             ["mailgate info", "h2 info", "h2 debug in delivery"]
