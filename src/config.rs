@@ -97,7 +97,7 @@ pub struct MetricsConfig {
 }
 
 /// Most worker threads `worker_threads` may ask for: beyond this it is a typo, not a machine.
-const MAX_WORKER_THREADS: usize = 1024;
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 impl Default for Config {
     fn default() -> Self {

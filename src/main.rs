@@ -4,7 +4,13 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mailgate::{app::App, auth::Role, config::Config, storage::SqlStore, telemetry};
+use mailgate::{
+    app::App,
+    auth::Role,
+    config::{self, Config},
+    storage::SqlStore,
+    telemetry,
+};
 
 /// Multi-tenant gRPC email notification service.
 #[derive(Debug, Parser)]
@@ -134,14 +140,21 @@ fn main() -> ExitCode {
     let workers = match (config.worker_threads, std::env::var("TOKIO_WORKER_THREADS")) {
         (Some(n), _) => Some(n),
         (None, Err(std::env::VarError::NotPresent)) => None,
-        (None, Ok(v)) if v.trim().parse::<usize>().is_ok_and(|n| n >= 1) => v.trim().parse().ok(),
-        (None, v) => {
-            eprintln!(
-                "mailgate: TOKIO_WORKER_THREADS must be a whole number of at least 1 (or \
-                 unset), not {v:?}"
-            );
-            return ExitCode::from(2);
-        }
+        (None, value) => match value.as_deref().map(|v| v.trim().parse::<usize>()) {
+            Ok(Ok(n)) if (1..=config::MAX_WORKER_THREADS).contains(&n) => Some(n),
+            _ => {
+                let shown = match &value {
+                    Ok(v) => format!("{v:?}"),
+                    Err(_) => "a value that is not UTF-8".to_owned(),
+                };
+                eprintln!(
+                    "mailgate: TOKIO_WORKER_THREADS must be between 1 and {} (or unset), not \
+                     {shown}",
+                    config::MAX_WORKER_THREADS
+                );
+                return ExitCode::from(2);
+            }
+        },
     };
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {

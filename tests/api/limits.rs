@@ -316,15 +316,15 @@ async fn worker_threads_size_the_binarys_runtime() {
         let (status, log) = server.terminate().await;
         assert!(status.success(), "{log}");
     }
-    // Tokio's own variable counts when the setting is unset, and the setting wins over it.
+    // Tokio's own variable counts when the setting is unset (5: not this machine's CPUs).
     let server = Binary::start(&[
         ("MAILGATE_DATA_DIR", data.clone()),
         ("MAILGATE_DATABASE_URL", db.url.clone()),
-        ("TOKIO_WORKER_THREADS", "2".to_owned()),
+        ("TOKIO_WORKER_THREADS", "5".to_owned()),
     ]);
     assert_eq!(
         server.startup_line("mailgate listening")["worker_threads"],
-        2
+        5
     );
     drop(server);
     for (name, value, message) in [
@@ -336,7 +336,12 @@ async fn worker_threads_size_the_binarys_runtime() {
         (
             "TOKIO_WORKER_THREADS",
             "two",
-            "TOKIO_WORKER_THREADS must be a whole number of at least 1",
+            "TOKIO_WORKER_THREADS must be between 1 and 1024 (or unset), not \"two\"",
+        ),
+        (
+            "TOKIO_WORKER_THREADS",
+            "0",
+            "TOKIO_WORKER_THREADS must be between 1 and 1024 (or unset), not \"0\"",
         ),
     ] {
         let refused = Binary::command()
