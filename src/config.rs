@@ -97,7 +97,7 @@ pub struct MetricsConfig {
 }
 
 /// Most worker threads `worker_threads` may ask for: beyond this it is a typo, not a machine.
-pub const MAX_WORKER_THREADS: usize = 1024;
+const MAX_WORKER_THREADS: usize = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -369,6 +369,29 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The async runtime's worker threads: `worker_threads`, else Tokio's own
+    /// `TOKIO_WORKER_THREADS` (checked here: Tokio would panic on a bad value), else None for
+    /// Tokio's default, one per CPU.
+    pub fn runtime_worker_threads(&self) -> Result<Option<usize>, ConfigError> {
+        if self.worker_threads.is_some() {
+            return Ok(self.worker_threads);
+        }
+        let value = match std::env::var("TOKIO_WORKER_THREADS") {
+            Err(std::env::VarError::NotPresent) => return Ok(None),
+            value => value,
+        };
+        match value.as_deref().map(|v| v.trim().parse::<usize>()) {
+            Ok(Ok(n)) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
+            _ => {
+                Err(ConfigError(format!(
+                "TOKIO_WORKER_THREADS must be between 1 and {MAX_WORKER_THREADS} (or unset), not \
+                 {}",
+                value.map_or_else(|_| "a value that is not UTF-8".to_owned(), |v| format!("{v:?}"))
+            )))
+            }
+        }
     }
 
     /// The database URL, defaulting to a SQLite file under `data_dir`.

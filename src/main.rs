@@ -4,13 +4,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use mailgate::{
-    app::App,
-    auth::Role,
-    config::{self, Config},
-    storage::SqlStore,
-    telemetry,
-};
+use mailgate::{app::App, auth::Role, config::Config, storage::SqlStore, telemetry};
 
 /// Multi-tenant gRPC email notification service.
 #[derive(Debug, Parser)]
@@ -128,34 +122,16 @@ fn main() -> ExitCode {
     if let Some(Command::Keys { command }) = cli.command {
         return keys(command);
     }
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
+    let loaded = Config::load(cli.config.as_deref())
+        .and_then(|config| Ok((config.runtime_worker_threads()?, config)));
+    let (workers, config) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("mailgate: {e}");
             return ExitCode::from(2);
         }
     };
-    // Built here, not by `#[tokio::main]`: its size comes from the configuration, else from
-    // Tokio's own variable, checked here (Tokio would panic on a bad value).
-    let workers = match (config.worker_threads, std::env::var("TOKIO_WORKER_THREADS")) {
-        (Some(n), _) => Some(n),
-        (None, Err(std::env::VarError::NotPresent)) => None,
-        (None, value) => match value.as_deref().map(|v| v.trim().parse::<usize>()) {
-            Ok(Ok(n)) if (1..=config::MAX_WORKER_THREADS).contains(&n) => Some(n),
-            _ => {
-                let shown = match &value {
-                    Ok(v) => format!("{v:?}"),
-                    Err(_) => "a value that is not UTF-8".to_owned(),
-                };
-                eprintln!(
-                    "mailgate: TOKIO_WORKER_THREADS must be between 1 and {} (or unset), not \
-                     {shown}",
-                    config::MAX_WORKER_THREADS
-                );
-                return ExitCode::from(2);
-            }
-        },
-    };
+    // Built here, not by `#[tokio::main]`: its size comes from the configuration.
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {
         runtime.worker_threads(n);
