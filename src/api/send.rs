@@ -535,6 +535,12 @@ impl SendService for SendApi {
         // emails themselves go to the writer: one copy in memory, not three).
         let mut messages = Vec::new();
         let mut accepted = Vec::new();
+        // Emails due now that the engine has room for (a slot in hand, or a place in its
+        // line) are stored leased to this process and delivered from memory, as SendEmail
+        // does, instead of queued for a claim, which would rewrite each email's row once
+        // more and read it back. The rest is queued.
+        let mut adoptions = Vec::new();
+        let mut engine_has_room = true;
         for (i, recipient) in req.recipients.into_iter().enumerate() {
             let mut one = base.clone();
             one.to = recipient.to.into_iter().collect();
@@ -549,7 +555,7 @@ impl SendService for SendApi {
             }
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             match self.build(&caller, &one, Some(&route)).await {
-                Ok(message) => {
+                Ok(mut message) => {
                     results.push(pb::BatchResult {
                         index,
                         message_id: message.id.clone(),
@@ -557,17 +563,39 @@ impl SendService for SendApi {
                         error: String::new(),
                     });
                     let scheduled = message.scheduled_after(now_micros());
+                    if !scheduled && engine_has_room {
+                        match self.ctx.engine.reserve() {
+                            Some(reservation) => {
+                                message.lease = Some(reservation.lease().clone());
+                                adoptions.push((accepted.len(), reservation, message.clone()));
+                            }
+                            None => engine_has_room = false,
+                        }
+                    }
                     accepted.push((i, message.id.clone(), scheduled, message.email_type.clone()));
                     messages.push(message);
                 }
                 Err(e) => results.push(batch_error(index, e)),
             }
         }
-        let outcomes = self
-            .ctx
-            .store
-            .insert_messages(messages, now_micros())
+        // Storing and handing over run to the end even if the caller goes away meanwhile
+        // (see `send_email`).
+        let (store, engine) = (self.ctx.store.clone(), self.ctx.engine.clone());
+        let store_all = async move {
+            let now = now_micros();
+            let outcomes = store.insert_messages(messages, now).await?;
+            for (at, reservation, message) in adoptions {
+                if matches!(outcomes.get(at), Some(Ok(InsertOutcome::Created))) {
+                    if let Some(claimed) = Claimed::stored_leased(message, now) {
+                        engine.adopt(reservation, claimed);
+                    }
+                }
+            }
+            Ok::<_, StoreError>(outcomes)
+        };
+        let outcomes = tokio::spawn(store_all.in_current_span())
             .await
+            .map_err(|e| Status::internal(format!("accepting the batch failed: {e}")))?
             .map_err(ApiError::from)?;
         for ((i, id, scheduled, email_type), outcome) in accepted.iter().zip(outcomes) {
             match outcome {

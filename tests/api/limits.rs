@@ -9,8 +9,8 @@ use tokio::sync::broadcast;
 use crate::{
     external::TestPki,
     helpers::{
-        as_tenant, plain_profile, simple_email, test_config, wait_all_settled, Binary, TestApp,
-        TestDatabase,
+        as_tenant, mailbox, plain_profile, simple_email, test_config, wait_all_settled, Binary,
+        TestApp, TestDatabase,
     },
     smtp_server::{Behavior, TestSmtpServer},
 };
@@ -295,6 +295,125 @@ async fn shutdown_finishes_in_flight_work_that_ends_within_the_grace_period() {
     // Both completions were recorded before the engine stopped.
     wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
     assert_eq!(smtp.received().len(), 2);
+}
+
+/// A batch larger than the engine's slots is stored leased to this process and waits in
+/// memory for a slot, instead of being queued for a claim; at shutdown the emails still in
+/// line go back to the queue with the rest, none lost, none counted as an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_beyond_the_engines_slots_waits_in_memory_and_is_released_at_shutdown() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let db = TestDatabase::new().await;
+    let mut config = test_config(&db);
+    // One sending slot: six in hand, a quarter of them (one) kept for claims.
+    config.delivery.concurrency = 1;
+    config.shutdown_grace = Duration::from_millis(500);
+    config.delivery.attempt_timeout = Duration::from_secs(120);
+    let app = TestApp::spawn_on(&db, config.clone()).await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("slow", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_delay: Duration::from_secs(120),
+        ..Behavior::default()
+    });
+    // The engine is running and its only sending slot is held.
+    let mut ids = send_many(&app, &profile_id, 1).await;
+    smtp.wait_for_data(1).await;
+
+    let mut base = simple_email("x@example.com");
+    base.profile_id = profile_id;
+    let recipients = (0..20)
+        .map(|i| BatchRecipient {
+            to: Some(mailbox(&format!("user{i}@example.com"))),
+            ..Default::default()
+        })
+        .collect();
+    let answer = app
+        .send_client()
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base),
+                recipients,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.accepted_count, 20);
+    for r in &answer.results {
+        // Five of the slots in hand, the rest in line: every one leased, none queued.
+        let entry = app.log_entry("acme", &r.message_id).await;
+        assert_eq!(entry.status(), EmailStatus::Sending, "{}", r.index);
+        ids.push(r.message_id.clone());
+    }
+
+    app.stop().await.unwrap();
+    smtp.set_behavior(Behavior::default());
+    config.delivery.enabled = false;
+    let app = TestApp::spawn_on(&db, config).await;
+    for id in &ids {
+        let entry = app.log_entry("acme", id).await;
+        assert_eq!(entry.status(), EmailStatus::Queued, "released, not lost");
+        assert!(entry.attempts.is_empty(), "nothing was attempted");
+    }
+    let mut events = app.events();
+    while app.engine.run_once().await > 0 {}
+    wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
+    assert_eq!(smtp.received().len(), ids.len());
+    app.stop().await.unwrap();
+}
+
+/// An email whose lease runs short while it waits for a sending slot goes back to the
+/// queue unsent and is delivered once under a new lease: sent with too little lease left,
+/// another worker could claim it mid-send and send it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_email_whose_lease_runs_short_before_its_turn_is_given_back_unsent() {
+    let smtp = TestSmtpServer::start(Behavior::default()).await;
+    let app = TestApp::spawn_with(|c| {
+        c.delivery.concurrency = 1;
+        // Each send takes 1.2 s; an attempt needs a second of lease left (half the lease,
+        // shorter than the attempt's deadline), so the email behind the first, which has
+        // 0.8 s left when its turn comes, goes back to the queue.
+        c.delivery.lease = Duration::from_secs(2);
+        c.delivery.attempt_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let profile_id = app
+        .active_profile("acme", plain_profile("slow", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_delay: Duration::from_millis(1200),
+        ..Behavior::default()
+    });
+    let ids = send_many(&app, &profile_id, 2).await;
+    // After the accepts, which announce QUEUED too; the first send takes 1.2 s.
+    let mut events = app.events();
+    let mut given_back = false;
+    let mut sent: Vec<String> = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while sent.len() < ids.len() {
+            let e = events.recv().await.expect("event stream");
+            match e.status {
+                MessageStatus::Queued if e.message_id == ids[1] => given_back = true,
+                MessageStatus::Sent => sent.push(e.message_id),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("both sent in time");
+    assert!(given_back, "the second email went back to the queue");
+    sent.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(sent, expected);
+    assert_eq!(smtp.received().len(), 2, "each sent once");
+    for id in &ids {
+        assert_eq!(app.log_entry("acme", id).await.attempts.len(), 1, "{id}");
+    }
+    app.stop().await.unwrap();
 }
 
 /// `worker_threads` sizes the binary's async runtime (the startup line says how many workers

@@ -7,7 +7,7 @@ mod send;
 use send::record_metrics;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc, Mutex,
@@ -98,6 +98,10 @@ pub struct Engine {
     /// One permit per attempted message whose result waits for its commit,
     /// [`RECORDING_AHEAD`] times as many as `in_hand` (see [`Engine::deliver_traced`]).
     recording: Semaphore,
+    /// One permit per adopted email waiting in memory for a slot in hand (see
+    /// [`Engine::reserve`]): [`WAITING_AHEAD`] times as many as `in_hand`, at most
+    /// [`MAX_WAITING`].
+    waiting: Arc<Semaphore>,
     /// Where adopted emails go while the engine runs (see [`Engine::reserve`]).
     adopt: Mutex<Option<Adoptions>>,
     /// Whether a claim is running: it holds its slots already, so accepts may take the rest.
@@ -105,13 +109,27 @@ pub struct Engine {
 }
 
 /// The way to the running engine for emails stored leased to this process.
-type Adoptions = mpsc::UnboundedSender<(Claimed, OwnedSemaphorePermit)>;
+type Adoptions = mpsc::UnboundedSender<Adopted>;
+
+/// An email stored leased to this process, on its way to the engine.
+type Adopted = (Claimed, Slot, i64);
+
+/// What a reservation holds: a slot in hand, or a place in the line of adopted emails
+/// waiting for one.
+#[derive(Debug)]
+enum Slot {
+    InHand(OwnedSemaphorePermit),
+    /// Held until the email takes a slot in hand: its place in line.
+    Waiting {
+        _place: OwnedSemaphorePermit,
+    },
+}
 
 /// A slot in the engine taken for an email about to be accepted (see [`Engine::reserve`]).
 /// Dropping it gives the slot back.
 #[derive(Debug)]
 pub struct Reservation {
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     to_engine: Adoptions,
     lease: Lease,
 }
@@ -139,6 +157,23 @@ pub(super) const CLAIM_AHEAD: usize = 6;
 /// the attempts found none free and kept their slot meanwhile, and SendBatch delivered
 /// 9-12 % less than with four, where none waited (docs/benchmarks.md).
 const RECORDING_AHEAD: usize = 4;
+
+/// Adopted emails that may wait in memory for a slot in hand, per slot in hand (at most
+/// [`MAX_WAITING`]). When every slot is taken, an email accepted with room in this line is
+/// still stored leased to this process and delivered from memory as soon as a slot frees,
+/// instead of being queued: a queued email costs a claim, which rewrites its row once more
+/// (with every index of it) and reads it back, body included. Under a SendBatch burst,
+/// accepts outrun deliveries and the slots are always taken, so without this line nearly
+/// every email went through a claim.
+const WAITING_AHEAD: usize = 20;
+
+/// The most adopted emails waiting in memory: each holds its content (a few KB).
+const MAX_WAITING: usize = 4096;
+
+/// Slots that free up while adopted emails wait go to them, but after this many in a row
+/// (per quarter of the slots) a claim gets a quarter of the slots: emails already queued
+/// (retries, scheduled ones come due, those accepted while the line was full) keep moving.
+const WAITING_TURNS: usize = 7;
 
 /// How far ahead (seconds) a worker looks for a free per-second slot before it puts the
 /// message back in the queue.
@@ -176,6 +211,9 @@ impl Engine {
         let in_hand_total = settings.concurrency.max(1) * CLAIM_AHEAD;
         Self {
             in_hand: Arc::new(Semaphore::new(in_hand_total)),
+            waiting: Arc::new(Semaphore::new(
+                (in_hand_total * WAITING_AHEAD).min(MAX_WAITING),
+            )),
             in_hand_total,
             recording: Semaphore::new(RECORDING_AHEAD * in_hand_total),
             adopt: Mutex::new(None),
@@ -231,23 +269,27 @@ impl Engine {
 
     /// Claims what is due now and delivers it all; returns how many were claimed.
     pub async fn run_once(self: &Arc<Self>) -> usize {
-        let claimed = self.claim(self.settings.concurrency).await;
+        let (claimed, until) = self.claim(self.settings.concurrency).await;
         let count = claimed.len();
         let mut tasks = JoinSet::new();
         for c in claimed {
             let engine = Arc::clone(self);
-            tasks.spawn(Box::pin(async move { engine.deliver(c, None).await }));
+            tasks.spawn(Box::pin(
+                async move { engine.deliver(c, until, None).await },
+            ));
         }
         while tasks.join_next().await.is_some() {}
         count
     }
 
-    async fn claim(&self, limit: usize) -> Vec<Claimed> {
+    /// Leases up to `limit` due messages; returns them and the end of their lease.
+    async fn claim(&self, limit: usize) -> (Vec<Claimed>, i64) {
         let now = now_micros();
+        let until = now + micros(self.settings.lease);
         let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-        match self
+        let claimed = match self
             .store
-            .claim_due(now, now + micros(self.settings.lease), limit)
+            .claim_due(now, until, limit)
             .instrument(tracing::debug_span!("claim", limit))
             .await
         {
@@ -263,37 +305,55 @@ impl Engine {
                 warn!(error = %e, "claiming due messages failed");
                 Vec::new()
             }
-        }
+        };
+        (claimed, until)
     }
 
     /// Takes a slot for an email this process is about to accept, so that it is stored
     /// leased to this process ([`crate::domain::NewMessage::lease`]) and delivered at once,
-    /// without a claim. None when the engine is not running or is busy: a quarter of the
-    /// slots stays for claims, so emails waiting in the queue keep moving. While a claim
-    /// runs it holds its slots already, and accepts may take all the others.
+    /// without a claim; or, when the slots are taken, a place in the line of adopted emails
+    /// that wait in memory for one ([`WAITING_AHEAD`]). A quarter of the slots stays for
+    /// claims, so emails waiting in the queue keep moving; while a claim runs it holds its
+    /// slots already, and accepts may take all the others. None when the engine is not
+    /// running or the line is full too.
     pub fn reserve(&self) -> Option<Reservation> {
         let keep = if self.claiming.load(Ordering::Acquire) {
             0
         } else {
             self.spare()
         };
-        if self.in_hand.available_permits() <= keep {
-            return None;
-        }
         let to_engine = self
             .adopt
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        let permit = Arc::clone(&self.in_hand).try_acquire_owned().ok()?;
+        let in_hand = if self.in_hand.available_permits() > keep {
+            Arc::clone(&self.in_hand).try_acquire_owned().ok()
+        } else {
+            None
+        };
+        let slot = match in_hand {
+            Some(permit) => Slot::InHand(permit),
+            None => Slot::Waiting {
+                _place: Arc::clone(&self.waiting).try_acquire_owned().ok()?,
+            },
+        };
         Some(Reservation {
-            permit,
+            slot,
             to_engine,
             lease: Lease {
                 token: uuid::Uuid::new_v4().to_string(),
                 until: now_micros() + micros(self.settings.lease),
             },
         })
+    }
+
+    /// The least lease an email must have left for an attempt to start: an attempt's
+    /// deadline, or half the lease if that is shorter (so that a lease shorter than the
+    /// deadline, a configuration the operations guide warns against, still lets fresh
+    /// emails through).
+    fn lease_margin(&self) -> i64 {
+        micros(self.settings.attempt_timeout).min(micros(self.settings.lease) / 2)
     }
 
     /// Slots that accepts leave to claims, and claims to accepts: a quarter of them.
@@ -309,9 +369,11 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .insert(claimed.message.id.clone(), claimed.lease_token.clone());
         let Reservation {
-            permit, to_engine, ..
+            slot,
+            to_engine,
+            lease,
         } = reservation;
-        if to_engine.send((claimed, permit)).is_err() {
+        if to_engine.send((claimed, slot, lease.until)).is_err() {
             tracing::debug!("engine stopped before an adopted email; its lease will run out");
         }
     }
@@ -330,14 +392,34 @@ impl Engine {
         // deliveries alone do not call for a claim.
         let mut want_claim = true;
         let mut next_poll = Instant::now() + self.settings.poll_interval;
-        let spawn = |tasks: &mut JoinSet<()>, c: Claimed, permit: OwnedSemaphorePermit| {
-            let engine = Arc::clone(&self);
-            // Boxed: the delivery's future is large (the email, its SMTP exchange), and a
-            // task's future is moved into the task on spawn and its stage rewritten when it
-            // ends; those copies were a tenth of the server's CPU under load.
-            tasks.spawn(Box::pin(
-                async move { engine.deliver(c, Some(permit)).await },
-            ));
+        // A claim's share of the slots, and the most it takes while adopted emails wait.
+        let batch = (in_hand / 4).max(1);
+        // Adopted emails waiting for a slot in hand, oldest first, and how many of them took
+        // a slot since the last claim (see [`WAITING_TURNS`]).
+        let mut line: VecDeque<Adopted> = VecDeque::new();
+        let mut from_line = 0usize;
+        // Slots a claim waited for while adopted emails wait.
+        let mut ready: Option<OwnedSemaphorePermit> = None;
+        let spawn =
+            |tasks: &mut JoinSet<()>, c: Claimed, until: i64, permit: OwnedSemaphorePermit| {
+                let engine = Arc::clone(&self);
+                // Boxed: the delivery's future is large (the email, its SMTP exchange), and a
+                // task's future is moved into the task on spawn and its stage rewritten when
+                // it ends; those copies were a tenth of the server's CPU under load.
+                tasks.spawn(Box::pin(async move {
+                    engine.deliver(c, until, Some(permit)).await
+                }));
+            };
+        // An adopted email with a slot in hand is delivered; one without waits in line.
+        let receive = |tasks: &mut JoinSet<()>, line: &mut VecDeque<Adopted>, a: Adopted| match a {
+            (c, Slot::InHand(permit), until) => spawn(tasks, c, until, permit),
+            waiting => line.push_back(waiting),
+        };
+        // The first email in line takes `permit` (and gives its place in line back).
+        let board = |tasks: &mut JoinSet<()>, line: &mut VecDeque<Adopted>, permit| {
+            if let Some((c, _place, until)) = line.pop_front() {
+                spawn(tasks, c, until, permit);
+            }
         };
         loop {
             if *shutdown.borrow() {
@@ -347,12 +429,21 @@ impl Engine {
             // 8 KB) until it is joined: join every finished one now. Joining one per turn let
             // thousands pile up under load (165 MB at the peak of a 20,000-email run).
             while tasks.try_join_next().is_some() {}
-            while let Ok((c, permit)) = adopted.try_recv() {
-                spawn(&mut tasks, c, permit);
+            while let Ok(a) = adopted.try_recv() {
+                receive(&mut tasks, &mut line, a);
             }
             if Instant::now() >= next_poll {
                 want_claim = true;
                 next_poll = Instant::now() + self.settings.poll_interval;
+            }
+            // Free slots go to the adopted emails in line first, a claim's turn aside.
+            let turns = WAITING_TURNS * batch;
+            while !line.is_empty() && (!want_claim || from_line < turns) {
+                let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+                    break;
+                };
+                board(&mut tasks, &mut line, permit);
+                from_line += 1;
             }
             let mut claimed_all = false;
             // The slots are taken before the claim: an email accepted meanwhile cannot take
@@ -360,50 +451,76 @@ impl Engine {
             // to the emails accepted while it runs (when that many are free), or they would
             // all be queued, each waking the engine for another claim: at a steady 1,000
             // emails/s most emails went through a claim that way, an extra write each.
+            // While adopted emails wait, a claim takes a quarter of the slots, on its turn.
             let free = permits.available_permits();
-            let take = if free > self.spare() {
-                free - self.spare()
+            let slots = if let Some(slots) = ready.take() {
+                Some(slots)
+            } else if !want_claim {
+                None
+            } else if line.is_empty() {
+                let take = if free > self.spare() {
+                    free - self.spare()
+                } else {
+                    free
+                };
+                match u32::try_from(take) {
+                    Ok(n) if n > 0 => Arc::clone(&permits).try_acquire_many_owned(n).ok(),
+                    _ => None,
+                }
+            } else if from_line >= turns && free >= batch {
+                u32::try_from(batch)
+                    .ok()
+                    .and_then(|n| Arc::clone(&permits).try_acquire_many_owned(n).ok())
             } else {
-                free
-            };
-            let slots = match u32::try_from(take) {
-                Ok(n) if n > 0 && want_claim => Arc::clone(&permits).try_acquire_many_owned(n).ok(),
-                _ => None,
+                None
             };
             if let Some(mut slots) = slots {
+                let take = slots.num_permits();
                 self.claiming.store(true, Ordering::Release);
-                let claimed = self.claim(take).await;
+                let (claimed, until) = self.claim(take).await;
                 self.claiming.store(false, Ordering::Release);
+                from_line = 0;
                 claimed_all = !claimed.is_empty() && claimed.len() == take;
                 // Fewer than asked: the queue has nothing more due. The next claim waits for
                 // a wake (an email queued), the poll, or a full claim.
                 want_claim = claimed_all;
                 for c in claimed {
                     let Some(permit) = slots.split(1) else { break };
-                    spawn(&mut tasks, c, permit);
+                    spawn(&mut tasks, c, until, permit);
                 }
             }
-            if claimed_all {
+            if claimed_all && line.is_empty() {
                 // More are due: wait until a quarter of the slots is free, so claims stay
                 // batched instead of one statement per finished delivery.
-                let batch = (in_hand / 4).max(1);
-                while permits.available_permits() < batch && !tasks.is_empty() {
+                while permits.available_permits() < batch && !tasks.is_empty() && line.is_empty() {
                     tokio::select! {
                         _ = tasks.join_next() => {}
-                        Some((c, permit)) = adopted.recv() => spawn(&mut tasks, c, permit),
+                        Some(a) = adopted.recv() => receive(&mut tasks, &mut line, a),
                         _ = shutdown.changed() => break,
                     }
                 }
                 continue;
             }
+            let boarding = !line.is_empty() && (!want_claim || from_line < turns);
+            let claim_turn = !line.is_empty() && want_claim && from_line >= turns;
             tokio::select! {
                 _ = self.wake.notified() => want_claim = true,
                 _ = tokio::time::sleep_until(next_poll) => {}
                 _ = tasks.join_next(), if !tasks.is_empty() => {}
-                Some((c, permit)) = adopted.recv() => spawn(&mut tasks, c, permit),
+                Some(a) = adopted.recv() => receive(&mut tasks, &mut line, a),
+                Ok(permit) = Arc::clone(&permits).acquire_owned(), if boarding => {
+                    board(&mut tasks, &mut line, permit);
+                    from_line += 1;
+                }
+                Ok(slots) = Arc::clone(&permits).acquire_many_owned(
+                    u32::try_from(batch).unwrap_or(u32::MAX)
+                ), if claim_turn => ready = Some(slots),
                 _ = shutdown.changed() => {}
             }
         }
+        // The emails in line go back to the queue below with the rest (`in_flight`).
+        line.clear();
+        drop(ready);
         // No more adoptions; those already sent are in `in_flight` and go back to the queue
         // below with the rest.
         *self.adopt.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -433,10 +550,35 @@ impl Engine {
         info!("delivery engine stopped");
     }
 
+    /// Gives an email whose lease is about to run out back to the queue, unsent, where any
+    /// worker may claim it: sent now, it could still be sending when another worker claims it
+    /// and sends it again.
+    async fn give_back(&self, claimed: &Claimed) {
+        let id = &claimed.message.id;
+        match self
+            .store
+            .release(id, &claimed.lease_token, now_micros())
+            .await
+        {
+            Ok(()) => {
+                info!("the lease ran short while the email waited for a sending slot; back to the queue");
+                self.publish(&claimed.message.tenant_id, id, MessageStatus::Queued);
+                self.wake();
+            }
+            Err(e) => {
+                warn!(error = %e, "giving back an email failed; its lease will run out")
+            }
+        }
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
     /// Delivers one email in hand in a span that continues the accepting request's trace; its
     /// slot (`permit`, if it holds one) is given back once the attempt ends, before the
     /// result is committed (see [`Self::deliver_traced`]).
-    async fn deliver(&self, claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
+    async fn deliver(&self, claimed: Claimed, until: i64, permit: Option<OwnedSemaphorePermit>) {
         let message = &claimed.message;
         let span = tracing::info_span!(
             "delivery",
@@ -450,14 +592,31 @@ impl Engine {
             span.record("trace_id", message.trace_id.as_str());
         }
         crate::telemetry::continue_trace(&span, &message.traceparent);
-        self.deliver_traced(claimed, permit).instrument(span).await;
+        self.deliver_traced(claimed, until, permit)
+            .instrument(span)
+            .await;
     }
 
-    async fn deliver_traced(&self, mut claimed: Claimed, permit: Option<OwnedSemaphorePermit>) {
+    async fn deliver_traced(
+        &self,
+        mut claimed: Claimed,
+        until: i64,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         let (attempts, completion) = {
             // The semaphore is never closed, so the permit always comes.
-            let _sending = self.sending.acquire().await.ok();
-            self.attempt(&claimed).await
+            let sending = self.sending.acquire().await.ok();
+            // An email may wait for a sending slot (in line, or in hand behind slow sends)
+            // until little of its lease is left: leases are not renewed, so it goes back to
+            // the queue rather than start an attempt that could outlive the lease.
+            if now_micros() > until - self.lease_margin() {
+                drop((sending, permit));
+                self.give_back(&claimed).await;
+                return;
+            }
+            let done = self.attempt(&claimed).await;
+            drop(sending);
+            done
         };
         // Recording the result needs none of what was sent: the bodies and attachments go
         // before it waits for its commit, where as many emails may wait as are in hand.
