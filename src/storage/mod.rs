@@ -317,13 +317,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         completion: &Completion,
         now: i64,
     ) -> Result<bool, StoreError>;
-    /// Gives a leased message back to the queue without an attempt (graceful shutdown).
+    /// Gives a leased message back to the queue without an attempt (graceful shutdown, a
+    /// lease too short to start an attempt). False when the lease was no longer held (it ran
+    /// out and another worker claimed the message): nothing changed.
     async fn release(
         &self,
         message_id: &str,
         lease_token: &str,
         now: i64,
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Takes one slot of `profile_id`'s window `[window_start, window_start + window_secs)`
     /// (unix seconds) if fewer than `limit` are taken. Atomic across processes.
     async fn reserve_slot(

@@ -914,8 +914,8 @@ impl Store for SqlStore {
         message_id: &str,
         lease_token: &str,
         now: i64,
-    ) -> Result<(), StoreError> {
-        sqlx::query(
+    ) -> Result<bool, StoreError> {
+        let done = sqlx::query(
             "UPDATE messages SET status = 'QUEUED', due_at = $1, lease_token = NULL, \
              updated_at = $1 WHERE id = $2 AND lease_token = $3",
         )
@@ -925,7 +925,7 @@ impl Store for SqlStore {
         .execute(&self.pool)
         .await
         .map_err(db_error)?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 }
 

@@ -271,14 +271,21 @@ async fn deferred_messages_wait_for_their_time_and_release_requeues() {
         .unwrap();
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].message.attempt_count, 1);
-    store
+    // A token that does not hold the lease releases nothing.
+    assert!(!store
+        .release(&again[0].message.id, "not-the-lease", now + 30_000_000)
+        .await
+        .unwrap());
+    let m = store.get_message("t1", &again[0].message.id).await.unwrap();
+    assert_eq!(m.status, MessageStatus::Sending);
+    assert!(store
         .release(
             &again[0].message.id,
             &again[0].lease_token,
             now + 30_000_000,
         )
         .await
-        .unwrap();
+        .unwrap());
     let m = store.get_message("t1", &again[0].message.id).await.unwrap();
     assert_eq!(m.status, MessageStatus::Queued);
     assert_eq!(

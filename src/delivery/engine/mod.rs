@@ -560,19 +560,23 @@ impl Engine {
             .release(id, &claimed.lease_token, now_micros())
             .await
         {
-            Ok(()) => {
+            Ok(true) => {
                 info!("the lease ran short while the email waited for a sending slot; back to the queue");
                 self.publish(&claimed.message.tenant_id, id, MessageStatus::Queued);
                 self.wake();
+            }
+            Ok(false) => {
+                info!("the lease ran out while the email waited for a sending slot; another worker has it")
             }
             Err(e) => {
                 warn!(error = %e, "giving back an email failed; its lease will run out")
             }
         }
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id);
+        // Unless this process has claimed it again meanwhile, under another lease.
+        let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        if in_flight.get(id) == Some(&claimed.lease_token) {
+            in_flight.remove(id);
+        }
     }
 
     /// Delivers one email in hand in a span that continues the accepting request's trace; its
