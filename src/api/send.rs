@@ -532,7 +532,8 @@ impl SendService for SendApi {
         let route = self.route(&caller, &base).await?;
         let mut results: Vec<pb::BatchResult> = Vec::with_capacity(req.recipients.len());
         // The emails to store, and for each what the answer needs once it is stored (the
-        // emails themselves go to the writer: one copy in memory, not three).
+        // emails themselves go to the writer: one copy in memory, not three; those handed to
+        // the engine keep a second copy for it).
         let mut messages = Vec::new();
         let mut accepted = Vec::new();
         // Emails due now that the engine has room for (a slot in hand, or a place in its
@@ -579,35 +580,51 @@ impl SendService for SendApi {
             }
         }
         // Storing and handing over run to the end even if the caller goes away meanwhile
-        // (see `send_email`).
+        // (see `send_email`); each email is announced before the engine may announce its
+        // delivery.
         let (store, engine) = (self.ctx.store.clone(), self.ctx.engine.clone());
+        let tenant_id = caller.tenant_id.clone();
         let store_all = async move {
             let now = now_micros();
             let outcomes = store.insert_messages(messages, now).await?;
-            for (at, reservation, message) in adoptions {
-                if matches!(outcomes.get(at), Some(Ok(InsertOutcome::Created))) {
-                    if let Some(claimed) = Claimed::stored_leased(message, now) {
-                        engine.adopt(reservation, claimed);
-                    }
-                }
-            }
-            Ok::<_, StoreError>(outcomes)
-        };
-        let outcomes = tokio::spawn(store_all.in_current_span())
-            .await
-            .map_err(|e| Status::internal(format!("accepting the batch failed: {e}")))?
-            .map_err(ApiError::from)?;
-        for ((i, id, scheduled, email_type), outcome) in accepted.iter().zip(outcomes) {
-            match outcome {
-                Ok(InsertOutcome::Created) => {
+            for ((_, id, scheduled, email_type), outcome) in accepted.iter().zip(&outcomes) {
+                if let Ok(InsertOutcome::Created) = outcome {
                     let status = if *scheduled {
                         MessageStatus::Scheduled
                     } else {
                         MessageStatus::Queued
                     };
-                    self.ctx.engine.publish(&caller.tenant_id, id, status);
-                    count_accepted(&caller.tenant_id, email_type);
+                    engine.publish(&tenant_id, id, status);
+                    count_accepted(&tenant_id, email_type);
                 }
+            }
+            let mut handed_over = vec![false; outcomes.len()];
+            for (at, reservation, message) in adoptions {
+                if matches!(outcomes.get(at), Some(Ok(InsertOutcome::Created))) {
+                    if let Some(claimed) = Claimed::stored_leased(message, now) {
+                        engine.adopt(reservation, claimed);
+                        handed_over[at] = true;
+                    }
+                }
+            }
+            // The engine claims only for emails it was not handed: a claim while adopted
+            // emails wait would hold a quarter of its slots for a round trip, for nothing.
+            let queued = outcomes
+                .iter()
+                .zip(&handed_over)
+                .any(|(o, handed)| matches!(o, Ok(InsertOutcome::Created)) && !handed);
+            if queued {
+                engine.wake();
+            }
+            Ok::<_, StoreError>((accepted, outcomes))
+        };
+        let (accepted, outcomes) = tokio::spawn(store_all.in_current_span())
+            .await
+            .map_err(|e| Status::internal(format!("accepting the batch failed: {e}")))?
+            .map_err(ApiError::from)?;
+        for ((i, ..), outcome) in accepted.iter().zip(outcomes) {
+            match outcome {
+                Ok(InsertOutcome::Created) => {}
                 Ok(InsertOutcome::Replayed { id, .. }) => results[*i].message_id = id,
                 Err(e) => {
                     let index = results[*i].index;
@@ -615,7 +632,6 @@ impl SendService for SendApi {
                 }
             }
         }
-        self.ctx.engine.wake();
         let accepted_count =
             u32::try_from(results.iter().filter(|r| r.code == 0).count()).unwrap_or(u32::MAX);
         Ok(Response::new(pb::SendBatchResponse {

@@ -373,10 +373,10 @@ async fn an_email_whose_lease_runs_short_before_its_turn_is_given_back_unsent() 
     let smtp = TestSmtpServer::start(Behavior::default()).await;
     let app = TestApp::spawn_with(|c| {
         c.delivery.concurrency = 1;
-        // Each send takes 1.2 s; an attempt needs a second of lease left (half the lease,
-        // shorter than the attempt's deadline), so the email behind the first, which has
-        // 0.8 s left when its turn comes, goes back to the queue.
-        c.delivery.lease = Duration::from_secs(2);
+        // Each send takes 3 s; an attempt needs 2 s of lease left (half the lease, shorter
+        // than the attempt's deadline), so the email behind the first, which has about 1 s
+        // left when its turn comes, goes back to the queue. A second either way to spare.
+        c.delivery.lease = Duration::from_secs(4);
         c.delivery.attempt_timeout = Duration::from_secs(60);
     })
     .await;
@@ -384,11 +384,11 @@ async fn an_email_whose_lease_runs_short_before_its_turn_is_given_back_unsent() 
         .active_profile("acme", plain_profile("slow", smtp.port))
         .await;
     smtp.set_behavior(Behavior {
-        data_delay: Duration::from_millis(1200),
+        data_delay: Duration::from_secs(3),
         ..Behavior::default()
     });
     let ids = send_many(&app, &profile_id, 2).await;
-    // After the accepts, which announce QUEUED too; the first send takes 1.2 s.
+    // After the accepts, which announce QUEUED too; the first send takes 3 s.
     let mut events = app.events();
     let mut given_back = false;
     let mut sent: Vec<String> = Vec::new();

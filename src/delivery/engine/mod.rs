@@ -349,11 +349,14 @@ impl Engine {
     }
 
     /// The least lease an email must have left for an attempt to start: an attempt's
-    /// deadline, or half the lease if that is shorter (so that a lease shorter than the
-    /// deadline, a configuration the operations guide warns against, still lets fresh
-    /// emails through).
+    /// deadline plus the longest wait for a profile's rate limit, or half the lease if that
+    /// is shorter (so that fresh emails still go out under a lease that short, which the
+    /// operations guide warns against). A fallback attempt after a failed one may still
+    /// outlive the lease: the guide asks for a lease well above the deadline.
     fn lease_margin(&self) -> i64 {
-        micros(self.settings.attempt_timeout).min(micros(self.settings.lease) / 2)
+        let lookahead = RATE_LOOKAHEAD_SECS.min(micros(self.settings.lease) / 2_000_000);
+        (micros(self.settings.attempt_timeout) + lookahead * 1_000_000)
+            .min(micros(self.settings.lease) / 2)
     }
 
     /// Slots that accepts leave to claims, and claims to accepts: a quarter of them.
