@@ -231,50 +231,83 @@ async fn auth_failure_retries_without_fallback_and_falls_back_when_allowed() {
     app.stop().await.unwrap();
 }
 
+/// An app whose SMTP server takes two minutes to answer the end of DATA (far beyond the
+/// half-second grace period of its shutdown), on a database a second app can reopen.
+struct Stalled {
+    smtp: TestSmtpServer,
+    db: TestDatabase,
+    config: mailgate::config::Config,
+    app: TestApp,
+    profile_id: String,
+}
+
+impl Stalled {
+    async fn start(adjust: impl FnOnce(&mut mailgate::config::Config)) -> Self {
+        let smtp = TestSmtpServer::start(Behavior::default()).await;
+        let db = TestDatabase::new().await;
+        let mut config = test_config(&db);
+        config.shutdown_grace = Duration::from_millis(500);
+        config.delivery.attempt_timeout = Duration::from_secs(120);
+        adjust(&mut config);
+        let app = TestApp::spawn_on(&db, config.clone()).await;
+        let profile_id = app
+            .active_profile("acme", plain_profile("slow", smtp.port))
+            .await;
+        smtp.set_behavior(Behavior {
+            data_delay: Duration::from_secs(120),
+            ..Behavior::default()
+        });
+        Self {
+            smtp,
+            db,
+            config,
+            app,
+            profile_id,
+        }
+    }
+
+    /// Stops the app, then checks that a new process on the same database finds every one
+    /// of `ids` back in the queue, unattempted, and sends each once.
+    async fn stop_then_deliver_elsewhere(self, ids: &[String]) {
+        let Self {
+            smtp,
+            db,
+            mut config,
+            app,
+            ..
+        } = self;
+        let stopping = std::time::Instant::now();
+        app.stop().await.unwrap();
+        let took = stopping.elapsed();
+        assert!(
+            took < Duration::from_secs(30),
+            "shutdown waited {took:?} for a server that answers after 120s"
+        );
+        smtp.set_behavior(Behavior::default());
+        config.delivery.enabled = false;
+        let app = TestApp::spawn_on(&db, config).await;
+        for id in ids {
+            let entry = app.log_entry("acme", id).await;
+            assert_eq!(entry.status(), EmailStatus::Queued, "released, not lost");
+            assert!(
+                entry.attempts.is_empty(),
+                "an interrupted send is not an attempt"
+            );
+        }
+        let mut events = app.events();
+        while app.engine.run_once().await > 0 {}
+        wait_all_with(&mut events, ids, MessageStatus::Sent).await;
+        assert_eq!(smtp.received().len(), ids.len());
+        app.stop().await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_releases_in_flight_work_within_its_grace_period() {
-    let smtp = TestSmtpServer::start(Behavior::default()).await;
-    let db = TestDatabase::new().await;
-    let mut config = test_config(&db);
-    config.shutdown_grace = Duration::from_millis(500);
-    config.delivery.attempt_timeout = Duration::from_secs(120);
-    let app = TestApp::spawn_on(&db, config.clone()).await;
-    let profile_id = app
-        .active_profile("acme", plain_profile("slow", smtp.port))
-        .await;
-    // The server takes two minutes to answer the end of DATA: far beyond the grace period.
-    smtp.set_behavior(Behavior {
-        data_delay: Duration::from_secs(120),
-        ..Behavior::default()
-    });
-    let ids = send_many(&app, &profile_id, 3).await;
-    smtp.wait_for_data(3).await;
-
-    let stopping = std::time::Instant::now();
-    app.stop().await.unwrap();
-    let took = stopping.elapsed();
-    assert!(
-        took < Duration::from_secs(30),
-        "shutdown waited {took:?} for a server that answers after 120s"
-    );
-
-    // A new process on the same database finds the three back in the queue and sends them.
-    smtp.set_behavior(Behavior::default());
-    config.delivery.enabled = false;
-    let app = TestApp::spawn_on(&db, config).await;
-    for id in &ids {
-        let entry = app.log_entry("acme", id).await;
-        assert_eq!(entry.status(), EmailStatus::Queued, "released, not lost");
-        assert!(
-            entry.attempts.is_empty(),
-            "an interrupted send is not an attempt"
-        );
-    }
-    let mut events = app.events();
-    assert_eq!(app.engine.run_once().await, 3);
-    wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
-    assert_eq!(smtp.received().len(), 3);
-    app.stop().await.unwrap();
+    let stalled = Stalled::start(|_| {}).await;
+    let ids = send_many(&stalled.app, &stalled.profile_id, 3).await;
+    stalled.smtp.wait_for_data(3).await;
+    stalled.stop_then_deliver_elsewhere(&ids).await;
 }
 
 #[tokio::test]
@@ -302,34 +335,22 @@ async fn shutdown_finishes_in_flight_work_that_ends_within_the_grace_period() {
 /// line go back to the queue with the rest, none lost, none counted as an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_beyond_the_engines_slots_waits_in_memory_and_is_released_at_shutdown() {
-    let smtp = TestSmtpServer::start(Behavior::default()).await;
-    let db = TestDatabase::new().await;
-    let mut config = test_config(&db);
     // One sending slot: six in hand, a quarter of them (one) kept for claims.
-    config.delivery.concurrency = 1;
-    config.shutdown_grace = Duration::from_millis(500);
-    config.delivery.attempt_timeout = Duration::from_secs(120);
-    let app = TestApp::spawn_on(&db, config.clone()).await;
-    let profile_id = app
-        .active_profile("acme", plain_profile("slow", smtp.port))
-        .await;
-    smtp.set_behavior(Behavior {
-        data_delay: Duration::from_secs(120),
-        ..Behavior::default()
-    });
+    let stalled = Stalled::start(|c| c.delivery.concurrency = 1).await;
     // The engine is running and its only sending slot is held.
-    let mut ids = send_many(&app, &profile_id, 1).await;
-    smtp.wait_for_data(1).await;
+    let mut ids = send_many(&stalled.app, &stalled.profile_id, 1).await;
+    stalled.smtp.wait_for_data(1).await;
 
     let mut base = simple_email("x@example.com");
-    base.profile_id = profile_id;
+    base.profile_id = stalled.profile_id.clone();
     let recipients = (0..20)
         .map(|i| BatchRecipient {
             to: Some(mailbox(&format!("user{i}@example.com"))),
             ..Default::default()
         })
         .collect();
-    let answer = app
+    let answer = stalled
+        .app
         .send_client()
         .send_batch(as_tenant(
             "acme",
@@ -343,26 +364,12 @@ async fn a_batch_beyond_the_engines_slots_waits_in_memory_and_is_released_at_shu
         .into_inner();
     assert_eq!(answer.accepted_count, 20);
     for r in &answer.results {
-        // Five of the slots in hand, the rest in line: every one leased, none queued.
-        let entry = app.log_entry("acme", &r.message_id).await;
+        // Four of the slots in hand, the rest in line: every one leased, none queued.
+        let entry = stalled.app.log_entry("acme", &r.message_id).await;
         assert_eq!(entry.status(), EmailStatus::Sending, "{}", r.index);
         ids.push(r.message_id.clone());
     }
-
-    app.stop().await.unwrap();
-    smtp.set_behavior(Behavior::default());
-    config.delivery.enabled = false;
-    let app = TestApp::spawn_on(&db, config).await;
-    for id in &ids {
-        let entry = app.log_entry("acme", id).await;
-        assert_eq!(entry.status(), EmailStatus::Queued, "released, not lost");
-        assert!(entry.attempts.is_empty(), "nothing was attempted");
-    }
-    let mut events = app.events();
-    while app.engine.run_once().await > 0 {}
-    wait_all_with(&mut events, &ids, MessageStatus::Sent).await;
-    assert_eq!(smtp.received().len(), ids.len());
-    app.stop().await.unwrap();
+    stalled.stop_then_deliver_elsewhere(&ids).await;
 }
 
 /// An email whose lease runs short while it waits for a sending slot goes back to the
