@@ -9,7 +9,7 @@ use super::{
     caller, convert::micros, convert::status_to_proto, template::variables_json, ApiContext, Caller,
 };
 use crate::{
-    delivery::now_micros,
+    delivery::{now_micros, Engine},
     domain::{
         check_max_len, validate_headers, Attachment, EmailAddress, Header, Mailbox, MessageContent,
         MessageStatus, NewMessage, SendingContext, Violations,
@@ -65,6 +65,25 @@ fn count_accepted(tenant_id: &str, email_type: &str) {
             opentelemetry::KeyValue::new("type", email_type.to_owned()),
         ],
     );
+}
+
+/// Counts a stored email and announces its status (SCHEDULED or QUEUED, as the answer
+/// says), before the engine may announce its delivery.
+fn announce_accepted(
+    engine: &Engine,
+    tenant_id: &str,
+    id: &str,
+    email_type: &str,
+    scheduled: bool,
+) -> MessageStatus {
+    count_accepted(tenant_id, email_type);
+    let status = if scheduled {
+        MessageStatus::Scheduled
+    } else {
+        MessageStatus::Queued
+    };
+    engine.publish(tenant_id, id, status);
+    status
 }
 
 /// The result of a refused batch recipient.
@@ -472,13 +491,13 @@ impl SendService for SendApi {
             let outcome = store.insert_message(&message, now).await?;
             Ok::<_, StoreError>(match outcome {
                 InsertOutcome::Created => {
-                    count_accepted(&tenant_id, &message.email_type);
-                    let status = if message.scheduled_after(now) {
-                        MessageStatus::Scheduled
-                    } else {
-                        MessageStatus::Queued
-                    };
-                    engine.publish(&tenant_id, &message.id, status);
+                    let status = announce_accepted(
+                        &engine,
+                        &tenant_id,
+                        &message.id,
+                        &message.email_type,
+                        message.scheduled_after(now),
+                    );
                     let id = message.id.clone();
                     match (reservation, Claimed::stored_leased(message, now)) {
                         (Some(reservation), Some(claimed)) => engine.adopt(reservation, claimed),
@@ -587,33 +606,25 @@ impl SendService for SendApi {
         let store_all = async move {
             let now = now_micros();
             let outcomes = store.insert_messages(messages, now).await?;
+            let mut created = 0;
             for ((_, id, scheduled, email_type), outcome) in accepted.iter().zip(&outcomes) {
                 if let Ok(InsertOutcome::Created) = outcome {
-                    let status = if *scheduled {
-                        MessageStatus::Scheduled
-                    } else {
-                        MessageStatus::Queued
-                    };
-                    engine.publish(&tenant_id, id, status);
-                    count_accepted(&tenant_id, email_type);
+                    announce_accepted(&engine, &tenant_id, id, email_type, *scheduled);
+                    created += 1;
                 }
             }
-            let mut handed_over = vec![false; outcomes.len()];
+            let mut handed_over = 0;
             for (at, reservation, message) in adoptions {
                 if matches!(outcomes.get(at), Some(Ok(InsertOutcome::Created))) {
                     if let Some(claimed) = Claimed::stored_leased(message, now) {
                         engine.adopt(reservation, claimed);
-                        handed_over[at] = true;
+                        handed_over += 1;
                     }
                 }
             }
             // The engine claims only for emails it was not handed: a claim while adopted
             // emails wait would hold a quarter of its slots for a round trip, for nothing.
-            let queued = outcomes
-                .iter()
-                .zip(&handed_over)
-                .any(|(o, handed)| matches!(o, Ok(InsertOutcome::Created)) && !handed);
-            if queued {
+            if handed_over < created {
                 engine.wake();
             }
             Ok::<_, StoreError>((accepted, outcomes))

@@ -443,8 +443,11 @@ impl Engine {
                 next_poll = Instant::now() + self.settings.poll_interval;
             }
             // Free slots go to the adopted emails in line first, a claim's turn aside.
-            let turns = WAITING_TURNS * batch;
-            while !line.is_empty() && (!want_claim || from_line < turns) {
+            // Whether the line may board now, or a wanted claim has its turn.
+            let line_turn = |want_claim: bool, from_line: usize| {
+                !want_claim || from_line < WAITING_TURNS * batch
+            };
+            while !line.is_empty() && line_turn(want_claim, from_line) {
                 let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
                     break;
                 };
@@ -473,7 +476,7 @@ impl Engine {
                     Ok(n) if n > 0 => Arc::clone(&permits).try_acquire_many_owned(n).ok(),
                     _ => None,
                 }
-            } else if from_line >= turns && free >= batch {
+            } else if !line_turn(want_claim, from_line) && free >= batch {
                 u32::try_from(batch)
                     .ok()
                     .and_then(|n| Arc::clone(&permits).try_acquire_many_owned(n).ok())
@@ -507,8 +510,8 @@ impl Engine {
                 }
                 continue;
             }
-            let boarding = !line.is_empty() && (!want_claim || from_line < turns);
-            let claim_turn = !line.is_empty() && want_claim && from_line >= turns;
+            let boarding = !line.is_empty() && line_turn(want_claim, from_line);
+            let claim_turn = !line.is_empty() && !line_turn(want_claim, from_line);
             tokio::select! {
                 _ = self.wake.notified() => want_claim = true,
                 _ = tokio::time::sleep_until(next_poll) => {}
@@ -526,7 +529,6 @@ impl Engine {
         }
         // The emails in line go back to the queue below with the rest (`in_flight`).
         line.clear();
-        drop(ready);
         // No more adoptions; those already sent are in `in_flight` and go back to the queue
         // below with the rest.
         *self.adopt.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -578,7 +580,14 @@ impl Engine {
                 warn!(error = %e, "giving back an email failed; its lease will run out")
             }
         }
-        // Unless this process has claimed it again meanwhile, under another lease.
+        self.forget(claimed);
+    }
+
+    /// Drops `claimed` from the messages in flight (released at shutdown), unless this
+    /// process has claimed it again meanwhile, under another lease (its lease ran out while
+    /// it waited or was being sent).
+    fn forget(&self, claimed: &Claimed) {
+        let id = &claimed.message.id;
         let mut in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if in_flight.get(id) == Some(&claimed.lease_token) {
             in_flight.remove(id);
@@ -665,10 +674,7 @@ impl Engine {
                 warn!(error = %e, "recording the attempt failed; the lease will expire and the message will be retried")
             }
         }
-        self.in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&message.id);
+        self.forget(&claimed);
     }
 
     /// A profile usable by `tenant_id`, from a cache refreshed every few seconds: one lookup
