@@ -382,14 +382,21 @@ impl Config {
             Err(std::env::VarError::NotPresent) => return Ok(None),
             value => value,
         };
-        match value.as_deref().map(|v| v.trim().parse::<usize>()) {
-            Ok(Ok(n)) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
+        let workers = value
+            .as_deref()
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        match workers {
+            Some(n) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(Some(n)),
             _ => {
+                let shown = value.map_or_else(
+                    |_| "a value that is not UTF-8".to_owned(),
+                    |v| format!("{v:?}"),
+                );
                 Err(ConfigError(format!(
-                "TOKIO_WORKER_THREADS must be between 1 and {MAX_WORKER_THREADS} (or unset), not \
-                 {}",
-                value.map_or_else(|_| "a value that is not UTF-8".to_owned(), |v| format!("{v:?}"))
-            )))
+                    "TOKIO_WORKER_THREADS must be between 1 and {MAX_WORKER_THREADS} (or unset), \
+                     not {shown}"
+                )))
             }
         }
     }
