@@ -137,11 +137,10 @@ struct Statements {
 }
 
 static WRITE: LazyLock<Statements> = LazyLock::new(|| {
-    // The conflict target carries the predicate `idempotency_key IS NOT NULL`: it matches
-    // today's unique constraint, and also a unique index of only the emails that have a key,
-    // which would spare every key-less email an index entry per row version (about 3 % of
-    // PostgreSQL's CPU per email). A later release can make that change; a target without
-    // the predicate, from an older release, would match no index during a rolling upgrade.
+    // The conflict target carries the predicate `idempotency_key IS NOT NULL`: the unique
+    // index of keys holds only the emails that have one (migration 0013), and a target
+    // without the predicate would match no index. It also matched the older unique
+    // constraint, so replicas from before 0013 kept accepting during the upgrade to it.
     let accepts = format!(
         "m AS (SELECT * FROM {}), \
          ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \

@@ -345,6 +345,90 @@ async fn idempotency_is_per_tenant() {
     );
 }
 
+/// PostgreSQL's migration 0013 replaces the unique constraint on idempotency keys with a
+/// unique index of only the emails that carry a key. A database upgraded with emails in it
+/// still replays a repeated request, refuses a key reused for another request, takes any
+/// number of emails without a key, and the index leaves those out.
+#[tokio::test]
+async fn idempotency_keys_stay_unique_through_the_upgrade_to_an_index_of_keys_only() {
+    // SQLite keeps the constraint of its first migration (no 0013 there).
+    if !on_postgres() {
+        return;
+    }
+    let db = TestDatabase::new().await;
+    let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
+    let mut previous = sqlx::migrate::Migrator::new(std::path::Path::new("migrations/postgres"))
+        .await
+        .unwrap();
+    let before_0013: Vec<_> = previous
+        .migrations
+        .iter()
+        .filter(|m| m.version < 13)
+        .cloned()
+        .collect();
+    assert_eq!(before_0013.len(), 12);
+    previous.migrations = before_0013.into();
+    previous.run(&pool).await.unwrap();
+    // Emails the previous release stored: one with a key, two without.
+    let now = now_micros();
+    let keyed = message("t1", Some("k"));
+    for (id, key) in [
+        (keyed.id.clone(), Some("k")),
+        (uuid::Uuid::now_v7().to_string(), None),
+        (uuid::Uuid::now_v7().to_string(), None),
+    ] {
+        sqlx::query(
+            "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
+             profile_reason, content, message_id_header, request_hash, created_at, updated_at, \
+             idempotency_key) \
+             VALUES ($1, 't1', 'SENT', 'svc', 'notification', 's', 'from@acme.test', \
+             'SYSTEM_DEFAULT', '{}', 'm@acme.test', 'h1', $2, $2, $3)",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(key)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+
+    let store = SqlStore::connect(&db.url, 4).await.unwrap();
+    let replay = store
+        .insert_message(&message("t1", Some("k")), now)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&replay, InsertOutcome::Replayed { id, .. } if *id == keyed.id),
+        "{replay:?}"
+    );
+    let mut reused = message("t1", Some("k"));
+    reused.request_hash = "other".into();
+    assert!(store.insert_message(&reused, now).await.is_err());
+    for m in [
+        message("t1", None),
+        message("t1", None),
+        message("t2", Some("k")),
+    ] {
+        assert_eq!(
+            store.insert_message(&m, now).await.unwrap(),
+            InsertOutcome::Created
+        );
+    }
+    // One unique index on the key, of the emails that have one.
+    let definitions: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE tablename = 'messages' \
+         AND indexdef LIKE '%UNIQUE%idempotency_key%'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(definitions.len(), 1, "{definitions:?}");
+    assert!(
+        definitions[0].contains("WHERE (idempotency_key IS NOT NULL)"),
+        "{definitions:?}"
+    );
+}
+
 #[tokio::test]
 async fn the_writer_gets_a_new_connection_after_the_database_dropped_its_own() {
     // PostgreSQL only: a SQLite file has no server to drop a connection.
