@@ -525,6 +525,28 @@ mod tests {
         assert_eq!(in_wal, copied);
     }
 
+    /// The bundled SQLite is built with the flags of `.cargo/config.toml`: no count of
+    /// allocated memory and no memory management shared by every connection, each of which
+    /// took a process-wide mutex on every allocation or page fetch of the writer's thread.
+    #[test]
+    fn sqlite_is_built_without_process_wide_memory_locks() {
+        let conn = Connection::open_in_memory().unwrap();
+        let mut statement = conn.prepare("PRAGMA compile_options").unwrap();
+        let options: Vec<String> = statement
+            .query_map([], |row| row.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+    }
+
     /// A group of `claims` for the writer's thread, and where its answer comes.
     fn job(claims: Vec<Claim>) -> (Job, oneshot::Receiver<Applied>) {
         let (reply, answer) = oneshot::channel();
