@@ -33,6 +33,9 @@ const tryRun = (cmd, args) => {
     return null;
   }
 };
+// A reference that moved more than this between its runs before and after the passes
+// marks the run as unfit for comparison.
+const DRIFT_WARNING = 0.1;
 const median = (xs) => {
   const s = xs.filter((x) => typeof x === 'number' && isFinite(x)).sort((a, b) => a - b);
   if (!s.length) return null;
@@ -56,8 +59,27 @@ function loadRuns(prefix) {
       return fs.existsSync(extra) ? { ...r, ...readJson(extra) } : r;
     });
 }
-const smtpRuns = loadRuns('smtp-source');
-const nmRuns = loadRuns('nodemailer');
+// The closing run of a reference (REF_CLOSE=1: after the mailgate passes), or null.
+function loadClose(prefix) {
+  const f = path.join(work, 'refs', `${prefix}-close.json`);
+  if (!fs.existsSync(f)) return null;
+  const extra = path.join(work, 'refs', `${prefix}-close.extra.json`);
+  return { ...readJson(f), ...(fs.existsSync(extra) ? readJson(extra) : {}), closing: true };
+}
+const smtpOpening = loadRuns('smtp-source');
+const nmOpening = loadRuns('nodemailer');
+const smtpClose = loadClose('smtp-source');
+const nmClose = loadClose('nodemailer');
+// Every run counts for the reference's rate, the closing one too; how far the closing run
+// moved from the opening runs' median is the drift (null without a closing run).
+const smtpRuns = smtpClose ? [...smtpOpening, smtpClose] : smtpOpening;
+const nmRuns = nmClose ? [...nmOpening, nmClose] : nmOpening;
+const drift = (opening, close) => {
+  const m = median(opening.map((r) => r.rate));
+  return close && m ? close.rate / m - 1 : null;
+};
+const smtpDrift = drift(smtpOpening, smtpClose);
+const nmDrift = drift(nmOpening, nmClose);
 const pickMedianRun = (runs) => {
   const m = median(runs.map((r) => r.rate));
   if (m === null) return null;
@@ -235,7 +257,8 @@ const settings = {
   rate_messages: Number(env.BENCH_RATE_N),
   rate_on: (env.BENCH_RATE_ON || '').split(/\s+/).filter(Boolean),
   references_only: env.BENCH_REFERENCES_ONLY === '1',
-  reference_runs: smtpRuns.length,
+  reference_runs: smtpOpening.length,
+  reference_closing_run: Boolean(smtpClose || nmClose),
   mailgate_log_level: env.BENCH_LOG_LEVEL || null,
   sink_count: env.BENCH_SINK_COUNT === '1',
   // The server's worker threads when set (MAILGATE_WORKER_THREADS wins over Tokio's
@@ -254,6 +277,15 @@ for (const r of rows) tableLines.push(line(r));
 tableLines.push('CPU: the client for the references (user+sys), the mailgate server during the load for the passes; the loadgen and the sink also use the same cores.');
 tableLines.push("DB: the PostgreSQL server's processes on this machine during a postgres pass (SQLite's work is in mailgate's CPU).");
 tableLines.push("steal: the share of the machine's CPU time its VM host took during the run (/proc/stat); a run with more steal is slower for a reason outside it.");
+if (smtpDrift !== null || nmDrift !== null) {
+  const pct = (d) => (d === null ? 'n/a' : `${d >= 0 ? '+' : ''}${(d * 100).toFixed(1)}%`);
+  const moved = Math.max(Math.abs(smtpDrift || 0), Math.abs(nmDrift || 0));
+  tableLines.push(
+    `references: the rates above are the median of each reference's runs before and after the passes; ` +
+      `after the passes smtp-source ran ${pct(smtpDrift)} and Nodemailer ${pct(nmDrift)} against before` +
+      (moved > DRIFT_WARNING ? ` - WARNING: the machine's speed changed during the run; compare its ratios with care` : ''),
+  );
+}
 if (targets.length) {
   tableLines.push('');
   tableLines.push('targets');
@@ -275,8 +307,8 @@ const result = {
   settings,
   machine,
   references: {
-    smtp_source: { rate: smtpRate, runs: smtpRuns },
-    nodemailer: { rate: nmRate, runs: nmRuns },
+    smtp_source: { rate: smtpRate, drift: round(smtpDrift, 4), runs: smtpRuns },
+    nodemailer: { rate: nmRate, drift: round(nmDrift, 4), runs: nmRuns },
   },
   passes,
   ratios,

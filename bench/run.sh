@@ -17,7 +17,10 @@
 #                        name: a fresh database is created per pass and dropped afterwards)
 #   OUT [bench/results/<UTC timestamp>.json]     the JSON result file
 #   REFERENCES_ONLY [0]  1: same as --references-only
-#   REF_RUNS [1]         runs of each reference (the table shows the median)
+#   REF_RUNS [1]         runs of each reference before the mailgate passes
+#   REF_CLOSE [1]        1: each reference runs once more after the passes; the ratios use
+#                        the median of all its runs, and the table says how far each
+#                        reference moved while the passes ran (the machine's speed drifts)
 #   NODEMAILER_VERSION [10.6.1]  (versions before 10 lack TCP_NODELAY: ~4x slower, unfit)
 #   NODEMAILER_MAX_MESSAGES [inf]  messages per pooled connection (Nodemailer's default: 100)
 #   SINK_COUNT [0]       1: smtp-sink -c, an exact count of received messages per run
@@ -60,6 +63,7 @@ PG_URL=${PG_URL%/}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${OUT:-bench/results/$STAMP.json}
 REF_RUNS=${REF_RUNS:-1}
+REF_CLOSE=${REF_CLOSE:-1}
 NODEMAILER_MAX_MESSAGES=${NODEMAILER_MAX_MESSAGES:-inf}
 NODEMAILER_VERSION=${NODEMAILER_VERSION:-10.6.1}
 SINK_COUNT=${SINK_COUNT:-0}
@@ -82,6 +86,7 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
 for v in N C SIZE RATE RATE_N REF_RUNS PASS_TIMEOUT STARTUP_TIMEOUT; do
   is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
+case "$REF_CLOSE" in 0|1) ;; *) die "REF_CLOSE must be 0 or 1 (got '$REF_CLOSE')" ;; esac
 for db in $PASSES; do
   case "$db" in sqlite|postgres) ;; *) die "PASSES may contain only 'sqlite' and 'postgres' (got '$db')" ;; esac
 done
@@ -407,13 +412,18 @@ EOF
   log "nodemailer: $(node -p 'const r=require(process.argv[1]); `${Math.round(r.rate)} msg/s (${r.seconds} s)`' "$WORK/refs/nodemailer-$k.json")"
 }
 
-for k in $(seq "$REF_RUNS"); do
-  # A run during which the sink died is run again once, on a new sink.
+# Run `k` of both references. A run during which the sink died is run again once, on a new
+# sink.
+run_references() {
+  local k=$1 ref rc
   for ref in run_smtp_source run_nodemailer; do
     rc=0; "$ref" "$k" || rc=$?
     if [ "$rc" = 75 ]; then rc=0; "$ref" "$k" || rc=$?; fi
     [ "$rc" = 0 ] || die "$ref failed twice because smtp-sink died"
   done
+}
+for k in $(seq "$REF_RUNS"); do
+  run_references "$k"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +563,9 @@ if [ "$REFERENCES_ONLY" != 1 ]; then
     run_pass "$db" batch
     case " $RATE_ON " in *" $db "*) run_pass "$db" unary "$RATE" ;; esac
   done
+  # The references once more: the ratios then rest on the references' speed on both sides of
+  # the passes, and a run whose machine changed speed meanwhile says so.
+  [ "$REF_CLOSE" != 1 ] || run_references close
 fi
 
 # ---------------------------------------------------------------------------------------------
