@@ -86,8 +86,11 @@ const pickMedianRun = (runs) => {
   // the run closest to the median stands for the reference in the table
   return runs.reduce((best, r) => (Math.abs(r.rate - m) < Math.abs(best.rate - m) ? r : best), runs[0]);
 };
-const smtp = pickMedianRun(smtpRuns);
-const nm = pickMedianRun(nmRuns);
+// The table's other columns (CPU, RSS, steal) come from one opening run, the one closest to
+// the opening runs' median: with a closing run the rate is the median of runs on both sides
+// of the passes, which no single run stands for.
+const smtp = pickMedianRun(smtpOpening);
+const nm = pickMedianRun(nmOpening);
 const smtpRate = median(smtpRuns.map((r) => r.rate));
 const nmRate = median(nmRuns.map((r) => r.rate));
 
@@ -281,7 +284,7 @@ if (smtpDrift !== null || nmDrift !== null) {
   const pct = (d) => (d === null ? 'n/a' : `${d >= 0 ? '+' : ''}${(d * 100).toFixed(1)}%`);
   const moved = Math.max(Math.abs(smtpDrift || 0), Math.abs(nmDrift || 0));
   tableLines.push(
-    `references: the rates above are the median of each reference's runs before and after the passes; ` +
+    `references: the rates above are the median of each reference's runs before and after the passes (the other columns: a run before); ` +
       `after the passes smtp-source ran ${pct(smtpDrift)} and Nodemailer ${pct(nmDrift)} against before` +
       (moved > DRIFT_WARNING ? ` - WARNING: the machine's speed changed during the run; compare its ratios with care` : ''),
   );
