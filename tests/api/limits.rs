@@ -231,6 +231,19 @@ async fn auth_failure_retries_without_fallback_and_falls_back_when_allowed() {
     app.stop().await.unwrap();
 }
 
+/// An active profile of acme's on `smtp`, which from now on answers the end of DATA after
+/// `delay` (the profile's verification went through before that).
+async fn answering_after(app: &TestApp, smtp: &TestSmtpServer, delay: Duration) -> String {
+    let profile_id = app
+        .active_profile("acme", plain_profile("slow", smtp.port))
+        .await;
+    smtp.set_behavior(Behavior {
+        data_delay: delay,
+        ..Behavior::default()
+    });
+    profile_id
+}
+
 /// An app whose SMTP server takes two minutes to answer the end of DATA (far beyond the
 /// half-second grace period of its shutdown), on a database a second app can reopen.
 struct Stalled {
@@ -250,13 +263,7 @@ impl Stalled {
         config.delivery.attempt_timeout = Duration::from_secs(120);
         adjust(&mut config);
         let app = TestApp::spawn_on(&db, config.clone()).await;
-        let profile_id = app
-            .active_profile("acme", plain_profile("slow", smtp.port))
-            .await;
-        smtp.set_behavior(Behavior {
-            data_delay: Duration::from_secs(120),
-            ..Behavior::default()
-        });
+        let profile_id = answering_after(&app, &smtp, Duration::from_secs(120)).await;
         Self {
             smtp,
             db,
@@ -314,13 +321,7 @@ async fn shutdown_releases_in_flight_work_within_its_grace_period() {
 async fn shutdown_finishes_in_flight_work_that_ends_within_the_grace_period() {
     let smtp = TestSmtpServer::start(Behavior::default()).await;
     let app = TestApp::spawn().await;
-    let profile_id = app
-        .active_profile("acme", plain_profile("steady", smtp.port))
-        .await;
-    smtp.set_behavior(Behavior {
-        data_delay: Duration::from_millis(300),
-        ..Behavior::default()
-    });
+    let profile_id = answering_after(&app, &smtp, Duration::from_millis(300)).await;
     let mut events = app.events();
     let ids = send_many(&app, &profile_id, 2).await;
     smtp.wait_for_data(2).await;
@@ -387,13 +388,7 @@ async fn an_email_whose_lease_runs_short_before_its_turn_is_given_back_unsent() 
         c.delivery.attempt_timeout = Duration::from_secs(60);
     })
     .await;
-    let profile_id = app
-        .active_profile("acme", plain_profile("slow", smtp.port))
-        .await;
-    smtp.set_behavior(Behavior {
-        data_delay: Duration::from_secs(3),
-        ..Behavior::default()
-    });
+    let profile_id = answering_after(&app, &smtp, Duration::from_secs(3)).await;
     let ids = send_many(&app, &profile_id, 2).await;
     // After the accepts, which announce QUEUED too; the first send takes 3 s.
     let mut events = app.events();

@@ -387,7 +387,6 @@ impl Engine {
     /// Runs until `shutdown` turns true: then stops claiming, waits up to the grace period
     /// for in-flight deliveries, and gives unfinished ones back to the queue.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let in_hand = self.in_hand_total;
         let permits = Arc::clone(&self.in_hand);
         let (to_engine, mut adopted) = mpsc::unbounded_channel();
         *self.adopt.lock().unwrap_or_else(|e| e.into_inner()) = Some(to_engine);
@@ -398,8 +397,9 @@ impl Engine {
         // deliveries alone do not call for a claim.
         let mut want_claim = true;
         let mut next_poll = Instant::now() + self.settings.poll_interval;
-        // A claim's share of the slots, and the most it takes while adopted emails wait.
-        let batch = (in_hand / 4).max(1);
+        // A claim's share of the slots, and the most it takes while adopted emails wait: the
+        // quarter that accepts leave to claims.
+        let batch = self.spare();
         // Adopted emails waiting for a slot in hand, oldest first, and how many of them took
         // a slot since the last claim (see [`WAITING_TURNS`]).
         let mut line: VecDeque<Adopted> = VecDeque::new();
@@ -510,8 +510,9 @@ impl Engine {
                 }
                 continue;
             }
-            let boarding = !line.is_empty() && line_turn(want_claim, from_line);
-            let claim_turn = !line.is_empty() && !line_turn(want_claim, from_line);
+            let turn = line_turn(want_claim, from_line);
+            let boarding = !line.is_empty() && turn;
+            let claim_turn = !line.is_empty() && !turn;
             tokio::select! {
                 _ = self.wake.notified() => want_claim = true,
                 _ = tokio::time::sleep_until(next_poll) => {}
@@ -633,9 +634,7 @@ impl Engine {
                 self.give_back(&claimed).await;
                 return;
             }
-            let done = self.attempt(&claimed).await;
-            drop(sending);
-            done
+            self.attempt(&claimed).await
         };
         // Recording the result needs none of what was sent: the bodies and attachments go
         // before it waits for its commit, where as many emails may wait as are in hand.
