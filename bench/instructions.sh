@@ -6,7 +6,8 @@
 #   bash bench/instructions.sh                          # the current tree's release build
 #   BASE_BIN=/path/to/old/mailgate bash bench/instructions.sh   # and a reference, side by side
 #
-# For each server binary it runs two unary bursts (N1 and N2 SendEmail calls, C callers) into
+# For each server binary it runs two bursts (N1 and N2 emails: SendEmail calls from C callers,
+# or SendBatch calls of up to 1,000 emails, C in flight) into
 # Postfix's smtp-sink, each on a fresh database and a fresh server under callgrind, and reports
 # (instructions of the N2 run - instructions of the N1 run) / (N2 - N1): the instructions
 # per email, without the start and the shutdown. It also keeps the N2 run's profile for
@@ -14,6 +15,7 @@
 #
 # Settings (environment variables; defaults in brackets):
 #   DB [postgres]        postgres or sqlite
+#   MODE [unary]         unary (SendEmail) or batch (SendBatch)
 #   N1 [1000], N2 [3000] the two bursts
 #   C [32]               concurrent callers, and mailgate's delivery.concurrency
 #   SIZE [1500]          approximate message size, bytes
@@ -29,7 +31,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [ -n "${OUT:-}" ] && [ "${OUT#/}" = "$OUT" ]; then OUT="$PWD/$OUT"; fi
 cd "$ROOT"
-DB=${DB:-postgres}; N1=${N1:-1000}; N2=${N2:-3000}; C=${C:-32}; SIZE=${SIZE:-1500}
+DB=${DB:-postgres}; MODE=${MODE:-unary}; N1=${N1:-1000}; N2=${N2:-3000}; C=${C:-32}; SIZE=${SIZE:-1500}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}; PG_URL=${PG_URL%/}
 SKIP_BUILD=${SKIP_BUILD:-0}; BASE_BIN=${BASE_BIN:-}
 OUT=${OUT:-bench/results/instructions-$(date -u +%Y%m%dT%H%M%SZ).json}
@@ -38,6 +40,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 log() { printf '[instructions %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[instructions] ERROR: %s\n' "$*" >&2; exit 1; }
 case "$DB" in sqlite|postgres) ;; *) die "DB must be sqlite or postgres (got '$DB')" ;; esac
+case "$MODE" in unary|batch) ;; *) die "MODE must be unary or batch (got '$MODE')" ;; esac
 [ "$N2" -gt "$N1" ] || die "N2 must be larger than N1"
 for tool in valgrind callgrind_annotate smtp-sink python3; do
   command -v "$tool" >/dev/null || die "missing $tool (Debian: apt-get install valgrind postfix python3)"
@@ -103,7 +106,7 @@ count() {
   done
   [ "$ready" = 1 ] || { tail -20 "$run/server.log" >&2; die "mailgate under valgrind did not start"; }
   "$LOADGEN_BIN" --addr "127.0.0.1:$port" --tenant bench --smtp-host 127.0.0.1 \
-    --smtp-port "$SINK_PORT" --messages "$n" --concurrency "$C" --size "$SIZE" --mode unary \
+    --smtp-port "$SINK_PORT" --messages "$n" --concurrency "$C" --size "$SIZE" --mode "$MODE" \
     --json "$run/loadgen.json" >"$run/loadgen.out" 2>&1 \
     || { tail -5 "$run/loadgen.out" >&2; die "loadgen failed"; }
   kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
@@ -132,12 +135,12 @@ mkdir -p "$(dirname "$OUT")"
 ratio=null
 [ -n "$BASE_BIN" ] && ratio=$(awk -v a="${PER_EMAIL[current]}" -v b="${PER_EMAIL[reference]}" 'BEGIN { printf "%.3f", a / b }')
 cat >"$OUT" <<JSON
-{"db": "$DB", "n1": $N1, "n2": $N2, "concurrency": $C, "size": $SIZE,
+{"db": "$DB", "mode": "$MODE", "n1": $N1, "n2": $N2, "concurrency": $C, "size": $SIZE,
  "server": "${LABEL:-current}", "instructions_per_email": ${PER_EMAIL[current]},
  "reference": $( [ -n "$BASE_BIN" ] && echo "\"${BASE_LABEL:-reference}\"" || echo null ),
  "reference_instructions_per_email": ${PER_EMAIL[reference]:-null}, "ratio_to_reference": $ratio}
 JSON
-printf 'mailgate instructions per email (%s, unary, C=%s, %s-byte messages)\n' "$DB" "$C" "$SIZE"
+printf 'mailgate instructions per email (%s, %s, C=%s, %s-byte messages)\n' "$DB" "$MODE" "$C" "$SIZE"
 printf '  current    %10s  %s\n' "${PER_EMAIL[current]}" "$SERVER_BIN"
 [ -n "$BASE_BIN" ] && printf '  reference  %10s  %s\n  ratio      %10s\n' "${PER_EMAIL[reference]}" "$BASE_BIN" "$ratio"
 log "results written to $OUT"
