@@ -845,6 +845,96 @@ async fn statistics_from_the_hourly_rollup_match_live_counts_and_follow_later_ch
     );
 }
 
+/// A group that breaks a constraint stores nothing of itself, and the next group is stored.
+/// (On SQLite the writer's statements undo the whole transaction themselves: OR ROLLBACK.)
+#[tokio::test]
+async fn a_group_that_breaks_a_constraint_is_undone_whole() {
+    let (store, _db) = store().await;
+    let now = now_micros();
+    let first = message("t1", None);
+    let mut twin = message("t1", None);
+    twin.id = first.id.clone();
+    let other = message("t1", None);
+    let result = store
+        .insert_messages(vec![other.clone(), first.clone(), twin], now)
+        .await;
+    assert!(result.is_err(), "{result:?}");
+    for id in [&other.id, &first.id] {
+        assert!(matches!(
+            store.get_message("t1", id).await,
+            Err(mailgate::storage::StoreError::NotFound(_))
+        ));
+    }
+    let next = message("t1", None);
+    assert_eq!(
+        store.insert_message(&next, now).await.unwrap(),
+        InsertOutcome::Created
+    );
+    assert_eq!(
+        store.get_message("t1", &next.id).await.unwrap().status,
+        MessageStatus::Queued
+    );
+}
+
+/// Every change to an email of a watched hour counts on that hour's one dirty mark: stored,
+/// claimed, completed, deleted. The rollup pass deletes a mark only at the version it read,
+/// so a change made while it recomputes the hour keeps the mark. (SQLite's triggers mark
+/// without an upsert since migration 0010, PostgreSQL's with one.)
+#[tokio::test]
+async fn each_change_to_a_watched_hour_counts_on_its_dirty_mark() {
+    let (store, db) = store().await;
+    const HOUR: i64 = 3_600_000_000;
+    let now = now_micros();
+    let hour = now / HOUR - 5;
+    let created = hour * HOUR + 60_000_000;
+    // The first pass watches the ended hours.
+    store.roll_up_log(now, 500).await.unwrap();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let marks = async || -> Vec<(String, i64, i64)> {
+        sqlx::query_as("SELECT tenant_id, hour, version FROM log_rollup_dirty ORDER BY tenant_id")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(marks().await, vec![]);
+    for tenant in ["t1", "t1", "t2"] {
+        store
+            .insert_message(&message(tenant, None), created)
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        marks().await,
+        vec![("t1".to_owned(), hour, 2), ("t2".to_owned(), hour, 1)],
+        "a new mark, then a count on it"
+    );
+    let claimed = store.claim_due(created + 1, now + HOUR, 10).await.unwrap();
+    assert_eq!(claimed.len(), 3);
+    let t2 = claimed
+        .iter()
+        .find(|c| c.message.tenant_id == "t2")
+        .unwrap();
+    assert!(store
+        .complete(t2, &[attempt(1)], &sent(), now)
+        .await
+        .unwrap());
+    assert_eq!(
+        marks().await,
+        vec![("t1".to_owned(), hour, 4), ("t2".to_owned(), hour, 3)],
+        "claims and completions change the status"
+    );
+    assert!(store.roll_up_log(now, 500).await.unwrap() >= 1);
+    assert_eq!(marks().await, vec![], "the pass took both marks");
+    assert_eq!(store.delete_expired(created + 1, 100).await.unwrap(), 1);
+    assert_eq!(
+        marks().await,
+        vec![("t2".to_owned(), hour, 1)],
+        "retention deleted t2's sent email"
+    );
+    pool.close().await;
+}
+
 /// A replica whose clock runs ahead stamps emails in an hour that has not begun for the
 /// database, and runs the rollup pass with that clock. The email's later changes must
 /// still count: on PostgreSQL the triggers pass only rows of hours the database has seen
