@@ -340,6 +340,11 @@ impl Config {
                 "limits.max_recipients and limits.max_batch must be at least 1".into(),
             ));
         }
+        if self.limits.max_batch_bytes < 64 * 1024 {
+            return Err(ConfigError(
+                "limits.max_batch_bytes must be at least 65536".into(),
+            ));
+        }
         if self.limits.max_request_bytes < 64 * 1024 {
             return Err(ConfigError(
                 "limits.max_request_bytes must be at least 65536".into(),

@@ -561,6 +561,7 @@ impl SendService for SendApi {
         // more and read it back. The rest is queued.
         let mut adoptions = Vec::new();
         let mut engine_has_room = true;
+        let (mut held, max_bytes) = (0usize, self.ctx.limits.max_batch_bytes);
         for (i, recipient) in req.recipients.into_iter().enumerate() {
             let mut one = base.clone();
             one.to = recipient.to.into_iter().collect();
@@ -576,6 +577,20 @@ impl SendService for SendApi {
             let index = u32::try_from(i).unwrap_or(u32::MAX);
             match self.build(&caller, &one, Some(&route)).await {
                 Ok(mut message) => {
+                    // Each email holds its own copy of the body and attachments, in memory
+                    // until stored and in the log afterwards: a batch of a thousand emails
+                    // with a few megabytes of attachments would take gigabytes.
+                    held += message.content.held_bytes();
+                    if held > max_bytes {
+                        return Err(Status::resource_exhausted(format!(
+                            "recipients: the emails of this batch would hold more than \
+                             limits.max_batch_bytes ({max_bytes} bytes) of content together \
+                             (email {i} alone holds {} bytes of subject, bodies, headers and \
+                             attachments, and each email holds its own copy); send fewer \
+                             recipients per batch",
+                            message.content.held_bytes()
+                        )));
+                    }
                     results.push(pb::BatchResult {
                         index,
                         message_id: message.id.clone(),

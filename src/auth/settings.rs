@@ -109,6 +109,9 @@ pub struct LimitsConfig {
     pub max_recipients: usize,
     /// Most recipients of one SendBatch call.
     pub max_batch: usize,
+    /// Most bytes of content (subjects, bodies, headers, attachments) the emails of one
+    /// SendBatch call may hold together: each email holds its own copy of the message's.
+    pub max_batch_bytes: usize,
     /// SendEmail and SendBatch calls per second per tenant, in each process; 0: unlimited.
     pub send_calls_per_second: u32,
     /// Calls a tenant may make at once above that rate; 0: one second's worth.
@@ -121,6 +124,7 @@ impl Default for LimitsConfig {
             max_request_bytes: 16 * 1024 * 1024,
             max_recipients: 100,
             max_batch: 1000,
+            max_batch_bytes: 64 * 1024 * 1024,
             send_calls_per_second: 0,
             send_burst: 0,
         }

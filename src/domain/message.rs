@@ -153,6 +153,25 @@ impl MessageContent {
     pub fn recipients(&self) -> impl Iterator<Item = &Mailbox> {
         self.to.iter().chain(&self.cc).chain(&self.bcc)
     }
+
+    /// About how many bytes the content holds in memory: its subject, bodies, headers and
+    /// attachments (the parts that can be large), plus their names.
+    pub fn held_bytes(&self) -> usize {
+        let text = |s: &Option<String>| s.as_deref().map_or(0, str::len);
+        self.subject.len()
+            + text(&self.text)
+            + text(&self.html)
+            + self
+                .headers
+                .iter()
+                .map(|h| h.name.len() + h.value.len())
+                .sum::<usize>()
+            + self
+                .attachments
+                .iter()
+                .map(|a| a.filename.len() + a.content_type.len() + a.content.len())
+                .sum::<usize>()
+    }
 }
 
 /// A message about to be stored.

@@ -977,3 +977,76 @@ async fn a_configuration_change_reaches_the_very_next_email() {
     assert_eq!(entry.profile_reason(), ProfileReason::TenantDefault);
     app.stop().await.unwrap();
 }
+
+/// Each email of a batch holds its own copy of the message's body and attachments, in memory
+/// until stored and in the log after: a batch whose emails would hold more than
+/// `limits.max_batch_bytes` together is refused as a whole, before anything is stored,
+/// with a message that names the field and the limit.
+#[tokio::test]
+async fn a_batch_whose_emails_would_hold_too_much_content_is_refused_whole() {
+    let app = TestApp::spawn_with(|c| {
+        c.delivery.enabled = false;
+        c.limits.max_batch_bytes = 256 * 1024;
+    })
+    .await;
+    let base = SendEmailRequest {
+        subject: "Your invoice".into(),
+        text_body: "Attached.".into(),
+        email_type: "invoice".into(),
+        attachments: vec![Attachment {
+            filename: "invoice.pdf".into(),
+            content_type: "application/pdf".into(),
+            content: vec![b'%'; 100 * 1024],
+        }],
+        ..Default::default()
+    };
+    let recipients = |n: usize| -> Vec<BatchRecipient> {
+        (0..n)
+            .map(|i| BatchRecipient {
+                to: Some(mailbox(&format!("user{i}@example.com"))),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let mut send = app.send_client();
+    let two = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base.clone()),
+                recipients: recipients(2),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(two.accepted_count, 2, "about 200 KiB together");
+    let err = send
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(base),
+                recipients: recipients(3),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().starts_with("recipients: ")
+            && err
+                .message()
+                .contains("limits.max_batch_bytes (262144 bytes)")
+            && err.message().contains("email 2 alone holds"),
+        "{}",
+        err.message()
+    );
+    let logged = app
+        .log_client()
+        .list_email_logs(as_tenant("acme", ListEmailLogsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(logged.entries.len(), 2, "nothing of the refused batch");
+    app.stop().await.unwrap();
+}
