@@ -479,7 +479,7 @@ impl SendService for SendApi {
         let reservation = if message.scheduled_after(now) {
             None
         } else {
-            self.ctx.engine.reserve()
+            self.ctx.engine.reserve(message.content.held_bytes())
         };
         message.lease = reservation.as_ref().map(|r| r.lease().clone());
         // Storing and handing over run to the end even if the caller goes away meanwhile:
@@ -580,7 +580,8 @@ impl SendService for SendApi {
                     // Each email holds its own copy of the body and attachments, in memory
                     // until stored and in the log afterwards: a batch of a thousand emails
                     // with a few megabytes of attachments would take gigabytes.
-                    held += message.content.held_bytes();
+                    let size = message.content.held_bytes();
+                    held += size;
                     if held > max_bytes {
                         return Err(Status::resource_exhausted(format!(
                             "recipients: the emails of this batch would hold more than \
@@ -588,7 +589,7 @@ impl SendService for SendApi {
                              (email {i} alone holds {} bytes of subject, bodies, headers and \
                              attachments, and each email holds its own copy); send fewer \
                              recipients per batch",
-                            message.content.held_bytes()
+                            size
                         )));
                     }
                     results.push(pb::BatchResult {
@@ -599,7 +600,7 @@ impl SendService for SendApi {
                     });
                     let scheduled = message.scheduled_after(now_micros());
                     if !scheduled && engine_has_room {
-                        match self.ctx.engine.reserve() {
+                        match self.ctx.engine.reserve(size) {
                             Some(reservation) => {
                                 message.lease = Some(reservation.lease().clone());
                                 adoptions.push((accepted.len(), reservation, message.clone()));

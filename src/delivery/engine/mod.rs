@@ -98,10 +98,10 @@ pub struct Engine {
     /// One permit per attempted message whose result waits for its commit,
     /// [`RECORDING_AHEAD`] times as many as `in_hand` (see [`Engine::deliver_traced`]).
     recording: Semaphore,
-    /// One permit per adopted email waiting in memory for a slot in hand (see
-    /// [`Engine::reserve`]): [`WAITING_AHEAD`] times as many as `in_hand`, at most
-    /// [`MAX_WAITING`].
-    waiting: Arc<Semaphore>,
+    /// Room in the line of adopted emails waiting in memory for a slot in hand (see
+    /// [`Engine::reserve`]): [`WAITING_AHEAD`] places per slot in hand, at most
+    /// [`MAX_WAITING`], holding at most [`MAX_WAITING_KIB`] of content.
+    waiting: LineRoom,
     /// Where adopted emails go while the engine runs (see [`Engine::reserve`]).
     adopt: Mutex<Option<Adoptions>>,
     /// Whether a claim is running: it holds its slots already, so accepts may take the rest.
@@ -119,10 +119,39 @@ type Adopted = (Claimed, Slot, i64);
 #[derive(Debug)]
 enum Slot {
     InHand(OwnedSemaphorePermit),
-    /// Held until the email takes a slot in hand: its place in line.
+    /// Held until the email takes a slot in hand: its place in line, and the kibibytes of
+    /// content it holds there.
     Waiting {
         _place: OwnedSemaphorePermit,
+        _bytes: OwnedSemaphorePermit,
     },
+}
+
+/// Room in the line of adopted emails that wait in memory: places, and the KiB of content
+/// the emails in them may hold together.
+#[derive(Debug)]
+struct LineRoom {
+    places: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
+}
+
+impl LineRoom {
+    fn new(places: usize, kib: usize) -> Self {
+        Self {
+            places: Arc::new(Semaphore::new(places)),
+            kib: Arc::new(Semaphore::new(kib)),
+        }
+    }
+
+    /// A place for an email whose content holds `held_bytes` (counted in whole KiB, at
+    /// least one), if the line has both.
+    fn take(&self, held_bytes: usize) -> Option<Slot> {
+        let kib = u32::try_from(held_bytes.div_ceil(1024).max(1)).ok()?;
+        Some(Slot::Waiting {
+            _bytes: Arc::clone(&self.kib).try_acquire_many_owned(kib).ok()?,
+            _place: Arc::clone(&self.places).try_acquire_owned().ok()?,
+        })
+    }
 }
 
 /// A slot in the engine taken for an email about to be accepted (see [`Engine::reserve`]).
@@ -159,19 +188,27 @@ pub(super) const CLAIM_AHEAD: usize = 6;
 const RECORDING_AHEAD: usize = 4;
 
 /// Adopted emails that may wait in memory for a slot in hand, per slot in hand (at most
-/// [`MAX_WAITING`]). When every slot is taken, an email accepted with room in this line is
-/// still stored leased to this process and delivered from memory as soon as a slot frees,
-/// instead of being queued: a queued email costs a claim, which rewrites its row once more
-/// (with every index of it) and reads it back, body included. Under a SendBatch burst,
-/// accepts outrun deliveries and the slots are always taken, so without this line nearly
-/// every email went through a claim. With 5 per slot (960 emails at 32 sending slots) and
-/// a claim after every three quarters boarded, a third of a PostgreSQL SendBatch burst
-/// skipped its claim; with 20 and seven (below), 44 %, and the burst delivered 19-20 % more
-/// than when every batch email was claimed, its peak RSS 20 MiB higher (docs/benchmarks.md).
-const WAITING_AHEAD: usize = 20;
+/// [`MAX_WAITING`], holding at most [`MAX_WAITING_KIB`]). When every slot is taken, an email
+/// accepted with room in this line is still stored leased to this process and delivered
+/// from memory as soon as a slot frees, instead of being queued: a queued email costs a
+/// claim, which rewrites its row once more (with every index of it) and reads it back, body
+/// included. Under a SendBatch burst, accepts outrun deliveries and the slots are always
+/// taken, so without this line nearly every email went through a claim. With 5 per slot
+/// (960 emails at 32 sending slots) and a claim after every three quarters boarded, a third
+/// of a PostgreSQL SendBatch burst skipped its claim; with 20 and seven (below), 44 %, and
+/// the burst delivered 19-20 % more than when every batch email was claimed. With 80 (up to
+/// 15,360 emails of 20,000), PostgreSQL's CPU per email of the burst fell by 17-20 % and it
+/// delivered 10-16 % more, SQLite's 6-15 % more, at 8-10 MiB more peak RSS on SQLite
+/// (docs/benchmarks.md, 2026-12-06, sixth session).
+const WAITING_AHEAD: usize = 80;
 
-/// The most adopted emails waiting in memory: each holds its content (a few KB).
-const MAX_WAITING: usize = 4096;
+/// The most adopted emails waiting in memory.
+const MAX_WAITING: usize = 16_384;
+
+/// The most content (subjects, bodies, headers, attachments, in KiB) that adopted emails
+/// waiting in memory may hold together: 16 MiB. Bounded by count alone, a line of emails
+/// with large attachments could hold gigabytes; an email that does not fit is queued.
+const MAX_WAITING_KIB: usize = 16 * 1024;
 
 /// Slots that free up while adopted emails wait go to them, but after this many in a row
 /// (per quarter of the slots) a claim gets a quarter of the slots: emails already queued
@@ -214,9 +251,10 @@ impl Engine {
         let in_hand_total = settings.concurrency.max(1) * CLAIM_AHEAD;
         Self {
             in_hand: Arc::new(Semaphore::new(in_hand_total)),
-            waiting: Arc::new(Semaphore::new(
+            waiting: LineRoom::new(
                 (in_hand_total * WAITING_AHEAD).min(MAX_WAITING),
-            )),
+                MAX_WAITING_KIB,
+            ),
             in_hand_total,
             recording: Semaphore::new(RECORDING_AHEAD * in_hand_total),
             adopt: Mutex::new(None),
@@ -319,7 +357,11 @@ impl Engine {
     /// claims, so emails waiting in the queue keep moving; while a claim runs it holds its
     /// slots already, and accepts may take all the others. None when the engine is not
     /// running or the line is full too.
-    pub fn reserve(&self) -> Option<Reservation> {
+    ///
+    /// `held_bytes` is what the email's content holds in memory
+    /// ([`crate::domain::MessageContent::held_bytes`]): the line holds at most
+    /// [`MAX_WAITING_KIB`] of it.
+    pub fn reserve(&self, held_bytes: usize) -> Option<Reservation> {
         let keep = if self.claiming.load(Ordering::Acquire) {
             0
         } else {
@@ -337,9 +379,7 @@ impl Engine {
         };
         let slot = match in_hand {
             Some(permit) => Slot::InHand(permit),
-            None => Slot::Waiting {
-                _place: Arc::clone(&self.waiting).try_acquire_owned().ok()?,
-            },
+            None => self.waiting.take(held_bytes)?,
         };
         Some(Reservation {
             slot,
@@ -914,5 +954,33 @@ impl Engine {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LineRoom;
+
+    /// The line is bounded by places and by the content its emails hold, each counted in
+    /// whole KiB; a place given back (its email boarded or dropped) is free again.
+    #[test]
+    fn the_line_holds_so_many_emails_and_so_much_content() {
+        let room = LineRoom::new(3, 100);
+        let big = room.take(60 * 1024).expect("60 of 100 KiB");
+        assert!(room.take(41 * 1024).is_none(), "101 KiB");
+        assert!(room.take(40 * 1024 + 1).is_none(), "41 KiB once rounded up");
+        let one = room.take(0).expect("an empty email counts one KiB");
+        let two = room.take(1).expect("a third place");
+        assert!(room.take(1).is_none(), "no fourth place");
+        drop(big);
+        let again = room
+            .take(60 * 1024)
+            .expect("the place and its KiB are back");
+        assert!(
+            room.take(usize::MAX).is_none(),
+            "more than the line ever holds"
+        );
+        drop((one, two, again));
+        assert!(room.take(100 * 1024).is_some(), "all of it");
     }
 }
