@@ -88,16 +88,21 @@ async fn a_pool_of_one_connection_serves_reads_between_writes() {
     let store = SqlStore::connect(&db.url, 1).await.unwrap();
     let now = now_micros();
     for _ in 0..2 {
-        let m = message("t1", None);
-        assert_eq!(
-            store.insert_message(&m, now).await.unwrap(),
-            InsertOutcome::Created
-        );
-        assert_eq!(
-            store.get_message("t1", &m.id).await.unwrap().status,
-            MessageStatus::Queued
-        );
+        stores_one_queued(&store, now).await;
     }
+}
+
+/// Stores a new email of t1 and reads it back QUEUED.
+async fn stores_one_queued(store: &SqlStore, now: i64) {
+    let m = message("t1", None);
+    assert_eq!(
+        store.insert_message(&m, now).await.unwrap(),
+        InsertOutcome::Created
+    );
+    assert_eq!(
+        store.get_message("t1", &m.id).await.unwrap().status,
+        MessageStatus::Queued
+    );
 }
 
 #[tokio::test]
@@ -865,15 +870,7 @@ async fn a_group_that_breaks_a_constraint_is_undone_whole() {
             Err(mailgate::storage::StoreError::NotFound(_))
         ));
     }
-    let next = message("t1", None);
-    assert_eq!(
-        store.insert_message(&next, now).await.unwrap(),
-        InsertOutcome::Created
-    );
-    assert_eq!(
-        store.get_message("t1", &next.id).await.unwrap().status,
-        MessageStatus::Queued
-    );
+    stores_one_queued(&store, now).await;
 }
 
 /// Every change to an email of a watched hour counts on that hour's one dirty mark: stored,
