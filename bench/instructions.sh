@@ -7,7 +7,7 @@
 #   BASE_BIN=/path/to/old/mailgate bash bench/instructions.sh   # and a reference, side by side
 #
 # For each server binary it runs two bursts (N1 and N2 emails: SendEmail calls from C callers,
-# or SendBatch calls of up to 1,000 emails, C in flight) into
+# or SendBatch calls of 1,000 emails, at most min(C, 4) in flight) into
 # Postfix's smtp-sink, each on a fresh database and a fresh server under callgrind, and reports
 # (instructions of the N2 run - instructions of the N1 run) / (N2 - N1): the instructions
 # per email, without the start and the shutdown. It also keeps the N2 run's profile for

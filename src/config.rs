@@ -340,9 +340,9 @@ impl Config {
                 "limits.max_recipients and limits.max_batch must be at least 1".into(),
             ));
         }
-        if self.limits.max_batch_bytes < 64 * 1024 {
+        if self.limits.max_batch_bytes < self.limits.max_request_bytes {
             return Err(ConfigError(
-                "limits.max_batch_bytes must be at least 65536".into(),
+                "limits.max_batch_bytes must be at least limits.max_request_bytes".into(),
             ));
         }
         if self.limits.max_request_bytes < 64 * 1024 {

@@ -559,8 +559,9 @@ impl SendService for SendApi {
         // line) are stored leased to this process and delivered from memory, as SendEmail
         // does, instead of queued for a claim, which would rewrite each email's row once
         // more and read it back. The rest is queued.
+        // Each email asks on its own: one too large for what is left of the line does not
+        // keep a smaller one after it out.
         let mut adoptions = Vec::new();
-        let mut engine_has_room = true;
         let (mut held, max_bytes) = (0usize, self.ctx.limits.max_batch_bytes);
         for (i, recipient) in req.recipients.into_iter().enumerate() {
             let mut one = base.clone();
@@ -583,14 +584,22 @@ impl SendService for SendApi {
                     let size = message.content.held_bytes();
                     held += size;
                     if held > max_bytes {
-                        return Err(Status::resource_exhausted(format!(
-                            "recipients: the emails of this batch would hold more than \
-                             limits.max_batch_bytes ({max_bytes} bytes) of content together \
-                             (email {i} alone holds {} bytes of subject, bodies, headers and \
-                             attachments, and each email holds its own copy); send fewer \
-                             recipients per batch",
-                            size
-                        )));
+                        return Err(Status::resource_exhausted(if i == 0 {
+                            format!(
+                                "recipients: one email of this batch holds {size} bytes of \
+                                 subject, bodies, headers and attachments, more than \
+                                 limits.max_batch_bytes ({max_bytes} bytes) allows a whole \
+                                 batch; send it with SendEmail"
+                            )
+                        } else {
+                            format!(
+                                "recipients: the emails of this batch would hold more than \
+                                 limits.max_batch_bytes ({max_bytes} bytes) of content \
+                                 together (email {i} alone holds {size} bytes of subject, \
+                                 bodies, headers and attachments, and each email holds its own \
+                                 copy); send fewer recipients per batch"
+                            )
+                        }));
                     }
                     results.push(pb::BatchResult {
                         index,
@@ -599,14 +608,12 @@ impl SendService for SendApi {
                         error: String::new(),
                     });
                     let scheduled = message.scheduled_after(now_micros());
-                    if !scheduled && engine_has_room {
-                        match self.ctx.engine.reserve(size) {
-                            Some(reservation) => {
-                                message.lease = Some(reservation.lease().clone());
-                                adoptions.push((accepted.len(), reservation, message.clone()));
-                            }
-                            None => engine_has_room = false,
-                        }
+                    if let Some(reservation) = (!scheduled)
+                        .then(|| self.ctx.engine.reserve(size))
+                        .flatten()
+                    {
+                        message.lease = Some(reservation.lease().clone());
+                        adoptions.push((accepted.len(), reservation, message.clone()));
                     }
                     accepted.push((i, message.id.clone(), scheduled, message.email_type.clone()));
                     messages.push(message);

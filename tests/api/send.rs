@@ -987,6 +987,7 @@ async fn a_batch_whose_emails_would_hold_too_much_content_is_refused_whole() {
     let app = TestApp::spawn_with(|c| {
         c.delivery.enabled = false;
         c.limits.max_batch_bytes = 256 * 1024;
+        c.limits.max_request_bytes = 256 * 1024;
     })
     .await;
     let base = SendEmailRequest {

@@ -436,3 +436,54 @@ async fn batch_renders_each_recipient_with_its_variables() {
     );
     app.stop().await.unwrap();
 }
+
+/// One email of a batch that alone holds more content than `limits.max_batch_bytes` (a
+/// template that doubles a variable) is refused with advice that can work: SendEmail.
+#[tokio::test]
+async fn a_batch_of_one_email_over_the_batch_limit_is_sent_to_send_email() {
+    let app = TestApp::spawn_with(|c| {
+        c.delivery.enabled = false;
+        c.limits.max_batch_bytes = 256 * 1024;
+        c.limits.max_request_bytes = 256 * 1024;
+    })
+    .await;
+    let template = create_template(
+        &app,
+        EmailTemplate {
+            name: "twice".into(),
+            subject: "Twice".into(),
+            text_body: "{{ blob }}{{ blob }}".into(),
+            email_type: "report".into(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let blob = "x".repeat(150 * 1024);
+    let err = app
+        .send_client()
+        .send_batch(as_tenant(
+            "acme",
+            SendBatchRequest {
+                message: Some(SendEmailRequest {
+                    template_id: template.id.clone(),
+                    variables: vars(&[("blob", blob.as_str())]),
+                    ..Default::default()
+                }),
+                recipients: vec![BatchRecipient {
+                    to: Some(mailbox("ann@example.com")),
+                    ..Default::default()
+                }],
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("recipients: one email of this batch holds 307")
+            && err.message().ends_with("send it with SendEmail"),
+        "{}",
+        err.message()
+    );
+    app.stop().await.unwrap();
+}

@@ -196,18 +196,21 @@ const RECORDING_AHEAD: usize = 4;
 /// taken, so without this line nearly every email went through a claim. With 5 per slot
 /// (960 emails at 32 sending slots) and a claim after every three quarters boarded, a third
 /// of a PostgreSQL SendBatch burst skipped its claim; with 20 and seven (below), 44 %, and
-/// the burst delivered 19-20 % more than when every batch email was claimed. With 80 (up to
-/// 15,360 emails of 20,000), PostgreSQL's CPU per email of the burst fell by 17-20 % and it
-/// delivered 10-16 % more, SQLite's 6-15 % more, at 8-10 MiB more peak RSS on SQLite
-/// (docs/benchmarks.md, 2026-12-06, sixth session).
+/// the burst delivered 19-20 % more than when every batch email was claimed. With 80 (15,360
+/// places at 32 sending slots, of which the benchmark's emails, 1.1 KB of content counted as
+/// 2 KiB each, fill 8,192 before [`MAX_WAITING_KIB`] stops them), PostgreSQL's CPU per
+/// email of a 20,000-email burst fell by 17-22 % and it delivered 10-16 % more, SQLite's
+/// 6-15 % more, at 8-10 MiB more peak RSS on SQLite (docs/benchmarks.md, 2026-12-06, sixth
+/// session).
 const WAITING_AHEAD: usize = 80;
 
 /// The most adopted emails waiting in memory.
 const MAX_WAITING: usize = 16_384;
 
-/// The most content (subjects, bodies, headers, attachments, in KiB) that adopted emails
-/// waiting in memory may hold together: 16 MiB. Bounded by count alone, a line of emails
-/// with large attachments could hold gigabytes; an email that does not fit is queued.
+/// The most content (subjects, bodies, headers, attachments) that adopted emails waiting in
+/// memory may hold together: 16 MiB, each email counted in whole KiB, rounded up (about
+/// what it holds with its other fields). Bounded by count alone, a line of emails with
+/// large attachments could hold gigabytes; an email that does not fit is queued.
 const MAX_WAITING_KIB: usize = 16 * 1024;
 
 /// Slots that free up while adopted emails wait go to them, but after this many in a row
@@ -461,7 +464,8 @@ impl Engine {
             (c, Slot::InHand(permit), until) => spawn(tasks, c, until, permit),
             waiting => line.push_back(waiting),
         };
-        // The first email in line takes `permit` (and gives its place in line back).
+        // The first email in line takes `permit` (and gives its place in line back, with
+        // the KiB it held there).
         let board = |tasks: &mut JoinSet<()>, line: &mut VecDeque<Adopted>, permit| {
             if let Some((c, _place, until)) = line.pop_front() {
                 spawn(tasks, c, until, permit);
