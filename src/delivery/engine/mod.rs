@@ -199,9 +199,9 @@ const RECORDING_AHEAD: usize = 4;
 /// the burst delivered 19-20 % more than when every batch email was claimed. With 80 (15,360
 /// places at 32 sending slots, of which the benchmark's emails, 1.1 KB of content counted as
 /// 2 KiB each, fill 8,192 before [`MAX_WAITING_KIB`] stops them), PostgreSQL's CPU per
-/// email of a 20,000-email burst fell by 17-22 % and it delivered 10-16 % more, SQLite's
-/// 6-15 % more, at 8-10 MiB more peak RSS on SQLite (docs/benchmarks.md, 2026-12-06, sixth
-/// session).
+/// email of a 20,000-email burst fell by 16-25 % in six pairs of seven (6 % in the other)
+/// and it delivered 10-21 % more in six (3 % less in the other), SQLite's 6-15 % more, at
+/// 8-10 MiB more peak RSS on SQLite (docs/benchmarks.md, 2026-12-06, sixth session).
 const WAITING_AHEAD: usize = 80;
 
 /// The most adopted emails waiting in memory.
