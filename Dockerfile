@@ -38,7 +38,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS cacher
 COPY --from=planner /src/recipe.json recipe.json
-# Build settings for the dependencies too (the bundled SQLite's flags).
+# Build settings for the dependencies too (the bundled SQLite's flags, jemalloc's
+# built-in settings).
 COPY .cargo/config.toml .cargo/config.toml
 RUN cargo chef cook --release --locked --target x86_64-unknown-linux-gnu --bin mailgate \
     --recipe-path recipe.json

@@ -558,10 +558,10 @@ impl SendService for SendApi {
         // Emails due now that the engine has room for (a slot in hand, or a place in its
         // line) are stored leased to this process and delivered from memory, as SendEmail
         // does, instead of queued for a claim, which would rewrite each email's row once
-        // more and read it back. The rest is queued.
-        // Each email asks on its own: one too large for what is left of the line does not
-        // keep a smaller one after it out.
+        // more and read it back. The rest is queued. Each email asks on its own: one too
+        // large for what is left of the line does not keep a smaller one after it out.
         let mut adoptions = Vec::new();
+        // The content the batch's emails hold together, and how much they may.
         let (mut held, max_bytes) = (0usize, self.ctx.limits.max_batch_bytes);
         for (i, recipient) in req.recipients.into_iter().enumerate() {
             let mut one = base.clone();
@@ -608,10 +608,12 @@ impl SendService for SendApi {
                         error: String::new(),
                     });
                     let scheduled = message.scheduled_after(now_micros());
-                    if let Some(reservation) = (!scheduled)
-                        .then(|| self.ctx.engine.reserve(size))
-                        .flatten()
-                    {
+                    let reservation = if scheduled {
+                        None
+                    } else {
+                        self.ctx.engine.reserve(size)
+                    };
+                    if let Some(reservation) = reservation {
                         message.lease = Some(reservation.lease().clone());
                         adoptions.push((accepted.len(), reservation, message.clone()));
                     }

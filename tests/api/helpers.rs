@@ -336,6 +336,14 @@ pub fn plain_profile(name: &str, port: u16) -> SmtpProfile {
     }
 }
 
+/// Settings for the tests of `limits.max_batch_bytes`: delivery off, and a SendBatch's
+/// emails (and any request) hold at most 256 KiB.
+pub fn batches_of_256_kib(c: &mut Config) {
+    c.delivery.enabled = false;
+    c.limits.max_batch_bytes = 256 * 1024;
+    c.limits.max_request_bytes = 256 * 1024;
+}
+
 pub fn simple_email(to: &str) -> SendEmailRequest {
     SendEmailRequest {
         to: vec![mailbox(to)],

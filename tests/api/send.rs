@@ -984,12 +984,7 @@ async fn a_configuration_change_reaches_the_very_next_email() {
 /// with a message that names the field and the limit.
 #[tokio::test]
 async fn a_batch_whose_emails_would_hold_too_much_content_is_refused_whole() {
-    let app = TestApp::spawn_with(|c| {
-        c.delivery.enabled = false;
-        c.limits.max_batch_bytes = 256 * 1024;
-        c.limits.max_request_bytes = 256 * 1024;
-    })
-    .await;
+    let app = TestApp::spawn_with(crate::helpers::batches_of_256_kib).await;
     let base = SendEmailRequest {
         subject: "Your invoice".into(),
         text_body: "Attached.".into(),

@@ -441,12 +441,7 @@ async fn batch_renders_each_recipient_with_its_variables() {
 /// template that doubles a variable) is refused with advice that can work: SendEmail.
 #[tokio::test]
 async fn a_batch_of_one_email_over_the_batch_limit_is_sent_to_send_email() {
-    let app = TestApp::spawn_with(|c| {
-        c.delivery.enabled = false;
-        c.limits.max_batch_bytes = 256 * 1024;
-        c.limits.max_request_bytes = 256 * 1024;
-    })
-    .await;
+    let app = TestApp::spawn_with(crate::helpers::batches_of_256_kib).await;
     let template = create_template(
         &app,
         EmailTemplate {

@@ -341,7 +341,8 @@ static INSERT_ATTEMPT: LazyLock<String> = LazyLock::new(|| {
 
 static CLAIM: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "UPDATE OR ROLLBACK messages SET status = 'SENDING', lease_token = ?, due_at = ?, updated_at = ? \
+        "UPDATE OR ROLLBACK messages \
+         SET status = 'SENDING', lease_token = ?, due_at = ?, updated_at = ? \
          WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL AND due_at <= ? \
          ORDER BY due_at LIMIT ?) RETURNING {MESSAGE_COLUMNS}"
     )
