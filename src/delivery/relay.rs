@@ -117,11 +117,21 @@ fn payloads(origin: &str, events: &[MessageEvent]) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = origin.to_owned();
     for e in events {
-        let line = format!("\n{} {} {}", e.tenant_id, e.message_id, e.status.as_str());
-        if current.len() + line.len() > MAX_PAYLOAD {
+        // "\n{tenant} {id} {status}", written in place (a `format!` of each line first was
+        // 1 % of mailgate's instructions per email).
+        let line = [
+            "\n",
+            e.tenant_id.as_str(),
+            " ",
+            e.message_id.as_str(),
+            " ",
+            e.status.as_str(),
+        ];
+        let len: usize = line.iter().map(|s| s.len()).sum();
+        if current.len() + len > MAX_PAYLOAD {
             out.push(std::mem::replace(&mut current, origin.to_owned()));
         }
-        current.push_str(&line);
+        current.extend(line);
     }
     if current.len() > origin.len() {
         out.push(current);
