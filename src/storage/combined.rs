@@ -25,8 +25,8 @@ use sqlx::{postgres::PgArguments, Arguments as _, PgConnection, Postgres, Row as
 
 use super::{
     batch::{
-        json, recipient_rows, stored_state, Accepted, Finished, Outcome, ATTEMPT_COLUMNS,
-        COMPLETE_SET, STORED_COLUMNS,
+        content_json, json, recipient_rows, stored_state, Accepted, Finished, Outcome,
+        ATTEMPT_COLUMNS, COMPLETE_SET, STORED_COLUMNS,
     },
     sql::{db_error, decode},
     StoreError,
@@ -213,7 +213,8 @@ fn add_accepts(args: &mut PgArguments, inserts: &[Accepted<'_>]) -> Result<(), S
     add(args, column(inserts, |(m, _)| m.profile_reason.as_str()))?;
     add(args, column(inserts, |(m, _)| m.template_id.as_deref()))?;
     add(args, column(inserts, |(m, _)| m.campaign_id.as_deref()))?;
-    add(args, json_column(inserts, |(m, _)| &m.content)?)?;
+    let contents = inserts.iter().map(|(m, _)| content_json(&m.content));
+    add(args, contents.collect::<Result<Vec<_>, _>>()?)?;
     add(args, column(inserts, |(m, _)| m.message_id_header.as_str()))?;
     add(args, column(inserts, |(m, _)| m.trace_id.as_str()))?;
     add(args, json_column(inserts, |(m, _)| &m.tags)?)?;

@@ -44,8 +44,8 @@ use crate::{
     domain::{AttemptRecord, NewMessage},
     storage::{
         batch::{
-            json, recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
-            COMPLETION_COLUMNS, STORED_COLUMNS,
+            content_json, json, recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS,
+            COMPLETE_SET, COMPLETION_COLUMNS, STORED_COLUMNS,
         },
         rows::{message_from_row, MessageRow, MESSAGE_COLUMNS},
         Claimed, StoreError,
@@ -380,7 +380,7 @@ fn apply(
                     m.profile_reason.as_str(),
                     m.template_id,
                     m.campaign_id,
-                    json(&m.content)?,
+                    content_json(&m.content)?,
                     m.message_id_header,
                     m.trace_id,
                     json(&m.tags)?,
