@@ -237,8 +237,9 @@ impl<'w> fmt::FormatFields<'w> for AppendJsonFields {
         fields: &tracing::span::Record<'_>,
     ) -> std::fmt::Result {
         let existing = current.fields.trim_end_matches('}').len();
-        // The span's copy was made to measure: room for the fields recorded from here on.
-        current.fields.reserve(256);
+        // The span's copy was made to measure: room for the fields recorded from here on
+        // (doubled when short of it, as a `String` grows).
+        current.fields.reserve(64);
         if existing == 0 {
             current.fields.clear();
             current.fields.push('{');
