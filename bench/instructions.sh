@@ -47,15 +47,9 @@ for tool in valgrind callgrind_annotate smtp-sink python3; do
 done
 [ "$DB" = sqlite ] || command -v psql >/dev/null || die "missing psql (Debian: postgresql-client)"
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-SERVER_BIN=${SERVER_BIN:-$TARGET_DIR/release/mailgate}
-LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
-if [ "$SKIP_BUILD" != 1 ]; then
-  log "building: cargo build --release --bin mailgate --example loadgen"
-  cargo build --release --bin mailgate --example loadgen >&2
-fi
-[ -x "$SERVER_BIN" ] || die "mailgate binary not found: $SERVER_BIN"
-[ -x "$LOADGEN_BIN" ] || die "loadgen binary not found: $LOADGEN_BIN"
+# shellcheck source=bench/burst.sh
+. "$ROOT/bench/burst.sh"
+binaries
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailgate-instr.XXXXXX")
 chmod 755 "$WORK"
@@ -71,19 +65,13 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-SINK_PORT=$(free_port)
-user_opt=(); [ "$(id -u)" = 0 ] && { id postfix >/dev/null 2>&1 && user_opt=(-u postfix) || user_opt=(-u nobody); }
-smtp-sink -m 256 "${user_opt[@]}" "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 &
-SINK_PID=$!
+start_sink
 
 # count BIN N PROFILE: runs one server under callgrind that accepts and delivers N emails,
 # keeps its profile as PROFILE and sets TOTAL to its instruction count.
 count() {
-  local bin=$1 n=$2 out=$3 run port url db=""
-  run="$WORK/run-$RANDOM"; mkdir -p "$run/data"
-  port=$(free_port)
+  local bin=$1 n=$2 out=$3 run url db=""
+  run="$WORK/run-$RANDOM"; mkdir -p "$run"
   if [ "$DB" = postgres ]; then
     db="mailgate_instr_$$_$RANDOM"; DBS+=("$db")
     psql "$PG_URL/postgres" -qAt -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$db\"" >/dev/null
@@ -91,26 +79,7 @@ count() {
   else
     url="sqlite://$run/data/mailgate.db"
   fi
-  MAILGATE_LISTEN_ADDR="127.0.0.1:$port" MAILGATE_DATA_DIR="$run/data" MAILGATE_DATABASE_URL="$url" \
-  MAILGATE_SMTP__ALLOWED_NETWORKS='["127.0.0.0/8"]' MAILGATE_SMTP__ALLOWED_PORTS="[$SINK_PORT]" \
-  MAILGATE_DELIVERY__CONCURRENCY="$C" MAILGATE_SHUTDOWN_GRACE=30s MAILGATE_LOG__FORMAT=json \
-  MAILGATE_ENCRYPTION__KEY="$(python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())')" \
-  MAILGATE_ENCRYPTION__KEY_ID=bench \
-    valgrind -q --tool=callgrind --callgrind-out-file="$out" "$bin" serve >"$run/server.log" 2>&1 &
-  SERVER_PID=$!
-  local ready=0
-  for _ in $(seq 600); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    if "$bin" healthcheck --addr "127.0.0.1:$port" --timeout 2s >/dev/null 2>&1; then ready=1; break; fi
-    sleep 0.2
-  done
-  [ "$ready" = 1 ] || { tail -20 "$run/server.log" >&2; die "mailgate under valgrind did not start"; }
-  "$LOADGEN_BIN" --addr "127.0.0.1:$port" --tenant bench --smtp-host 127.0.0.1 \
-    --smtp-port "$SINK_PORT" --messages "$n" --concurrency "$C" --size "$SIZE" --mode "$MODE" \
-    --json "$run/loadgen.json" >"$run/loadgen.out" 2>&1 \
-    || { tail -5 "$run/loadgen.out" >&2; die "loadgen failed"; }
-  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=""
+  burst "$bin" "$url" "$n" "$run" valgrind -q --tool=callgrind --callgrind-out-file="$out"
   [ -n "$db" ] && psql "$PG_URL/postgres" -qAt -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null
   # callgrind writes "summary: <Ir>" and "totals: <Ir>" into its output file.
   TOTAL=$(awk '/^(totals|summary):/ {print $2; exit}' "$out")

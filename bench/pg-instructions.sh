@@ -53,15 +53,9 @@ fi
 [ -x "$PG_BINDIR/initdb" ] && [ -x "$PG_BINDIR/postgres" ] \
   || die "PostgreSQL's initdb and postgres not found (set PG_BINDIR; Debian: apt-get install postgresql)"
 
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-SERVER_BIN=${SERVER_BIN:-$TARGET_DIR/release/mailgate}
-LOADGEN_BIN=${LOADGEN_BIN:-$TARGET_DIR/release/examples/loadgen}
-if [ "$SKIP_BUILD" != 1 ]; then
-  log "building: cargo build --release --bin mailgate --example loadgen"
-  cargo build --release --bin mailgate --example loadgen >&2
-fi
-[ -x "$SERVER_BIN" ] || die "mailgate binary not found: $SERVER_BIN"
-[ -x "$LOADGEN_BIN" ] || die "loadgen binary not found: $LOADGEN_BIN"
+# shellcheck source=bench/burst.sh
+. "$ROOT/bench/burst.sh"
+binaries
 
 # PostgreSQL refuses to run as root: as root, the cluster runs as the `postgres` user.
 as_db_user() {
@@ -91,18 +85,17 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-
-SINK_PORT=$(free_port)
-user_opt=(); [ "$(id -u)" = 0 ] && { id postfix >/dev/null 2>&1 && user_opt=(-u postfix) || user_opt=(-u nobody); }
-smtp-sink -m 256 "${user_opt[@]}" "127.0.0.1:$SINK_PORT" 1024 >/dev/null 2>&1 &
-SINK_PID=$!
+start_sink
+schema_change() {
+  psql "$1" -qAt -v ON_ERROR_STOP=1 -f "$SCHEMA_SQL" >/dev/null || die "SCHEMA_SQL failed"
+}
+[ -z "$SCHEMA_SQL" ] || BURST_BEFORE=schema_change
 
 # count N PROFILES: a fresh cluster under callgrind, mailgate on it, N emails; sets TOTAL to
 # the instructions of all the cluster's processes, whose profiles go to the folder PROFILES.
 count() {
-  local n=$1 profiles=$2 run pg_port port url f v
-  run="$WORK/run-$RANDOM"; mkdir -p "$run/mailgate" "$profiles"; chmod 777 "$run" "$profiles"
+  local n=$1 profiles=$2 run pg_port f v
+  run="$WORK/run-$RANDOM"; mkdir -p "$run" "$profiles"; chmod 777 "$run" "$profiles"
   PG_DATA="$run/pgdata"
   as_db_user "'$PG_BINDIR/initdb' -D '$PG_DATA' -A trust -U postgres" >"$run/initdb.log" 2>&1 \
     || { tail -5 "$run/initdb.log" >&2; die "initdb failed"; }
@@ -118,31 +111,7 @@ count() {
   done
   psql "postgres://postgres@127.0.0.1:$pg_port/postgres" -qAt -v ON_ERROR_STOP=1 \
     -c 'CREATE DATABASE mailgate' >/dev/null
-  url="postgres://postgres@127.0.0.1:$pg_port/mailgate"
-  port=$(free_port)
-  MAILGATE_LISTEN_ADDR="127.0.0.1:$port" MAILGATE_DATA_DIR="$run/mailgate" MAILGATE_DATABASE_URL="$url" \
-  MAILGATE_SMTP__ALLOWED_NETWORKS='["127.0.0.0/8"]' MAILGATE_SMTP__ALLOWED_PORTS="[$SINK_PORT]" \
-  MAILGATE_DELIVERY__CONCURRENCY="$C" MAILGATE_SHUTDOWN_GRACE=30s MAILGATE_LOG__FORMAT=json \
-  MAILGATE_ENCRYPTION__KEY="$(python3 -c 'import os, base64; print(base64.b64encode(os.urandom(32)).decode())')" \
-  MAILGATE_ENCRYPTION__KEY_ID=bench \
-    "$SERVER_BIN" serve >"$run/server.log" 2>&1 &
-  SERVER_PID=$!
-  local ready=0
-  for _ in $(seq 600); do
-    kill -0 "$SERVER_PID" 2>/dev/null || break
-    if "$SERVER_BIN" healthcheck --addr "127.0.0.1:$port" --timeout 2s >/dev/null 2>&1; then ready=1; break; fi
-    sleep 0.2
-  done
-  [ "$ready" = 1 ] || { tail -20 "$run/server.log" >&2; die "mailgate did not start"; }
-  if [ -n "$SCHEMA_SQL" ]; then
-    psql "$url" -qAt -v ON_ERROR_STOP=1 -f "$SCHEMA_SQL" >/dev/null || die "SCHEMA_SQL failed"
-  fi
-  "$LOADGEN_BIN" --addr "127.0.0.1:$port" --tenant bench --smtp-host 127.0.0.1 \
-    --smtp-port "$SINK_PORT" --messages "$n" --concurrency "$C" --size "$SIZE" --mode "$MODE" \
-    --json "$run/loadgen.json" >"$run/loadgen.out" 2>&1 \
-    || { tail -5 "$run/loadgen.out" >&2; die "loadgen failed"; }
-  kill -TERM "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
-  SERVER_PID=""
+  burst "$SERVER_BIN" "postgres://postgres@127.0.0.1:$pg_port/mailgate" "$n" "$run/mailgate"
   stop_cluster
   TOTAL=0
   for f in "$profiles"/callgrind.*; do
