@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use super::{Completion, StoreError};
-use crate::domain::{AttemptRecord, MessageContent, MessageStatus, NewMessage};
+use crate::domain::{AttemptRecord, MessageStatus, NewMessage};
 
 /// The lease a finished delivery held: its message and token (all a completion needs of the
 /// claim, so the message itself is not copied into the writer's queue).
@@ -35,15 +35,6 @@ pub(super) const ATTEMPT_COLUMNS: &str = "message_id, number, started_at, durati
 /// recipients).
 pub(super) fn json(value: &impl serde::Serialize) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Other(e.into()))
-}
-
-/// An email's content as JSON text, written into a buffer sized for it up front: grown from
-/// serde_json's 128 bytes, the JSON of a 1.5 KB email was copied four times over as it grew.
-pub(super) fn content_json(content: &MessageContent) -> Result<String, StoreError> {
-    // Attachments go as base64 (four characters for three bytes); 512 for names and quoting.
-    let mut out = Vec::with_capacity(content.held_bytes() / 3 * 4 + 512);
-    serde_json::to_writer(&mut out, content).map_err(|e| StoreError::Other(e.into()))?;
-    String::from_utf8(out).map_err(|e| StoreError::Other(e.into()))
 }
 
 /// An email to store, and when it was accepted.

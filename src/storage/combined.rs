@@ -25,9 +25,10 @@ use sqlx::{postgres::PgArguments, Arguments as _, PgConnection, Postgres, Row as
 
 use super::{
     batch::{
-        content_json, json, recipient_rows, stored_state, Accepted, Finished, Outcome,
-        ATTEMPT_COLUMNS, COMPLETE_SET, STORED_COLUMNS,
+        json, recipient_rows, stored_state, Accepted, Finished, Outcome, ATTEMPT_COLUMNS,
+        COMPLETE_SET, STORED_COLUMNS,
     },
+    content_json::content_json,
     sql::{db_error, decode},
     StoreError,
 };
@@ -214,7 +215,7 @@ fn add_accepts(args: &mut PgArguments, inserts: &[Accepted<'_>]) -> Result<(), S
     add(args, column(inserts, |(m, _)| m.template_id.as_deref()))?;
     add(args, column(inserts, |(m, _)| m.campaign_id.as_deref()))?;
     let contents = inserts.iter().map(|(m, _)| content_json(&m.content));
-    add(args, contents.collect::<Result<Vec<_>, _>>()?)?;
+    add(args, contents.collect::<Vec<_>>())?;
     add(args, column(inserts, |(m, _)| m.message_id_header.as_str()))?;
     add(args, column(inserts, |(m, _)| m.trace_id.as_str()))?;
     add(args, json_column(inserts, |(m, _)| &m.tags)?)?;

@@ -6,6 +6,7 @@
 
 mod batch;
 mod combined;
+mod content_json;
 mod housekeeping;
 mod logquery;
 mod rows;

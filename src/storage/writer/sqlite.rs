@@ -44,9 +44,10 @@ use crate::{
     domain::{AttemptRecord, NewMessage},
     storage::{
         batch::{
-            content_json, json, recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS,
-            COMPLETE_SET, COMPLETION_COLUMNS, STORED_COLUMNS,
+            json, recipient_rows, stored_state, Finished, Outcome, ATTEMPT_COLUMNS, COMPLETE_SET,
+            COMPLETION_COLUMNS, STORED_COLUMNS,
         },
+        content_json::content_json,
         rows::{message_from_row, MessageRow, MESSAGE_COLUMNS},
         Claimed, StoreError,
     },
@@ -380,7 +381,7 @@ fn apply(
                     m.profile_reason.as_str(),
                     m.template_id,
                     m.campaign_id,
-                    content_json(&m.content)?,
+                    content_json(&m.content),
                     m.message_id_header,
                     m.trace_id,
                     json(&m.tags)?,
