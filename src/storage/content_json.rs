@@ -4,8 +4,8 @@
 //!
 //! serde_json looks each byte of a string up in a table to find what needs escaping: for the
 //! bodies of an email that was 4 % of mailgate's instructions per email. Here a string is
-//! checked 16 bytes at a time, in a loop the compiler vectorizes, and only a block that holds
-//! a byte to escape is looked at byte by byte.
+//! checked eight bytes at a time (one 64-bit word, [`escaped_bytes`]), and only the bytes to
+//! escape are visited: about half the instructions.
 
 use base64::{engine::general_purpose::STANDARD, Engine};
 
