@@ -22,6 +22,7 @@ pub mod delivery;
 pub mod domain;
 pub mod error;
 pub mod housekeeping;
+mod json;
 pub mod metrics;
 pub mod proto;
 pub mod routing;

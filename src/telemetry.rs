@@ -32,7 +32,10 @@ use tracing_subscriber::{
     EnvFilter, Layer,
 };
 
-use crate::config::{LogConfig, LogFormat};
+use crate::{
+    config::{LogConfig, LogFormat},
+    json::push_string,
+};
 
 /// The installed telemetry pipelines; flush them with [`Telemetry::shutdown`] before exit.
 #[derive(Debug, Default)]
@@ -153,7 +156,7 @@ impl JsonMembers<'_> {
             self.out.push(',');
         }
         self.first = false;
-        push_json_string(self.out, field.name());
+        push_string(self.out, field.name());
         self.out.push(':');
         true
     }
@@ -165,24 +168,10 @@ impl JsonMembers<'_> {
     }
 }
 
-/// Appends `s` as a JSON string. Most span fields (ids, names, hosts) need no escaping and
-/// are copied as they are. Each used to become a JSON `String` of its own, copied in
-/// through the formatter: span fields took a tenth of mailgate's instructions per email.
-fn push_json_string(out: &mut String, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        out.push_str(&serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned()));
-    } else {
-        out.reserve(s.len() + 2);
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-    }
-}
-
 impl tracing::field::Visit for JsonMembers<'_> {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         if self.key(field) {
-            push_json_string(self.out, value);
+            push_string(self.out, value);
         }
     }
     fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
@@ -198,7 +187,7 @@ impl tracing::field::Visit for JsonMembers<'_> {
         if value.is_finite() {
             self.member(field, &value);
         } else if self.key(field) {
-            push_json_string(self.out, &value.to_string());
+            push_string(self.out, &value.to_string());
         }
     }
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
@@ -207,7 +196,7 @@ impl tracing::field::Visit for JsonMembers<'_> {
             // before the failure is kept.
             let mut text = String::new();
             let _ = write!(text, "{value:?}");
-            push_json_string(self.out, &text);
+            push_string(self.out, &text);
         }
     }
 }

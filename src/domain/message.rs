@@ -114,6 +114,10 @@ pub struct Attachment {
 }
 
 /// What the message says and to whom: everything needed to compose it at send time.
+///
+/// Stored as JSON written by `storage::content_json` (by hand, for speed) and read back by
+/// the derived `Deserialize`: a field added here goes there too (its test compares the two
+/// writers and fails until it does).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MessageContent {
     /// The From mailbox.
