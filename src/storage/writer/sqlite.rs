@@ -320,17 +320,20 @@ const INSERT_RECIPIENT: &str = "INSERT INTO message_recipients (tenant_id, email
      VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 
 /// A completion, recorded only while its lease token is held: what it sets is the PostgreSQL
-/// group's `COMPLETE_SET`, from a one-row `v` (the columns of `COMPLETION_COLUMNS`).
+/// group's `COMPLETE_SET`, with each of its values `v.<column>` (the columns of
+/// `COMPLETION_COLUMNS`) a numbered parameter. An `UPDATE ... FROM (SELECT ? AS ...)` made
+/// SQLite copy the one-row `v` into a temporary table of its own and join it, at every
+/// completion: opening those tables was a twentieth of mailgate's instructions per email
+/// through SendBatch (docs/benchmarks.md, 2026-12-07).
 static COMPLETE: LazyLock<String> = LazyLock::new(|| {
-    let v: Vec<String> = COMPLETION_COLUMNS
-        .split(", ")
-        .map(|c| format!("? AS {c}"))
-        .collect();
-    format!(
-        "UPDATE OR ROLLBACK messages SET {COMPLETE_SET} FROM (SELECT {}) AS v \
-         WHERE messages.id = v.id AND messages.lease_token = v.token",
-        v.join(", ")
-    )
+    let mut set = COMPLETE_SET.to_owned();
+    let mut columns: Vec<(usize, &str)> = COMPLETION_COLUMNS.split(", ").enumerate().collect();
+    // The longest names first: `v.fallback` is the start of `v.fallback_reason`.
+    columns.sort_by_key(|(_, c)| std::cmp::Reverse(c.len()));
+    for (i, c) in columns {
+        set = set.replace(&format!("v.{c}"), &format!("?{}", i + 1));
+    }
+    format!("UPDATE OR ROLLBACK messages SET {set} WHERE id = ?1 AND lease_token = ?2")
 });
 
 static INSERT_ATTEMPT: LazyLock<String> = LazyLock::new(|| {
@@ -488,6 +491,20 @@ fn insert_attempt(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every value of `COMPLETE_SET` is a parameter, in the order of `COMPLETION_COLUMNS`
+    /// (the order the completion's values are bound in).
+    #[test]
+    fn a_completion_sets_what_postgresql_sets_from_numbered_parameters() {
+        assert_eq!(
+            *COMPLETE,
+            "UPDATE OR ROLLBACK messages SET status = ?3, due_at = ?4, lease_token = NULL, \
+             attempt_count = messages.attempt_count + ?5, last_error = ?6, fallback = ?7, \
+             fallback_reason = ?8, updated_at = ?9, \
+             sent_at = CASE WHEN ?3 = 'SENT' THEN ?9 ELSE messages.sent_at END \
+             WHERE id = ?1 AND lease_token = ?2"
+        );
+    }
 
     /// Rows in the database file alone, without its WAL: what checkpoints copied.
     fn rows_in_main_file(path: &std::path::Path, dir: &std::path::Path) -> i64 {
