@@ -265,9 +265,16 @@ fn serve(path: &std::path::Path, jobs: &Receiver<Job>, nudge: &mpsc::SyncSender<
 }
 
 /// Opens the writer's connection with the settings of sqlx's (`SqlStore::connect`):
-/// synchronous=FULL, so that an acknowledged email survives a power loss, the same busy
-/// timeout, and foreign keys on. The pool's first connection made the file WAL already;
-/// asking again is a no-op.
+/// synchronous=FULL, so that an acknowledged email survives a power loss, and the same busy
+/// timeout. The pool's first connection made the file WAL already; asking again is a no-op.
+///
+/// Foreign keys are not checked on this connection, as PostgreSQL has none for the same rows
+/// (its migration 0012): the writer stores recipients only for the emails its transaction
+/// just stored, and attempts only for the emails whose completion its transaction just
+/// recorded, with SQLite's one write lock held throughout, so no parent can be missing.
+/// Looking each parent up again was 4 % of mailgate's instructions per email through
+/// SendBatch (docs/benchmarks.md, 2026-12-07). The pool's connections keep them on: a DELETE
+/// there (retention, a person by hand) still takes an email's attempts and recipients with it.
 ///
 /// Temporary storage is in memory. A statement that fires a trigger or checks a foreign key
 /// inside a transaction keeps a statement journal (to undo just that statement), and SQLite
@@ -281,7 +288,7 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     .map_err(sqlite_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error)?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; \
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; \
          PRAGMA temp_store = MEMORY;",
     )
     .map_err(sqlite_error)?;
@@ -323,8 +330,8 @@ const INSERT_RECIPIENT: &str = "INSERT INTO message_recipients (tenant_id, email
 /// group's `COMPLETE_SET`, with each of its values `v.<column>` (the columns of
 /// `COMPLETION_COLUMNS`) a numbered parameter. An `UPDATE ... FROM (SELECT ? AS ...)` made
 /// SQLite copy the one-row `v` into a temporary table of its own and join it, at every
-/// completion: opening those tables was a twentieth of mailgate's instructions per email
-/// through SendBatch (docs/benchmarks.md, 2026-12-07).
+/// completion: that cost 6-7 % of mailgate's instructions per email (docs/benchmarks.md,
+/// 2026-12-07).
 static COMPLETE: LazyLock<String> = LazyLock::new(|| {
     let mut set = COMPLETE_SET.to_owned();
     let mut columns: Vec<(usize, &str)> = COMPLETION_COLUMNS.split(", ").enumerate().collect();
