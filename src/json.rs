@@ -13,11 +13,7 @@ pub(crate) fn push_string(out: &mut String, s: &str) {
     let mut words = bytes.chunks_exact(WORD);
     for (n, word) in words.by_ref().enumerate() {
         // Eight bytes checked at once, and only the bytes to escape visited.
-        let found = <[u8; WORD]>::try_from(word).map_or_else(
-            |_| padded_escaped_bytes(word),
-            |w| escaped_bytes(u64::from_le_bytes(w)),
-        );
-        start = escape_found(out, s, start, n * WORD, found);
+        start = escape_found(out, s, start, n * WORD, padded_escaped_bytes(word));
     }
     let rest = words.remainder();
     start = escape_found(
@@ -35,7 +31,7 @@ pub(crate) fn push_string(out: &mut String, s: &str) {
 const WORD: usize = 8;
 
 /// [`escaped_bytes`] of up to eight bytes, the word filled up with bytes that need no escape
-/// (the end of a string, shorter than a word).
+/// when they are fewer (the end of a string).
 fn padded_escaped_bytes(bytes: &[u8]) -> u64 {
     let mut word = [b'a'; WORD];
     word[..bytes.len()].copy_from_slice(bytes);
