@@ -285,8 +285,7 @@ async fn next_group(
         () = closed.as_mut() => None,
     };
     let mut ops = vec![first?];
-    let room = drain(&mut rx, &mut ops);
-    let room = room && gather(&mut rx, &mut ops, last_group).await;
+    let room = drain(&mut rx, &mut ops) && gather(&mut rx, &mut ops, last_group).await;
     if room && ops.iter().all(|op| matches!(op, Op::Complete(..))) {
         // A caller that ends the wait is usually the first of many: the callers that the
         // last commit answered come back together. Gathered as at the start of a group,
