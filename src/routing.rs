@@ -140,7 +140,7 @@ async fn usable(
 }
 
 /// Routes a request of `tenant_id` naming (maybe empty) a profile, campaign and template.
-#[tracing::instrument(name = "routing", skip_all, fields(tenant_id, profile_id = tracing::field::Empty, reason = tracing::field::Empty))]
+#[tracing::instrument(target = "mailgate::trace", name = "routing", skip_all, fields(tenant_id, profile_id = tracing::field::Empty, reason = tracing::field::Empty))]
 pub async fn route(
     store: &dyn RouteReads,
     operator_sender: &Mailbox,

@@ -25,7 +25,7 @@ use opentelemetry_sdk::{
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    filter::{LevelFilter, Targets},
+    filter::{filter_fn, FilterExt, LevelFilter, Targets},
     fmt,
     layer::SubscriberExt,
     util::SubscriberInitExt,
@@ -104,27 +104,51 @@ fn log_directives(log: &LogConfig) -> String {
         .unwrap_or_else(|| log.level.clone())
 }
 
-/// `layer` behind a filter of `directives`.
+/// The target of spans that are for traces only: the log lines never show them.
+///
+/// A span shows in a log line when an event happens inside it. The spans with this target
+/// (routing, rendering, enqueueing, each SMTP attempt) hold no event of mailgate's own: the
+/// events of a request or a delivery happen in its RPC span or its `delivery` span, whose
+/// fields (method, tenant, message, trace) the lines carry. Kept from the log layer, these
+/// spans are not made at all when no trace exporter is configured. Making them, recording
+/// their fields and entering them at every poll, with a span per RPC handler besides (now
+/// gone: the RPC's span holds the tenant), was 3.6 % of mailgate's instructions per email
+/// through SendEmail on SQLite and 4.7 % on PostgreSQL (docs/benchmarks.md). Use it as
+/// `target: TRACE_ONLY`, or as the same string in `#[instrument(target = ...)]`.
+pub(crate) const TRACE_ONLY: &str = "mailgate::trace";
+
+/// Whether the log layer sees `meta`: every event, and the spans that are not [`TRACE_ONLY`].
+fn logged(meta: &tracing::Metadata<'_>) -> bool {
+    !(meta.is_span() && meta.target() == TRACE_ONLY)
+}
+
+/// `layer` behind a filter of `directives`, without the [`TRACE_ONLY`] spans.
 ///
 /// Directives of targets and levels only (`info`, `mailgate=debug,info`), the usual kind,
 /// become a [`Targets`] filter; those that match spans or fields (`[delivery]=debug`) need an
 /// [`EnvFilter`]. Both enable the same spans and events for the former. An `EnvFilter` looks
 /// every span's entry, exit and close up in a table behind a lock, kept for span
-/// directives; each email has about six spans (RPC, routing, enqueue, delivery, attempt),
-/// and with a `Targets` filter mailgate used about 2 % less CPU per email
-/// (docs/benchmarks.md).
+/// directives; each email had about six spans then (RPC, handler, routing, enqueue,
+/// delivery, attempt), and with a `Targets` filter mailgate used about 2 % less CPU per
+/// email (docs/benchmarks.md).
 fn filtered<S, L>(layer: L, directives: &str) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     L: Layer<S> + Send + Sync + 'static,
 {
+    // With no hint of its own, the pair's hint would be none at all, and with it the
+    // process-wide maximum level: every `trace!` and `debug!` in the libraries would be
+    // looked up instead of skipped by level.
+    let logged = filter_fn(logged).with_max_level_hint(LevelFilter::TRACE);
     // `Targets` reads an empty directive (`info,`) as a bare `error`, which would override
     // the level before it; `EnvFilter` skips it.
     let static_only =
         !directives.contains(['[', '{']) && !directives.split(',').any(|d| d.trim().is_empty());
     match directives.parse::<Targets>() {
-        Ok(targets) if static_only => layer.with_filter(targets).boxed(),
-        _ => layer.with_filter(EnvFilter::new(directives)).boxed(),
+        Ok(targets) if static_only => layer.with_filter(targets.and(logged)).boxed(),
+        _ => layer
+            .with_filter(EnvFilter::new(directives).and(logged))
+            .boxed(),
     }
 }
 
@@ -336,7 +360,9 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// The span of one RPC, a child of the caller's trace context when the request carries one.
-/// Used as the server's `trace_fn`, so handler spans nest inside it.
+/// Used as the server's `trace_fn`: the handler runs inside it, and the log lines of the
+/// RPC carry its fields. The authentication layer records the caller's `tenant_id`;
+/// SendEmail records the `message_id` it accepted, SendBatch the number of `recipients`.
 pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
     let (service, method) = path
@@ -351,6 +377,9 @@ pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
         rpc.service = %service,
         rpc.method = %method,
         trace_id = tracing::field::Empty,
+        tenant_id = tracing::field::Empty,
+        message_id = tracing::field::Empty,
+        recipients = tracing::field::Empty,
     );
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     let parent_trace = parent.span().span_context().trace_id();
@@ -520,6 +549,27 @@ mod tests {
         assert_eq!(span["inf"], "inf");
         assert_eq!(span["later"], "recorded \"later\"");
         assert!(span.get("otel.name").is_none(), "{span}");
+    }
+
+    /// The trace-only spans stay out of the log lines, with either kind of filter: an event
+    /// inside one carries the fields of the spans around it. (Whether such a span is made at
+    /// all depends on every subscriber alive when its callsite registers, other tests' too,
+    /// so this test does not look.)
+    #[test]
+    fn trace_only_spans_are_not_logged() {
+        for directives in ["info", "info,[delivery]=debug"] {
+            let lines = filtered_lines(Some(directives), || {
+                tracing::info_span!("delivery", message_id = "m-1").in_scope(|| {
+                    tracing::info_span!(target: TRACE_ONLY, "smtp.attempt", port = 25u64)
+                        .in_scope(|| tracing::info!(target: "mailgate::engine", "inside"));
+                });
+            });
+            assert_eq!(lines.len(), 1, "{directives}: {lines:?}");
+            assert_eq!(lines[0]["message"], "inside");
+            assert_eq!(lines[0]["span"]["name"], "delivery", "{}", lines[0]);
+            assert_eq!(lines[0]["span"]["message_id"], "m-1");
+            assert_eq!(lines[0]["spans"].as_array().map(Vec::len), Some(1));
+        }
     }
 
     /// A span whose only fields are left out, or that has none, still gives valid lines.

@@ -75,7 +75,7 @@ pub fn check(sources: &Sources<'_>, prefix: &str) -> Result<(), Vec<FieldError>>
 }
 
 /// Renders with `variables` (a JSON object) plus `gateway_url`, always available.
-#[tracing::instrument(name = "render", skip_all)]
+#[tracing::instrument(target = "mailgate::trace", name = "render", skip_all)]
 pub fn render(
     sources: &Sources<'_>,
     variables: &serde_json::Value,

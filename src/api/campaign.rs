@@ -1,7 +1,6 @@
 //! CampaignService: named sending contexts with a bound profile and headers.
 
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use super::{
     caller,
@@ -77,7 +76,6 @@ fn to_proto(s: &Stored) -> pb::Campaign {
 
 #[tonic::async_trait]
 impl CampaignService for CampaignApi {
-    #[instrument(skip_all, fields(tenant_id))]
     async fn create_campaign(
         &self,
         request: Request<pb::CreateCampaignRequest>,
@@ -93,7 +91,6 @@ impl CampaignService for CampaignApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_campaign(
         &self,
         request: Request<pb::GetCampaignRequest>,
@@ -105,7 +102,6 @@ impl CampaignService for CampaignApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn list_campaigns(
         &self,
         request: Request<pb::ListCampaignsRequest>,
@@ -122,7 +118,6 @@ impl CampaignService for CampaignApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn update_campaign(
         &self,
         request: Request<pb::UpdateCampaignRequest>,
@@ -139,7 +134,6 @@ impl CampaignService for CampaignApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn delete_campaign(
         &self,
         request: Request<pb::DeleteCampaignRequest>,

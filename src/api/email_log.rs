@@ -6,7 +6,6 @@ use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use futures::Stream;
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use super::{
     caller,
@@ -104,13 +103,11 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEmailLogsResponse, 
 
 #[tonic::async_trait]
 impl EmailLogService for EmailLogApi {
-    #[instrument(skip_all, fields(tenant_id))]
     async fn list_email_logs(
         &self,
         request: Request<pb::ListEmailLogsRequest>,
     ) -> Result<Response<pb::ListEmailLogsResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let mut filter = filter_from_proto(req.filter)?;
         let limit = page_size(req.page_size);
@@ -141,13 +138,11 @@ impl EmailLogService for EmailLogApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_email_log(
         &self,
         request: Request<pb::GetEmailLogRequest>,
     ) -> Result<Response<pb::GetEmailLogResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let id = &request.get_ref().id;
         let store = &self.ctx.store;
         let message = store
@@ -166,7 +161,6 @@ impl EmailLogService for EmailLogApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_email_stats(
         &self,
         request: Request<pb::GetEmailStatsRequest>,
@@ -231,7 +225,6 @@ impl EmailLogService for EmailLogApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn watch_email_logs(
         &self,
         request: Request<pb::WatchEmailLogsRequest>,

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
-use tracing::{instrument, Instrument};
+use tracing::Instrument;
 
 use super::{
     caller, convert::micros, convert::status_to_proto, template::variables_json, ApiContext, Caller,
@@ -463,13 +463,11 @@ fn body_of(req: &pb::SendEmailRequest, route: &Route) -> Result<Body, ApiError> 
 
 #[tonic::async_trait]
 impl SendService for SendApi {
-    #[instrument(skip_all, fields(tenant_id, message_id))]
     async fn send_email(
         &self,
         request: Request<pb::SendEmailRequest>,
     ) -> Result<Response<pb::SendEmailResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let mut message = self.build(&caller, &req, None).await?;
         tracing::Span::current().record("message_id", message.id.as_str());
@@ -508,11 +506,13 @@ impl SendService for SendApi {
                 InsertOutcome::Replayed { id, status } => (id, status, true),
             })
         };
-        let (id, status, replayed) =
-            tokio::spawn(accept.instrument(tracing::info_span!("enqueue")))
-                .await
-                .map_err(|e| Status::internal(format!("accepting the email failed: {e}")))?
-                .map_err(ApiError::from)?;
+        let (id, status, replayed) = tokio::spawn(accept.instrument(tracing::info_span!(
+            target: crate::telemetry::TRACE_ONLY,
+            "enqueue"
+        )))
+        .await
+        .map_err(|e| Status::internal(format!("accepting the email failed: {e}")))?
+        .map_err(ApiError::from)?;
         Ok(Response::new(pb::SendEmailResponse {
             message_id: id,
             status: status_to_proto(status).into(),
@@ -520,7 +520,6 @@ impl SendService for SendApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id, recipients))]
     async fn send_batch(
         &self,
         request: Request<pb::SendBatchRequest>,
@@ -676,7 +675,6 @@ impl SendService for SendApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn cancel_email(
         &self,
         request: Request<pb::CancelEmailRequest>,
@@ -696,7 +694,6 @@ impl SendService for SendApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn retry_email(
         &self,
         request: Request<pb::RetryEmailRequest>,
@@ -717,7 +714,6 @@ impl SendService for SendApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn requeue_emails(
         &self,
         request: Request<pb::RequeueEmailsRequest>,

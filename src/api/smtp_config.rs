@@ -1,7 +1,6 @@
 //! SmtpConfigService: profiles, verification and presets.
 
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use super::{
     caller,
@@ -178,13 +177,11 @@ fn check_may_share(caller: &crate::auth::Caller) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl SmtpConfigService for SmtpConfigApi {
-    #[instrument(skip_all, fields(tenant_id))]
     async fn create_smtp_profile(
         &self,
         request: Request<pb::CreateSmtpProfileRequest>,
     ) -> Result<Response<pb::CreateSmtpProfileResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let p = req
             .profile
@@ -239,13 +236,11 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_smtp_profile(
         &self,
         request: Request<pb::GetSmtpProfileRequest>,
     ) -> Result<Response<pb::GetSmtpProfileResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let profile = self
             .ctx
             .store
@@ -257,13 +252,11 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn list_smtp_profiles(
         &self,
         request: Request<pb::ListSmtpProfilesRequest>,
     ) -> Result<Response<pb::ListSmtpProfilesResponse>, Status> {
         let caller = caller(&request)?;
-        tracing::Span::current().record("tenant_id", caller.tenant_id.as_str());
         let req = request.into_inner();
         let limit = page_size(req.page_size);
         let after = super::email_log::decode_token(&req.page_token)?;
@@ -288,7 +281,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn activate_smtp_profile(
         &self,
         request: Request<pb::ActivateSmtpProfileRequest>,
@@ -335,7 +327,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn deactivate_smtp_profile(
         &self,
         request: Request<pb::DeactivateSmtpProfileRequest>,
@@ -361,7 +352,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn verify_smtp_profile(
         &self,
         request: Request<pb::VerifySmtpProfileRequest>,
@@ -411,7 +401,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn update_smtp_profile(
         &self,
         request: Request<pb::UpdateSmtpProfileRequest>,
@@ -504,7 +493,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn delete_smtp_profile(
         &self,
         request: Request<pb::DeleteSmtpProfileRequest>,
@@ -551,7 +539,6 @@ impl SmtpConfigService for SmtpConfigApi {
         Ok(Response::new(pb::DeleteSmtpProfileResponse {}))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn send_test_email(
         &self,
         request: Request<pb::SendTestEmailRequest>,
@@ -609,7 +596,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_tenant_settings(
         &self,
         request: Request<pb::GetTenantSettingsRequest>,
@@ -626,7 +612,6 @@ impl SmtpConfigService for SmtpConfigApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn update_tenant_settings(
         &self,
         request: Request<pb::UpdateTenantSettingsRequest>,

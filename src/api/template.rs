@@ -1,7 +1,6 @@
 //! TemplateService: email templates and their preview.
 
 use tonic::{Request, Response, Status};
-use tracing::instrument;
 
 use super::{
     caller,
@@ -115,7 +114,6 @@ pub(crate) fn variables_json(variables: Option<prost_types::Struct>) -> serde_js
 
 #[tonic::async_trait]
 impl TemplateService for TemplateApi {
-    #[instrument(skip_all, fields(tenant_id))]
     async fn create_email_template(
         &self,
         request: Request<pb::CreateEmailTemplateRequest>,
@@ -131,7 +129,6 @@ impl TemplateService for TemplateApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn get_email_template(
         &self,
         request: Request<pb::GetEmailTemplateRequest>,
@@ -143,7 +140,6 @@ impl TemplateService for TemplateApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn list_email_templates(
         &self,
         request: Request<pb::ListEmailTemplatesRequest>,
@@ -160,7 +156,6 @@ impl TemplateService for TemplateApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn update_email_template(
         &self,
         request: Request<pb::UpdateEmailTemplateRequest>,
@@ -177,7 +172,6 @@ impl TemplateService for TemplateApi {
         }))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn delete_email_template(
         &self,
         request: Request<pb::DeleteEmailTemplateRequest>,
@@ -187,7 +181,6 @@ impl TemplateService for TemplateApi {
         Ok(Response::new(pb::DeleteEmailTemplateResponse {}))
     }
 
-    #[instrument(skip_all, fields(tenant_id))]
     async fn render_template(
         &self,
         request: Request<pb::RenderTemplateRequest>,

@@ -90,10 +90,14 @@ where
         }
         match self.auth.authorize(path, req.headers()) {
             Ok(caller) => {
+                let tenant_id = caller.tenant_id.clone();
                 req.extensions_mut().insert(caller);
                 let max = self.max_request_bytes;
                 let fut = self.inner.call(req);
                 Box::pin(async move {
+                    // Polled inside the RPC's span (`call` is not): the handler's log lines,
+                    // and the RPC's trace span, name the tenant.
+                    tracing::Span::current().record("tenant_id", tenant_id.as_str());
                     let mut response = fut.await?;
                     too_large_is_resource_exhausted(&mut response, max);
                     Ok(response)

@@ -267,4 +267,12 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         traced_lines >= 2,
         "log lines of the RPC and the delivery carry the trace id"
     );
+    // An RPC's span names the caller's tenant (recorded by the authentication layer): the
+    // lines of the statements run while creating the profile show it.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"rpc.method\":\"CreateSmtpProfile\"")
+                && l.contains("\"tenant_id\":\"acme\"")),
+        "no log line of an RPC names its tenant:\n{log}"
+    );
 }

@@ -288,6 +288,7 @@ impl Engine {
 /// Never a secret or a message body.
 fn attempt_span(host: &str, port: u16, security: &str, fallback: bool) -> tracing::Span {
     tracing::info_span!(
+        target: crate::telemetry::TRACE_ONLY,
         "smtp.attempt",
         server.address = %host,
         server.port = port,
