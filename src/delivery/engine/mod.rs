@@ -646,8 +646,8 @@ impl Engine {
         let message = &claimed.message;
         let span = tracing::info_span!(
             "delivery",
-            tenant_id = %message.tenant_id,
-            message_id = %message.id,
+            tenant_id = message.tenant_id.as_str(),
+            message_id = message.id.as_str(),
             attempt = message.attempt_count + 1,
             mailgate.status = tracing::field::Empty,
             trace_id = tracing::field::Empty,
