@@ -139,15 +139,15 @@ where
     // With no hint of its own, the pair's hint would be none at all, and with it the
     // process-wide maximum level: every `trace!` and `debug!` in the libraries would be
     // looked up instead of skipped by level.
-    let logged = filter_fn(logged).with_max_level_hint(LevelFilter::TRACE);
+    let without_trace_only = filter_fn(logged).with_max_level_hint(LevelFilter::TRACE);
     // `Targets` reads an empty directive (`info,`) as a bare `error`, which would override
     // the level before it; `EnvFilter` skips it.
     let static_only =
         !directives.contains(['[', '{']) && !directives.split(',').any(|d| d.trim().is_empty());
     match directives.parse::<Targets>() {
-        Ok(targets) if static_only => layer.with_filter(targets.and(logged)).boxed(),
+        Ok(targets) if static_only => layer.with_filter(targets.and(without_trace_only)).boxed(),
         _ => layer
-            .with_filter(EnvFilter::new(directives).and(logged))
+            .with_filter(EnvFilter::new(directives).and(without_trace_only))
             .boxed(),
     }
 }

@@ -267,6 +267,16 @@ async fn traces_follow_the_caller_into_delivery_without_secrets() {
         traced_lines >= 2,
         "log lines of the RPC and the delivery carry the trace id"
     );
+    // The trace-only spans, in the trace above, never show in the log: the lines of what
+    // happens inside them (the routing's reads, the SMTP session's debug lines) carry the
+    // RPC's or the delivery's span instead.
+    for name in ["routing", "enqueue", "smtp.attempt"] {
+        let shown = format!("\"name\":\"{name}\"");
+        assert!(
+            !log.lines().any(|l| l.contains(&shown)),
+            "the {name} span shows in the log:\n{log}"
+        );
+    }
     // An RPC's span names the caller's tenant (recorded by the authentication layer): the
     // lines of the statements run while creating the profile show it.
     assert!(
