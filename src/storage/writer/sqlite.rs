@@ -158,11 +158,12 @@ impl SqliteWriter {
         let (jobs, rx) = mpsc::channel();
         let (nudge, nudged) = mpsc::sync_channel(1);
         let checkpointed = path.clone();
+        // Names of at most 15 bytes: the kernel keeps no more (ps, top and perf show them).
         std::thread::Builder::new()
-            .name("mailgate-sqlite-checkpointer".to_owned())
+            .name("sqlite-checkpt".to_owned())
             .spawn(move || checkpoints(&checkpointed, &nudged))?;
         std::thread::Builder::new()
-            .name("mailgate-sqlite-writer".to_owned())
+            .name("sqlite-writer".to_owned())
             .spawn(move || serve(&path, &rx, &nudge))?;
         Ok(Self { jobs })
     }
