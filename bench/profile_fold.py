@@ -28,9 +28,11 @@ COMPONENTS = [
     ("SMTP", re.compile(r"^(<)?(lettre::|mailgate::delivery::smtp)|lettre::")),
     ("gRPC/HTTP/2", re.compile(r"^(<)?(h2|hyper|hyper_util|tonic|prost|http_body|tower|axum)::|"
                                r"[<:](h2|hyper|tonic|prost)::")),
-    # The runtime's scheduler, timers and channels; its sockets (tokio::net, tokio::io, mio)
-    # match nothing, so a send counts for the code that sent.
-    ("tokio runtime", re.compile(r"tokio::(runtime|sync|time|task|loom|util)::")),
+    # The runtime's scheduler, timers, channels and its wait for events; its sockets
+    # (tokio::net, tokio::io, a registration's I/O, mio) match nothing, so a send counts for
+    # the code that sent.
+    ("tokio runtime", re.compile(r"tokio::(?!runtime::io::registration)"
+                                 r"(runtime|sync|time|task|loom|util)::")),
     ("mailgate", re.compile(r"mailgate::")),
 ]
 
