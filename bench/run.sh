@@ -18,6 +18,9 @@
 #   OUT [bench/results/<UTC timestamp>.json]     the JSON result file
 #   REFERENCES_ONLY [0]  1: same as --references-only
 #   REF_RUNS [1]         runs of each reference before the mailgate passes
+#   REPEAT [1]           runs of each SendEmail and SendBatch pass (in rounds: every pass
+#                        once, then again); the targets use each pass's median run, and the
+#                        table lists every run (the median one marked *)
 #   REF_CLOSE [1]        1: each reference runs once more after the passes; the ratios use
 #                        the median of all its runs, and the table says how far each
 #                        reference moved while the passes ran (the machine's speed drifts)
@@ -63,6 +66,7 @@ PG_URL=${PG_URL%/}
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 OUT=${OUT:-bench/results/$STAMP.json}
 REF_RUNS=${REF_RUNS:-1}
+REPEAT=${REPEAT:-1}
 REF_CLOSE=${REF_CLOSE:-1}
 NODEMAILER_MAX_MESSAGES=${NODEMAILER_MAX_MESSAGES:-inf}
 NODEMAILER_VERSION=${NODEMAILER_VERSION:-10.6.1}
@@ -83,7 +87,7 @@ log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&9; }
 die() { printf '[bench] ERROR: %s\n' "$*" >&9; exit 1; }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]] && [ "$1" -gt 0 ]; }
-for v in N C SIZE RATE RATE_N REF_RUNS PASS_TIMEOUT STARTUP_TIMEOUT; do
+for v in N C SIZE RATE RATE_N REF_RUNS REPEAT PASS_TIMEOUT STARTUP_TIMEOUT; do
   is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
 case "$REF_CLOSE" in 0|1) ;; *) die "REF_CLOSE must be 0 or 1 (got '$REF_CLOSE')" ;; esac
@@ -476,10 +480,11 @@ drop_db() {
   PG_DBS=("${rest[@]}")
 }
 
-# run_pass DB MODE [RATE]
+# run_pass DB MODE RUN [RATE]: RUN is the pass's run number (1..REPEAT)
 run_pass() {
-  local db=$1 mode=$2 rate=${3:-} name dir port url dbname="" messages=$N
+  local db=$1 mode=$2 run=$3 rate=${4:-} name dir port url dbname="" messages=$N
   name="$db-$mode${rate:+-rate$rate}"
+  [ "$REPEAT" -gt 1 ] && [ -z "$rate" ] && name="$name-run$run"
   [ -n "$rate" ] && messages=$RATE_N
   dir="$WORK/passes/$name"; mkdir -p "$dir/data"
   ensure_sink
@@ -487,7 +492,7 @@ run_pass() {
   if [ "$db" = sqlite ]; then
     url="sqlite://$dir/data/mailgate.db"
   else
-    dbname="mailgate_bench_$$_${mode}${rate:+_rate$rate}"
+    dbname="mailgate_bench_$$_${mode}${rate:+_rate$rate}_$run"
     PG_DBS+=("$dbname")
     psql "$PG_URL/postgres" -qAt -v ON_ERROR_STOP=1 -c "CREATE DATABASE \"$dbname\"" >/dev/null \
       || die "could not create database $dbname on $PG_URL"
@@ -574,7 +579,7 @@ run_pass() {
     tail -10 "$dir/server.log" >&2 || true
   fi
   cat >"$dir/meta.json" <<EOF
-{"name": "$name", "database": "$db", "mode": "$mode", "rate": ${rate:-null}, "messages": $messages,
+{"name": "$name", "database": "$db", "mode": "$mode", "rate": ${rate:-null}, "run": $run, "messages": $messages,
  "concurrency": $C, "size": $SIZE, "loadgen_exit": $rc, "server_alive_at_end": $alive,
  "sink_alive_at_end": $sink_ok, "sink_port": $SINK_PORT,
  "loadgen_wall_seconds": $wall, "loadgen_cpu_seconds": $(awk -v u="${lg_user/null/0}" -v s="${lg_sys/null/0}" 'BEGIN { printf "%.3f", u + s }'),
@@ -591,10 +596,15 @@ EOF
 }
 
 if [ "$REFERENCES_ONLY" != 1 ]; then
-  for db in $PASSES; do
-    run_pass "$db" unary
-    run_pass "$db" batch
-    case " $RATE_ON " in *" $db "*) run_pass "$db" unary "$RATE" ;; esac
+  # In rounds, so that a change of the machine's speed during the run reaches every pass alike.
+  for run in $(seq "$REPEAT"); do
+    for db in $PASSES; do
+      run_pass "$db" unary "$run"
+      run_pass "$db" batch "$run"
+      if [ "$run" = 1 ]; then
+        case " $RATE_ON " in *" $db "*) run_pass "$db" unary 1 "$RATE" ;; esac
+      fi
+    done
   done
   # The references once more: the ratios then rest on the references' speed on both sides of
   # the passes, and a run whose machine changed speed meanwhile says so.
@@ -612,7 +622,7 @@ fi
 # Step 7: one table, one JSON file.
 mkdir -p "$(dirname "$OUT")"
 BENCH_N="$N" BENCH_C="$C" BENCH_SIZE="$SIZE" BENCH_PASSES="$PASSES" BENCH_RATE="$RATE" \
-BENCH_RATE_N="$RATE_N" BENCH_RATE_ON="$RATE_ON" BENCH_REFERENCES_ONLY="$REFERENCES_ONLY" \
+BENCH_RATE_N="$RATE_N" BENCH_RATE_ON="$RATE_ON" BENCH_REFERENCES_ONLY="$REFERENCES_ONLY" BENCH_REPEAT="$REPEAT" \
 BENCH_NPROC="$(nproc)" BENCH_LOADAVG_START="$LOADAVG_START" BENCH_LOADAVG_END="$(loadavg)" \
 BENCH_NODEMAILER_DIR="$NPM_DIR" BENCH_MAILGATE_BIN="${SERVER_BIN:-}" \
 BENCH_POSTFIX_VERSION="$(postconf -d -h mail_version 2>/dev/null || echo unknown)" \
