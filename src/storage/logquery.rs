@@ -12,6 +12,7 @@ use crate::domain::LogFilter;
 
 /// The statement listing a tenant's log: newest first, below the cursor, at most `limit`.
 pub(super) fn list_query(
+    backend: Backend,
     tenant_id: &str,
     filter: &LogFilter,
     before_id: Option<&str>,
@@ -20,7 +21,7 @@ pub(super) fn list_query(
     let mut binds = vec![Bind::Text(tenant_id.to_owned())];
     let mut sql = format!(
         "SELECT {} FROM messages WHERE tenant_id = $1{}",
-        super::rows::MESSAGE_COLUMNS,
+        super::rows::message_columns(backend),
         filter_clauses(filter, &mut binds, 1)
     );
     if let Some(before) = before_id {
@@ -357,7 +358,7 @@ impl SqlStore {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<String>, StoreError> {
-        let (sql, binds) = list_query(tenant_id, filter, before_id, limit);
+        let (sql, binds) = list_query(self.backend, tenant_id, filter, before_id, limit);
         self.explain(&sql, &binds).await
     }
 

@@ -1,20 +1,44 @@
 //! Row <-> domain conversion for the SQL store.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::LazyLock};
 
 use anyhow::Context;
 use sqlx::{any::AnyRow, Row};
+
+use super::sql::Backend;
 
 use crate::domain::{
     AttemptOutcome, AttemptRecord, Document, MessageContent, MessageStatus, ProfileReason,
     ProfileStatus, SmtpProfile, StoredMessage,
 };
 
-/// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING.
+/// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING, from
+/// `messages` on PostgreSQL. SQLite's are [`SQLITE_MESSAGE_COLUMNS`]; [`message_columns`]
+/// gives a backend's.
 pub(super) const MESSAGE_COLUMNS: &str = "id, tenant_id, status, source, email_type, \
      profile_id, profile_reason, fallback, fallback_reason, template_id, campaign_id, content, \
      message_id_header, trace_id, traceparent, tags, attempt_count, last_error, created_at, updated_at, \
      sent_at, due_at";
+
+/// [`MESSAGE_COLUMNS`] on SQLite, in the same order: the content is in `message_contents`
+/// (migration 0011), read by rowid in a subquery, which SELECT and RETURNING both take.
+pub(super) static SQLITE_MESSAGE_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+    MESSAGE_COLUMNS.replacen(
+        " content,",
+        " (SELECT c.content FROM message_contents c WHERE c.id = messages.content_id) \
+         AS content,",
+        1,
+    )
+});
+
+/// The columns read by [`message_from_row`] on `backend`, from a query whose table is
+/// `messages` (not aliased).
+pub(super) fn message_columns(backend: Backend) -> &'static str {
+    match backend {
+        Backend::Postgres => MESSAGE_COLUMNS,
+        Backend::Sqlite => SQLITE_MESSAGE_COLUMNS.as_str(),
+    }
+}
 
 /// Columns read by [`profile_from_row`].
 pub(super) const PROFILE_COLUMNS: &str = "id, tenant_id, name, settings, secret_ciphertext, \
@@ -143,4 +167,24 @@ pub(super) fn attempt_from_row(row: &AnyRow) -> anyhow::Result<AttemptRecord> {
         outcome: AttemptOutcome::parse(&outcome).context("attempt outcome")?,
         rejected_recipients: serde_json::from_str(&rejected).context("rejected recipients")?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The SQLite writer finds a claimed row's values by their place in `MESSAGE_COLUMNS`,
+    /// and `message_from_row` by name: both hold only if SQLite's list names the same
+    /// columns in the same order.
+    #[test]
+    fn sqlite_message_columns_are_the_same_columns_in_the_same_order() {
+        let names = |list: &str| -> Vec<String> {
+            list.split(", ")
+                .map(|c| c.rsplit(' ').next().unwrap_or(c).to_owned())
+                .collect()
+        };
+        assert_eq!(names(&SQLITE_MESSAGE_COLUMNS), names(MESSAGE_COLUMNS));
+        assert!(SQLITE_MESSAGE_COLUMNS.contains("FROM message_contents"));
+        assert!(!MESSAGE_COLUMNS.contains("message_contents"));
+    }
 }

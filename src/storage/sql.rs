@@ -18,8 +18,8 @@ use sqlx::{
 use super::{
     logquery::{filter_clauses, list_query},
     rows::{
-        attempt_from_row, document_from_row, message_from_row, profile_from_row, ATTEMPT_COLUMNS,
-        DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
+        attempt_from_row, document_from_row, message_columns, message_from_row, profile_from_row,
+        ATTEMPT_COLUMNS, DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
     },
     writer::{self, Writer},
     Claimed, Completion, EmailStats, InsertOutcome, Store, StoreError,
@@ -554,7 +554,8 @@ impl Store for SqlStore {
         let sql = format!(
             "UPDATE messages SET status = 'SENDING', lease_token = $1, due_at = $2, \
              updated_at = $3 WHERE tenant_id = $4 AND id = $5 AND due_at IS NOT NULL \
-             AND (status <> 'SENDING' OR due_at <= $3) RETURNING {MESSAGE_COLUMNS}"
+             AND (status <> 'SENDING' OR due_at <= $3) RETURNING {}",
+            message_columns(self.backend)
         );
         let binds = [
             Bind::Text(token.clone()),
@@ -809,8 +810,10 @@ impl Store for SqlStore {
     }
 
     async fn get_message(&self, tenant_id: &str, id: &str) -> Result<StoredMessage, StoreError> {
-        let sql =
-            format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE tenant_id = $1 AND id = $2");
+        let sql = format!(
+            "SELECT {} FROM messages WHERE tenant_id = $1 AND id = $2",
+            message_columns(self.backend)
+        );
         let binds = [Bind::Text(tenant_id.to_owned()), Bind::Text(id.to_owned())];
         self.fetch_messages(&sql, &binds)
             .await?
@@ -843,7 +846,7 @@ impl Store for SqlStore {
         before_id: Option<&str>,
         limit: u32,
     ) -> Result<Vec<StoredMessage>, StoreError> {
-        let (sql, binds) = list_query(tenant_id, filter, before_id, limit);
+        let (sql, binds) = list_query(self.backend, tenant_id, filter, before_id, limit);
         // Not a named prepared statement: PostgreSQL then plans each call with its values.
         // A cached generic plan knows neither the cursor nor the time range and can pick an
         // index that reads a million rows where 50 suffice (seen: 230 ms instead of 0.9 ms).

@@ -444,6 +444,144 @@ async fn idempotency_keys_stay_unique_through_the_upgrade_to_an_index_of_keys_on
     );
 }
 
+/// SQLite's migration 0011 moves each email's content out of `messages` into
+/// `message_contents`. An email a release before it stored keeps its content through the
+/// upgrade (read by id, in the listing, and when a claim leases it); a new email stores its
+/// content there; an email that is not stored (its idempotency key taken) leaves no content
+/// behind; retention deletes an email's content with it.
+#[tokio::test]
+async fn contents_live_in_their_own_table_through_the_sqlite_upgrade() {
+    // PostgreSQL keeps the content in the row (no 0011 there).
+    if on_postgres() {
+        return;
+    }
+    let db = TestDatabase::new().await;
+    let options = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&db.url)
+        .unwrap()
+        .create_if_missing(true);
+    let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
+    // The migrations before 0011, as a release before it would have applied them.
+    let previous = tempfile::tempdir().unwrap();
+    let mut copied = 0;
+    for entry in std::fs::read_dir("migrations/sqlite").unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < "0011" {
+            std::fs::copy(&path, previous.path().join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, 10);
+    sqlx::migrate::Migrator::new(previous.path())
+        .await
+        .unwrap()
+        .run(&pool)
+        .await
+        .unwrap();
+    // Two emails the previous release stored: one sent (retention may take it), one queued.
+    let now = now_micros();
+    let mut stored = Vec::new();
+    for (subject, status, due_at) in [
+        ("sent before", "SENT", None),
+        ("queued before", "QUEUED", Some(now)),
+    ] {
+        let mut content = message("t1", None).content;
+        content.subject = subject.into();
+        content.text = Some(format!("the body of {subject}"));
+        let id = uuid::Uuid::now_v7().to_string();
+        sqlx::query(
+            "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
+             profile_reason, content, message_id_header, request_hash, created_at, updated_at, \
+             due_at) \
+             VALUES (?, 't1', ?, 'svc', 'notification', ?, 'from@acme.test', \
+             'SYSTEM_DEFAULT', ?, 'm@acme.test', 'h1', ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(status)
+        .bind(subject)
+        .bind(serde_json::to_string(&content).unwrap())
+        .bind(now)
+        .bind(now)
+        .bind(due_at)
+        .execute(&pool)
+        .await
+        .unwrap();
+        stored.push((id, content));
+    }
+
+    let store = SqlStore::connect(&db.url, 4).await.unwrap();
+    let contents = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM message_contents")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(contents().await, 2, "the upgrade moved both contents");
+    for (id, content) in &stored {
+        assert_eq!(&store.get_message("t1", id).await.unwrap().content, content);
+    }
+    let listed = store
+        .list_messages("t1", &LogFilter::default(), None, 10)
+        .await
+        .unwrap();
+    assert_eq!(listed.len(), 2);
+    for m in &listed {
+        let (_, content) = stored.iter().find(|(id, _)| *id == m.id).unwrap();
+        assert_eq!(&m.content, content);
+    }
+
+    // A new email, then the same request again and a reuse of its key for another one.
+    let new = message("t1", Some("k"));
+    assert_eq!(
+        store.insert_message(&new, now).await.unwrap(),
+        InsertOutcome::Created
+    );
+    assert_eq!(
+        store.get_message("t1", &new.id).await.unwrap().content,
+        new.content
+    );
+    assert!(matches!(
+        store
+            .insert_message(&message("t1", Some("k")), now)
+            .await
+            .unwrap(),
+        InsertOutcome::Replayed { .. }
+    ));
+    let mut reused = message("t1", Some("k"));
+    reused.request_hash = "other".into();
+    assert!(store.insert_message(&reused, now).await.is_err());
+    assert_eq!(
+        contents().await,
+        3,
+        "emails not stored leave no content behind"
+    );
+
+    // A claim reads the contents too: the queued email from before and the new one.
+    let claimed = store
+        .claim_due(now + 1, now + 60_000_000, 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 2);
+    for c in &claimed {
+        let expected = if c.message.id == new.id {
+            &new.content
+        } else {
+            assert_eq!(c.message.id, stored[1].0);
+            &stored[1].1
+        };
+        assert_eq!(&c.message.content, expected);
+        assert!(store
+            .complete(c, &[attempt(1)], &sent(), now)
+            .await
+            .unwrap());
+    }
+
+    // Retention takes the three sent emails and their contents.
+    assert_eq!(store.delete_expired(now + 1, 100).await.unwrap(), 3);
+    assert_eq!(contents().await, 0);
+    pool.close().await;
+}
+
 #[tokio::test]
 async fn the_writer_gets_a_new_connection_after_the_database_dropped_its_own() {
     // PostgreSQL only: a SQLite file has no server to drop a connection.

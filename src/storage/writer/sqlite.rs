@@ -48,7 +48,7 @@ use crate::{
             COMPLETION_COLUMNS, STORED_COLUMNS,
         },
         content_json::content_json,
-        rows::{message_from_row, MessageRow, MESSAGE_COLUMNS},
+        rows::{message_from_row, MessageRow, MESSAGE_COLUMNS, SQLITE_MESSAGE_COLUMNS},
         Claimed, StoreError,
     },
 };
@@ -316,13 +316,22 @@ fn placeholders(columns: &str) -> String {
 }
 
 /// An email's row; an email whose idempotency key is taken is skipped (no row changes).
+/// The columns are `STORED_COLUMNS` with the content's rowid in `message_contents` in place
+/// of the content (migration 0011).
 static INSERT_MESSAGE: LazyLock<String> = LazyLock::new(|| {
+    let columns = STORED_COLUMNS.replacen(" content,", " content_id,", 1);
     format!(
-        "INSERT OR ROLLBACK INTO messages ({STORED_COLUMNS}) VALUES ({}) \
+        "INSERT OR ROLLBACK INTO messages ({columns}) VALUES ({}) \
          ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
-        placeholders(STORED_COLUMNS)
+        placeholders(&columns)
     )
 });
+
+/// An email's content, stored before its row (which keeps the content's rowid).
+const INSERT_CONTENT: &str = "INSERT OR ROLLBACK INTO message_contents (content) VALUES (?)";
+
+/// The content of an email that was not stored after all (its idempotency key was taken).
+const DELETE_CONTENT: &str = "DELETE FROM message_contents WHERE id = ?";
 
 const INSERT_RECIPIENT: &str = "INSERT INTO message_recipients (tenant_id, email, message_id) \
      VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
@@ -356,7 +365,8 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
         "UPDATE OR ROLLBACK messages \
          SET status = 'SENDING', lease_token = ?, due_at = ?, updated_at = ? \
          WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL AND due_at <= ? \
-         ORDER BY due_at LIMIT ?) RETURNING {MESSAGE_COLUMNS}"
+         ORDER BY due_at LIMIT ?) RETURNING {}",
+        SQLITE_MESSAGE_COLUMNS.as_str()
     )
 });
 
@@ -375,10 +385,14 @@ fn apply(
     let mut outcome = Outcome::default();
     let mut leased = Vec::with_capacity(claims.len());
     if !inserts.is_empty() {
+        let mut content = tx.prepare_cached(INSERT_CONTENT).map_err(sqlite_error)?;
         let mut insert = tx.prepare_cached(&INSERT_MESSAGE).map_err(sqlite_error)?;
         let mut recipient = tx.prepare_cached(INSERT_RECIPIENT).map_err(sqlite_error)?;
         for (m, now) in inserts {
             let (status, due_at, lease_token) = stored_state(m, *now);
+            let content_id = content
+                .insert(params![content_json(&m.content)])
+                .map_err(sqlite_error)?;
             let stored = insert
                 .execute(params![
                     m.id,
@@ -392,7 +406,7 @@ fn apply(
                     m.profile_reason.as_str(),
                     m.template_id,
                     m.campaign_id,
-                    content_json(&m.content),
+                    content_id,
                     m.message_id_header,
                     m.trace_id,
                     json(&m.tags)?,
@@ -407,6 +421,9 @@ fn apply(
                 ])
                 .map_err(sqlite_error)?;
             if stored == 0 {
+                tx.prepare_cached(DELETE_CONTENT)
+                    .and_then(|mut delete| delete.execute(params![content_id]))
+                    .map_err(sqlite_error)?;
                 continue;
             }
             let one = [(m, *now)];
