@@ -138,13 +138,24 @@ async fn load(
         .max_connections(1)
         .connect(url)
         .await?;
+    // SQLite keeps each email's content in `message_contents` (its migration 0011).
+    let sqlite = url.starts_with("sqlite:");
+    // Content ids go on after those of an earlier load.
+    let first_id: i64 = if sqlite {
+        sqlx::query_scalar("SELECT COALESCE(MAX(id), 0) FROM message_contents")
+            .fetch_one(&pool)
+            .await?
+    } else {
+        0
+    };
+    let first_id = usize::try_from(first_id)?;
     let mut total = 0;
     let mut chunk = Vec::with_capacity(250);
     let mut tx = pool.begin().await?;
     for row in rows {
         chunk.push(row?);
         if chunk.len() == 250 {
-            write_chunk(&mut tx, &chunk).await?;
+            write_chunk(&mut tx, &chunk, sqlite.then_some(first_id + total)).await?;
             total += chunk.len();
             chunk.clear();
             if total % 40_000 == 0 {
@@ -155,7 +166,7 @@ async fn load(
         }
     }
     if !chunk.is_empty() {
-        write_chunk(&mut tx, &chunk).await?;
+        write_chunk(&mut tx, &chunk, sqlite.then_some(first_id + total)).await?;
         total += chunk.len();
     }
     tx.commit().await?;
@@ -163,10 +174,27 @@ async fn load(
     Ok(total)
 }
 
+/// `contents_after`: on SQLite, the rows loaded before this chunk; the chunk's contents go
+/// into `message_contents` with the next ids, which the rows keep in `content_id`.
 async fn write_chunk(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     chunk: &[Row],
+    contents_after: Option<usize>,
 ) -> anyhow::Result<()> {
+    if let Some(before) = contents_after {
+        let values = (1..=chunk.len())
+            .map(|r| format!("(${}, ${})", r * 2 - 1, r * 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("INSERT INTO message_contents (id, content) VALUES {values}");
+        let mut query = sqlx::query(&sql);
+        for (i, row) in chunk.iter().enumerate() {
+            query = query
+                .bind(i64::try_from(before + i + 1)?)
+                .bind(row.content.clone());
+        }
+        query.execute(&mut **tx).await?;
+    }
     const COLUMNS: usize = 13;
     let values = (0..chunk.len())
         .map(|r| {
@@ -183,13 +211,18 @@ async fn write_chunk(
         })
         .collect::<Vec<_>>()
         .join(", ");
+    let content = if contents_after.is_some() {
+        "content_id"
+    } else {
+        "content"
+    };
     let sql = format!(
         "INSERT INTO messages (id, tenant_id, status, source, email_type, subject, sender, \
-         profile_id, profile_reason, content, message_id_header, request_hash, created_at, \
+         profile_id, profile_reason, {content}, message_id_header, request_hash, created_at, \
          updated_at, sent_at, due_at, attempt_count) VALUES {values}"
     );
     let mut query = sqlx::query(&sql);
-    for row in chunk {
+    for (i, row) in chunk.iter().enumerate() {
         let due = match row.status {
             MessageStatus::Deferred => Some(row.created + 3_600_000_000),
             _ => None,
@@ -201,8 +234,12 @@ async fn write_chunk(
             .bind(row.status.as_str())
             .bind(row.source)
             .bind(row.email_type)
-            .bind(row.profile)
-            .bind(row.content.clone())
+            .bind(row.profile);
+        query = match contents_after {
+            Some(before) => query.bind(i64::try_from(before + i + 1)?),
+            None => query.bind(row.content.clone()),
+        };
+        query = query
             .bind(format!("<{}@big.example>", row.id))
             .bind(row.id.clone())
             .bind(row.created)
