@@ -350,6 +350,28 @@ async fn idempotency_is_per_tenant() {
     );
 }
 
+/// The migrations of `migrations/<backend>` whose names sort before `first_new`: the ones a
+/// release before `first_new` applied (`count` of them).
+async fn migrations_before(
+    backend: &str,
+    first_new: &str,
+    count: usize,
+) -> sqlx::migrate::Migrator {
+    let previous = tempfile::tempdir().unwrap();
+    let mut copied = 0;
+    for entry in std::fs::read_dir(format!("migrations/{backend}")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
+        if name.as_str() < first_new {
+            std::fs::copy(&path, previous.path().join(&name)).unwrap();
+            copied += 1;
+        }
+    }
+    assert_eq!(copied, count);
+    // Read now: the folder goes when this returns.
+    sqlx::migrate::Migrator::new(previous.path()).await.unwrap()
+}
+
 /// PostgreSQL's migration 0013 replaces the unique constraint on idempotency keys with a
 /// unique index of only the emails that carry a key. A database upgraded with emails in it
 /// still replays a repeated request, refuses a key reused for another request, takes any
@@ -363,20 +385,8 @@ async fn idempotency_keys_stay_unique_through_the_upgrade_to_an_index_of_keys_on
     let db = TestDatabase::new().await;
     let pool = sqlx::PgPool::connect(&db.url).await.unwrap();
     // The migrations before 0013, as a release before it would have applied them.
-    let previous = tempfile::tempdir().unwrap();
-    let mut copied = 0;
-    for entry in std::fs::read_dir("migrations/postgres").unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if name.as_str() < "0013" {
-            std::fs::copy(&path, previous.path().join(&name)).unwrap();
-            copied += 1;
-        }
-    }
-    assert_eq!(copied, 12);
-    sqlx::migrate::Migrator::new(previous.path())
+    migrations_before("postgres", "0013", 12)
         .await
-        .unwrap()
         .run(&pool)
         .await
         .unwrap();
@@ -461,20 +471,8 @@ async fn contents_live_in_their_own_table_through_the_sqlite_upgrade() {
         .create_if_missing(true);
     let pool = sqlx::SqlitePool::connect_with(options).await.unwrap();
     // The migrations before 0011, as a release before it would have applied them.
-    let previous = tempfile::tempdir().unwrap();
-    let mut copied = 0;
-    for entry in std::fs::read_dir("migrations/sqlite").unwrap() {
-        let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_str().unwrap().to_owned();
-        if name.as_str() < "0011" {
-            std::fs::copy(&path, previous.path().join(&name)).unwrap();
-            copied += 1;
-        }
-    }
-    assert_eq!(copied, 10);
-    sqlx::migrate::Migrator::new(previous.path())
+    migrations_before("sqlite", "0011", 10)
         .await
-        .unwrap()
         .run(&pool)
         .await
         .unwrap();
