@@ -21,6 +21,10 @@
 #   summary.json  the same figures
 #   folded.txt    the stacks, one line each with its sample count (thread name first)
 #   flamegraph.svg  the flame graph of folded.txt (inferno; open it in a browser)
+#   database.txt  DB=postgres with a local server: the PostgreSQL server's processes through
+#                 the same burst (the whole machine sampled, processes named postgres kept),
+#                 without call stacks: their share of user and kernel time and the 40
+#                 functions most samples landed in
 #
 # Settings (environment variables; defaults in brackets):
 #   DB [sqlite]          sqlite or postgres
@@ -35,8 +39,9 @@
 #   INFERNO_ROOT [$HOME/.cargo]  where `cargo install inferno` puts the flame graph tool when
 #                        it is not on PATH (set SKIP_INSTALL=1 to skip the flame graph instead)
 #   OUT_DIR [bench/results/profile-<UTC timestamp>-<db>-<mode>]
-#   KEEP [0]             1: keep perf's own record as OUT_DIR/perf.data (for `perf report -i`;
-#                        tens of MB)
+#   KEEP [0]             1: keep perf's own records as OUT_DIR/perf.data (and database.data)
+#                        for `perf report -i` (tens of MB)
+#   DB_PROFILE [1]       0: no database.txt on DB=postgres
 #
 # Needs perf (Debian: apt-get install linux-perf), and a kernel that lets this user sample
 # (root, or kernel.perf_event_paranoid <= 1).
@@ -47,6 +52,7 @@ if [ -n "${OUT_DIR:-}" ] && [ "${OUT_DIR#/}" = "$OUT_DIR" ]; then OUT_DIR="$PWD/
 cd "$ROOT"
 DB=${DB:-sqlite}; MODE=${MODE:-unary}; N=${N:-20000}; C=${C:-32}; SIZE=${SIZE:-1500}
 FREQ=${FREQ:-999}; SKIP_BUILD=${SKIP_BUILD:-0}; SKIP_INSTALL=${SKIP_INSTALL:-0}; KEEP=${KEEP:-0}
+DB_PROFILE=${DB_PROFILE:-1}
 PG_URL=${PG_URL:-postgres://postgres@127.0.0.1:5432}; PG_URL=${PG_URL%/}
 INFERNO_ROOT=${INFERNO_ROOT:-$HOME/.cargo}
 OUT_DIR=${OUT_DIR:-bench/results/profile-$(date -u +%Y%m%dT%H%M%SZ)-$DB-$MODE}
@@ -73,10 +79,10 @@ binaries
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mailgate-profile.XXXXXX")
 chmod 755 "$WORK"
-SINK_PID=""; SERVER_PID=""; DBNAME=""
+SINK_PID=""; SERVER_PID=""; DBNAME=""; DB_PERF_PID=""
 cleanup() {
   set +e
-  for pid in $SERVER_PID $SINK_PID; do kill "$pid" 2>/dev/null; done
+  for pid in $SERVER_PID $SINK_PID $DB_PERF_PID; do kill "$pid" 2>/dev/null; done
   wait 2>/dev/null
   [ -n "$DBNAME" ] && psql "$PG_URL/postgres" -qAt -c "DROP DATABASE IF EXISTS \"$DBNAME\" WITH (FORCE)" >/dev/null 2>&1
   rm -rf "$WORK"
@@ -94,10 +100,25 @@ fi
 # Dirty pages of earlier work would be written back during the burst (see bench/run.sh).
 sync
 
+# DB=postgres: the whole machine is sampled from when mailgate is ready (burst.sh calls
+# BURST_BEFORE) until the burst ends; database.txt keeps the PostgreSQL processes' samples.
+# Without call stacks: Debian's PostgreSQL keeps no frame pointers, and copies of every
+# process's stack would be far too much.
+start_db_profile() {
+  perf record -q -a -e cpu-clock -F "$FREQ" -o "$WORK/database.data" >/dev/null 2>&1 &
+  DB_PERF_PID=$!
+}
+if [ "$DB" = postgres ] && [ "$DB_PROFILE" = 1 ]; then
+  BURST_BEFORE=start_db_profile
+fi
+
 log "$N emails ($DB, $MODE, C=$C) into smtp-sink, mailgate under perf record at $FREQ Hz"
 # Call stacks unwound from copies of the stack (DWARF): release builds keep no frame pointers.
 burst "$SERVER_BIN" "$url" "$N" "$WORK" \
   perf record -q -e cpu-clock -F "$FREQ" --call-graph dwarf,16384 -o "$WORK/perf.data" --
+if [ -n "$DB_PERF_PID" ]; then
+  kill -INT "$DB_PERF_PID"; wait "$DB_PERF_PID" 2>/dev/null || true; DB_PERF_PID=""
+fi
 rate=$(python3 -c 'import json, sys; print(round(json.load(open(sys.argv[1]))["delivered_rate"]))' "$WORK/loadgen.json")
 log "delivered $rate emails/s under the profiler; reading the samples"
 
@@ -109,6 +130,25 @@ if command -v inferno-flamegraph >/dev/null; then
     "$OUT_DIR/folded.txt" >"$OUT_DIR/flamegraph.svg"
 else
   log "no inferno-flamegraph: no flame graph (cargo install inferno)"
+fi
+if [ -s "$WORK/database.data" ]; then
+  {
+    printf 'PostgreSQL server processes (named postgres) during the burst: %s, %s, N=%s, C=%s\n\n' \
+      "$DB" "$MODE" "$N" "$C"
+    perf report -i "$WORK/database.data" --stdio --comms postgres --sort sym \
+      --percentage relative 2>/dev/null | grep '%' >"$WORK/database.syms" || true
+    perf report -i "$WORK/database.data" --stdio --sort comm 2>/dev/null \
+      | awk '/^# Samples:/ { n = $3 } $2 == "postgres" { p = $1 }
+             END { printf "the machine: %s samples; processes named postgres: %s of them\n", n, p }'
+    awk '{ sub(/%/, "", $1); if ($2 == "[k]") k += $1; else u += $1 }
+         END { printf "user %.1f %%, kernel %.1f %% of the database'"'"'s samples\n\n", u, k }' \
+      "$WORK/database.syms"
+    echo "functions the samples landed in, % of the database's samples"
+    head -40 "$WORK/database.syms"
+  } >"$OUT_DIR/database.txt"
+  grep -q '%' "$OUT_DIR/database.txt" \
+    || echo "(no samples of a process named postgres: is the server on another machine?)" >>"$OUT_DIR/database.txt"
+  [ "$KEEP" = 1 ] && mv "$WORK/database.data" "$OUT_DIR/database.data"
 fi
 [ "$KEEP" = 1 ] && mv "$WORK/perf.data" "$OUT_DIR/perf.data"
 cat "$OUT_DIR/summary.txt"
