@@ -80,13 +80,6 @@ def kernel_activity(frames):
     return "scheduling and other", "other"
 
 
-def kernel_group_of(call):
-    for group, calls in SYSCALL_GROUPS.items():
-        if call in calls:
-            return group
-    return {"interrupts": "interrupts", "other": "scheduling and other"}.get(call, "other system calls")
-
-
 def parse(stream):
     """Yields (thread, [(symbol, is_kernel), ...] leaf first) per sample."""
     thread, frames = None, []
@@ -138,7 +131,7 @@ def main():
         if kernel:
             group, detail = kernel_activity(frames)
             kernel_groups[group] += 1
-            syscalls[detail] += 1
+            syscalls[(group, detail)] += 1
         names = [thread] + [s.replace(";", ":") for s, _ in reversed(frames)]
         folded[";".join(names)] += 1
     if total == 0:
@@ -165,7 +158,7 @@ def main():
             for k in order
         },
         "kernel_percent": {g: pct(k) for g, k in kernel_groups.most_common()},
-        "kernel_by_call_percent": {c: pct(k) for c, k in syscalls.most_common()},
+        "kernel_by_call_percent": {c: pct(k) for (_, c), k in syscalls.most_common()},
         "top_functions_percent": [
             {"function": f, "side": side, "percent": pct(k)} for (f, side), k in leaves.most_common(30)
         ],
@@ -189,8 +182,8 @@ def main():
                  f" {summary['kernel_share_percent']:>9.1f} {100.0:>9.1f}")
     lines += ["", "kernel time by activity (system call)  % of samples"]
     for g, k in kernel_groups.most_common():
-        calls = [f"{c} {pct(n):.1f}" for c, n in syscalls.most_common()
-                 if kernel_group_of(c) == g and n * 1000 >= total]
+        calls = [f"{c} {pct(n):.1f}" for (group, c), n in syscalls.most_common()
+                 if group == g and n * 1000 >= total]
         lines.append(f"  {g:<36} {pct(k):>6.1f}  {', '.join(calls) if g not in ('interrupts', 'scheduling and other') else ''}".rstrip())
     lines += ["", "functions the samples landed in       %"]
     for (f, side), k in leaves.most_common(30):

@@ -13,8 +13,7 @@ use crate::domain::{
 };
 
 /// Columns read by [`message_from_row`], in a form usable in SELECT and RETURNING, from
-/// `messages` on PostgreSQL. SQLite's are [`SQLITE_MESSAGE_COLUMNS`]; [`message_columns`]
-/// gives a backend's.
+/// `messages` on PostgreSQL; [`message_columns`] gives a backend's.
 pub(super) const MESSAGE_COLUMNS: &str = "id, tenant_id, status, source, email_type, \
      profile_id, profile_reason, fallback, fallback_reason, template_id, campaign_id, content, \
      message_id_header, trace_id, traceparent, tags, attempt_count, last_error, created_at, updated_at, \
@@ -22,7 +21,7 @@ pub(super) const MESSAGE_COLUMNS: &str = "id, tenant_id, status, source, email_t
 
 /// [`MESSAGE_COLUMNS`] on SQLite, in the same order: the content is in `message_contents`
 /// (migration 0011), read by rowid in a subquery, which SELECT and RETURNING both take.
-pub(super) static SQLITE_MESSAGE_COLUMNS: LazyLock<String> = LazyLock::new(|| {
+static SQLITE_MESSAGE_COLUMNS: LazyLock<String> = LazyLock::new(|| {
     MESSAGE_COLUMNS.replacen(
         " content,",
         " (SELECT c.content FROM message_contents c WHERE c.id = messages.content_id) \

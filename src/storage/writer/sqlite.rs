@@ -48,7 +48,8 @@ use crate::{
             COMPLETION_COLUMNS, STORED_COLUMNS,
         },
         content_json::content_json,
-        rows::{message_from_row, MessageRow, MESSAGE_COLUMNS, SQLITE_MESSAGE_COLUMNS},
+        rows::{message_columns, message_from_row, MessageRow, MESSAGE_COLUMNS},
+        sql::Backend,
         Claimed, StoreError,
     },
 };
@@ -93,10 +94,10 @@ impl LeasedRows {
     }
 }
 
-/// A row of [`MESSAGE_COLUMNS`], in that order.
+/// A row of SQLite's [`message_columns`]: the columns of [`MESSAGE_COLUMNS`], in that order.
 struct RawRow(Vec<Value>);
 
-/// The position of each of [`MESSAGE_COLUMNS`].
+/// The position of each of [`MESSAGE_COLUMNS`] (where SQLite's list has the same column).
 static COLUMN_AT: LazyLock<HashMap<&'static str, usize>> = LazyLock::new(|| {
     MESSAGE_COLUMNS
         .split(", ")
@@ -366,7 +367,7 @@ static CLAIM: LazyLock<String> = LazyLock::new(|| {
          SET status = 'SENDING', lease_token = ?, due_at = ?, updated_at = ? \
          WHERE id IN (SELECT id FROM messages WHERE due_at IS NOT NULL AND due_at <= ? \
          ORDER BY due_at LIMIT ?) RETURNING {}",
-        SQLITE_MESSAGE_COLUMNS.as_str()
+        message_columns(Backend::Sqlite)
     )
 });
 
