@@ -158,14 +158,19 @@ impl SqliteWriter {
     pub(super) fn start(path: PathBuf) -> std::io::Result<Self> {
         let (jobs, rx) = mpsc::channel();
         let (nudge, nudged) = mpsc::sync_channel(1);
+        let (committed, to_sync) = mpsc::channel();
         let checkpointed = path.clone();
+        let mut wal = WalFile::of(&path);
         // Names of at most 15 bytes: the kernel keeps no more (ps, top and perf show them).
         std::thread::Builder::new()
             .name("sqlite-checkpt".to_owned())
             .spawn(move || checkpoints(&checkpointed, &nudged))?;
         std::thread::Builder::new()
+            .name("sqlite-sync".to_owned())
+            .spawn(move || syncs(&to_sync, || wal.sync()))?;
+        std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
-            .spawn(move || serve(&path, &rx, &nudge))?;
+            .spawn(move || serve(&path, &rx, &nudge, &committed))?;
         Ok(Self { jobs })
     }
 
@@ -242,7 +247,15 @@ fn checkpoint(conn: &Connection) -> Result<(i64, i64), StoreError> {
     .map_err(sqlite_error)
 }
 
-fn serve(path: &std::path::Path, jobs: &Receiver<Job>, nudge: &mpsc::SyncSender<()>) {
+/// A committed group's answer, sent once the WAL holding its commit is on disk.
+type Committed = (oneshot::Sender<Applied>, Applied);
+
+fn serve(
+    path: &std::path::Path,
+    jobs: &Receiver<Job>,
+    nudge: &mpsc::SyncSender<()>,
+    committed: &mpsc::Sender<Committed>,
+) {
     let mut conn: Option<Connection> = None;
     while let Ok(job) = jobs.recv() {
         let result = match conn.take().map_or_else(|| open(path), Ok) {
@@ -257,18 +270,104 @@ fn serve(path: &std::path::Path, jobs: &Receiver<Job>, nudge: &mpsc::SyncSender<
             }
             Err(e) => Err(e),
         };
-        let committed = result.is_ok();
-        let _ = job.reply.send((job.inserts, job.finished, result));
-        if committed {
-            // Full: a checkpoint is due already.
-            let _ = nudge.try_send(());
+        let applied = (job.inserts, job.finished, result);
+        if applied.2.is_err() {
+            // Nothing was written: no sync to wait for.
+            let _ = job.reply.send(applied);
+            continue;
+        }
+        // The syncing thread answers once the commit is on disk, while this thread goes on
+        // with the next group. It only stops after this thread has.
+        let _ = committed.send((job.reply, applied));
+        // Full: a checkpoint is due already.
+        let _ = nudge.try_send(());
+    }
+}
+
+/// Makes committed groups durable before they are answered, while the writer's thread
+/// applies the next group.
+///
+/// The writer's connection commits with `synchronous = NORMAL`: SQLite writes the
+/// transaction's frames to the WAL and does not wait for the disk. This thread then syncs
+/// the WAL file (`sync`) and only then answers the groups committed before the sync began,
+/// every one of them with that one sync. An answered group is on disk, as with
+/// `synchronous = FULL`, but the disk's flush no longer stops the writer: with FULL, the
+/// writer's thread waited for it inside every commit, and the callers of the next group
+/// waited with it. SQLite's WAL stays consistent under NORMAL (a torn or missing frame ends
+/// recovery at the last whole commit); what a power loss can take is only what was not
+/// answered yet.
+///
+/// If the sync fails, the groups it was for are answered with an error: their commit may not
+/// survive a power loss. (A stored email that is not lost is still sent: an accepted email
+/// that was answered with an error may be sent.)
+fn syncs(committed: &Receiver<Committed>, mut sync: impl FnMut() -> std::io::Result<()>) {
+    let mut waiting = Vec::new();
+    while let Ok(first) = committed.recv() {
+        waiting.push(first);
+        waiting.extend(committed.try_iter());
+        let synced = sync();
+        for (reply, (inserts, finished, result)) in waiting.drain(..) {
+            let result = match &synced {
+                Ok(()) => result,
+                Err(e) => Err(StoreError::Other(anyhow::anyhow!(
+                    "syncing the SQLite WAL to disk failed, the write may not survive a \
+                     power loss: {e}"
+                ))),
+            };
+            let _ = reply.send((inserts, finished, result));
         }
     }
 }
 
-/// Opens the writer's connection with the settings of sqlx's (`SqlStore::connect`):
-/// synchronous=FULL, so that an acknowledged email survives a power loss, and the same busy
-/// timeout. The pool's first connection made the file WAL already; asking again is a no-op.
+/// The database's WAL file (`<database>-wal`), opened once and synced through its own
+/// descriptor (Linux syncs a file's data whatever descriptor asks). It is opened again when
+/// the path names another file (a WAL that SQLite deleted, after checkpointing all of it into
+/// the database file, and made again).
+struct WalFile {
+    path: PathBuf,
+    open: Option<std::fs::File>,
+}
+
+impl WalFile {
+    fn of(database: &std::path::Path) -> Self {
+        let mut path = database.as_os_str().to_owned();
+        path.push("-wal");
+        Self {
+            path: PathBuf::from(path),
+            open: None,
+        }
+    }
+
+    fn sync(&mut self) -> std::io::Result<()> {
+        let current = std::fs::metadata(&self.path)?;
+        let file = match self.open.take() {
+            Some(f) if same_file(&f.metadata()?, &current) => f,
+            _ => std::fs::File::open(&self.path)?,
+        };
+        let synced = file.sync_data();
+        if synced.is_ok() {
+            self.open = Some(file);
+        }
+        synced
+    }
+}
+
+#[cfg(unix)]
+fn same_file(a: &std::fs::Metadata, b: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    a.dev() == b.dev() && a.ino() == b.ino()
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::Metadata, _: &std::fs::Metadata) -> bool {
+    false
+}
+
+/// Opens the writer's connection with the busy timeout of sqlx's (`SqlStore::connect`), in
+/// WAL mode (the pool's first connection made the file WAL already; asking again is a no-op;
+/// a file that cannot have a WAL is refused) and with `synchronous = NORMAL`: a commit does
+/// not wait for the disk, and [`syncs`] answers each group only after syncing the WAL, so
+/// an acknowledged email survives a power loss as with the pool's `synchronous = FULL`.
 ///
 /// Foreign keys are not checked on this connection, as PostgreSQL has none for the same rows
 /// (its migration 0012): the writer stores recipients only for the emails its transaction
@@ -289,9 +388,18 @@ fn open(path: &std::path::Path) -> Result<Connection, StoreError> {
     )
     .map_err(sqlite_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
+        .map_err(sqlite_error)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        // `synchronous = NORMAL` is only safe with a WAL, and only the WAL is synced.
+        return Err(StoreError::Other(anyhow::anyhow!(
+            "the SQLite database {} cannot use a write-ahead log (journal mode {mode})",
+            path.display()
+        )));
+    }
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA foreign_keys = OFF; \
-         PRAGMA temp_store = MEMORY;",
+        "PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = OFF; PRAGMA temp_store = MEMORY;",
     )
     .map_err(sqlite_error)?;
     Ok(conn)
@@ -623,8 +731,11 @@ mod tests {
         drop(Connection::open(&path).unwrap());
         let (jobs, rx) = mpsc::channel();
         let (nudge, nudged) = mpsc::sync_channel(1);
+        let (committed, to_sync) = mpsc::channel();
+        let mut wal = WalFile::of(&path);
+        let syncer = std::thread::spawn(move || syncs(&to_sync, || wal.sync()));
         let thread_path = path.clone();
-        let thread = std::thread::spawn(move || serve(&thread_path, &rx, &nudge));
+        let thread = std::thread::spawn(move || serve(&thread_path, &rx, &nudge, &committed));
 
         let (empty, answer) = job(Vec::new());
         jobs.send(empty).unwrap();
@@ -644,6 +755,81 @@ mod tests {
         // The thread ends once its handle is gone; every nudge it sent is queued by then.
         drop(jobs);
         thread.join().unwrap();
+        syncer.join().unwrap();
         assert!(nudged.try_recv().is_err(), "no nudge after a failed group");
+    }
+
+    /// An empty committed group, and where its answer comes.
+    fn committed() -> (Committed, oneshot::Receiver<Applied>) {
+        let (reply, answer) = oneshot::channel();
+        let applied = (Vec::new(), Vec::new(), Ok((Outcome::default(), Vec::new())));
+        ((reply, applied), answer)
+    }
+
+    /// A committed group is answered only once the sync that follows its commit has
+    /// returned, and with an error if that sync failed.
+    #[test]
+    fn a_committed_group_is_answered_after_the_wal_is_synced() {
+        let (to_sync, committed_rx) = mpsc::channel();
+        let (entered, entered_rx) = mpsc::channel();
+        let (gate, gate_rx) = mpsc::channel::<std::io::Result<()>>();
+        let thread = std::thread::spawn(move || {
+            syncs(&committed_rx, || {
+                entered.send(()).unwrap();
+                gate_rx.recv().unwrap()
+            })
+        });
+
+        let (group, mut answer) = committed();
+        to_sync.send(group).unwrap();
+        entered_rx.recv().unwrap();
+        // The thread is inside the sync: nothing answered yet.
+        assert!(matches!(
+            answer.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        gate.send(Ok(())).unwrap();
+        assert!(answer.blocking_recv().unwrap().2.is_ok());
+
+        let (group, answer) = committed();
+        to_sync.send(group).unwrap();
+        entered_rx.recv().unwrap();
+        gate.send(Err(std::io::Error::other("disk gone"))).unwrap();
+        let error = answer.blocking_recv().unwrap().2.err().unwrap().to_string();
+        assert!(error.contains("syncing the SQLite WAL"), "{error}");
+        assert!(error.contains("disk gone"), "{error}");
+
+        drop(to_sync);
+        thread.join().unwrap();
+    }
+
+    /// The WAL is synced through a descriptor of the file the path names now: a WAL that
+    /// was deleted and made again is opened again.
+    #[cfg(unix)]
+    #[test]
+    fn the_wal_file_is_opened_again_when_it_is_replaced() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let database = dir.path().join("db.sqlite");
+        let path = dir.path().join("db.sqlite-wal");
+        let mut wal = WalFile::of(&database);
+        assert_eq!(wal.path, path);
+        assert!(wal.sync().is_err(), "no WAL yet");
+
+        std::fs::write(&path, b"first").unwrap();
+        wal.sync().unwrap();
+        let first = wal.open.as_ref().unwrap().metadata().unwrap().ino();
+        wal.sync().unwrap();
+        assert_eq!(wal.open.as_ref().unwrap().metadata().unwrap().ino(), first);
+
+        // Made again while the first is still open (so it cannot get the same inode).
+        let kept = std::fs::File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&path, b"second").unwrap();
+        wal.sync().unwrap();
+        let second = wal.open.as_ref().unwrap().metadata().unwrap().ino();
+        assert_ne!(second, first);
+        assert_eq!(second, std::fs::metadata(&path).unwrap().ino());
+        drop(kept);
     }
 }
