@@ -161,6 +161,7 @@ pub(super) fn commit_group_sqlite(
     db: &SqliteWriter,
     pool: sqlx::AnyPool,
     ops: Vec<Op>,
+    place: tokio::sync::OwnedSemaphorePermit,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     let g = Group::new(ops);
     let claim_args = g
@@ -168,7 +169,7 @@ pub(super) fn commit_group_sqlite(
         .iter()
         .map(|&(now, until, limit, _)| Claim { now, until, limit })
         .collect();
-    let applying = db.apply(g.inserts, g.finished, claim_args);
+    let applying = db.apply(g.inserts, g.finished, claim_args, place);
     let (insert_ops, complete_replies, claims) = (g.insert_ops, g.complete_replies, g.claims);
     async move {
         let (inserts, finished, applied) = applying.await;

@@ -357,33 +357,38 @@ async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) -> bool {
 /// applies them in order, so they commit in order. Gathered only after the commit, a group
 /// waited for the callers that the commit had just answered to come back, and the thread
 /// idled meanwhile (1.3 ms of a 3 ms cycle under a burst of 32 callers).
+///
+/// A group gives its place at the thread back once it is committed: its callers then wait
+/// for the sync of the WAL on another thread (`sqlite::syncs`), and the group after next is
+/// gathered meanwhile. Held until the answers, the places ran out while a sync was under
+/// way, and the thread waited with them: with every sync made 2 ms slower (a slow disk,
+/// emulated) SendEmail on SQLite delivered 8 % less, on this machine's disk 0-10 % less
+/// (docs/benchmarks.md, 2026-12-07, fifth session).
 async fn run_sqlite(
     pool: AnyPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
     db: SqliteWriter,
 ) {
-    /// Groups in flight: one on the thread, the next waiting for it.
-    const IN_FLIGHT: u32 = 2;
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT as usize));
+    /// Groups at the thread: one applied, the next waiting for it.
+    const AT_THREAD: usize = 2;
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(AT_THREAD));
+    let mut answering = tokio::task::JoinSet::new();
     let mut last_group = 0;
     let mut closed = Box::pin(pool.close_event());
     loop {
         // The semaphore is never closed.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
+        let Ok(place) = places.clone().acquire_owned().await else {
             break;
         };
         let Some(ops) = next_group(&rx, &mut closed, last_group).await else {
             break;
         };
         last_group = ops.len();
-        let committing = commit_group_sqlite(&db, pool.clone(), ops);
-        tokio::spawn(async move {
-            committing.await;
-            drop(slot);
-        });
+        answering.spawn(commit_group_sqlite(&db, pool.clone(), ops, place));
+        while answering.try_join_next().is_some() {}
     }
     // The groups still in flight are answered before the writer ends.
-    let _ = slots.acquire_many(IN_FLIGHT).await;
+    while answering.join_next().await.is_some() {}
 }
 
 async fn run(

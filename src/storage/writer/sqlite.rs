@@ -38,7 +38,7 @@ use rusqlite::{
     types::{FromSql, Value, ValueRef},
     Connection, OpenFlags, TransactionBehavior,
 };
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::{
     domain::{AttemptRecord, NewMessage},
@@ -139,6 +139,8 @@ struct Job {
     finished: Vec<Finished>,
     claims: Vec<Claim>,
     reply: oneshot::Sender<Applied>,
+    /// Given back once the group is committed (or failed), before its sync.
+    place: Option<OwnedSemaphorePermit>,
 }
 
 /// The handle to the writer's thread. The thread ends (and closes its connection) when the
@@ -176,12 +178,14 @@ impl SqliteWriter {
 
     /// Applies a group as one transaction. The group joins the thread's queue at the call,
     /// not when the answer is awaited: groups handed over one after another are applied in
-    /// that order.
+    /// that order. `place` is dropped once the transaction has committed or failed, before
+    /// the sync that the answer waits for.
     pub(super) fn apply(
         &self,
         inserts: Vec<(NewMessage, i64)>,
         finished: Vec<Finished>,
         claims: Vec<Claim>,
+        place: OwnedSemaphorePermit,
     ) -> impl std::future::Future<Output = Applied> + Send + 'static {
         let (reply, answer) = oneshot::channel();
         let job = Job {
@@ -189,6 +193,7 @@ impl SqliteWriter {
             finished,
             claims,
             reply,
+            place: Some(place),
         };
         let refused = self.jobs.send(job).err();
         async move {
@@ -270,6 +275,7 @@ fn serve(
             }
             Err(e) => Err(e),
         };
+        drop(job.place);
         let applied = (job.inserts, job.finished, result);
         if applied.2.is_err() {
             // Nothing was written: no sync to wait for.
@@ -717,6 +723,7 @@ mod tests {
             finished: Vec::new(),
             claims,
             reply,
+            place: None,
         };
         (job, answer)
     }
@@ -801,6 +808,47 @@ mod tests {
 
         drop(to_sync);
         thread.join().unwrap();
+    }
+
+    /// The writer's thread gives a group's place back once the group is committed, while its
+    /// answer still waits for the sync.
+    #[test]
+    fn a_group_gives_its_place_back_before_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.sqlite");
+        drop(Connection::open(&path).unwrap());
+        let (jobs, rx) = mpsc::channel();
+        let (nudge, _nudged) = mpsc::sync_channel(1);
+        let (committed, to_sync) = mpsc::channel();
+        let (gate, gate_rx) = mpsc::channel::<std::io::Result<()>>();
+        let syncer = std::thread::spawn(move || syncs(&to_sync, || gate_rx.recv().unwrap()));
+        let writer = std::thread::spawn(move || serve(&path, &rx, &nudge, &committed));
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let places = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let place = places.clone().try_acquire_owned().unwrap();
+        let (mut group, mut answer) = job(Vec::new());
+        group.place = Some(place);
+        jobs.send(group).unwrap();
+        let _given_back = runtime
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(30), places.acquire()).await
+            })
+            .expect("the place is given back while the sync waits")
+            .unwrap();
+        assert!(matches!(
+            answer.try_recv(),
+            Err(oneshot::error::TryRecvError::Empty)
+        ));
+        gate.send(Ok(())).unwrap();
+        assert!(answer.blocking_recv().unwrap().2.is_ok());
+
+        drop(jobs);
+        writer.join().unwrap();
+        syncer.join().unwrap();
     }
 
     /// The WAL is synced through a descriptor of the file the path names now: a WAL that
