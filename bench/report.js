@@ -286,6 +286,9 @@ const settings = {
   reference_closing_run: Boolean(smtpClose || nmClose),
   mailgate_log_level: env.BENCH_LOG_LEVEL || null,
   sink_count: env.BENCH_SINK_COUNT === '1',
+  // Microseconds added to every fsync/fdatasync of the mailgate server (a slower disk,
+  // bench/slow_sync.c): 0 = the machine's own disk.
+  sync_delay_us: Number(env.BENCH_SYNC_DELAY_US) || 0,
   // The server's worker threads when set (MAILGATE_WORKER_THREADS wins over Tokio's
   // TOKIO_WORKER_THREADS, as in mailgate): null = one per CPU, the default.
   server_worker_threads:
@@ -294,7 +297,8 @@ const settings = {
 tableLines.push(
   `mailgate benchmark ${machine.date}  N=${settings.messages} C=${settings.concurrency} SIZE=${settings.size}  ` +
     `${machine.nproc} CPUs (${cpuModel}), ${(machine.memory_mib / 1024).toFixed(1)} GiB, load avg at start ${machine.loadavg_start}` +
-    (settings.server_worker_threads ? `  server worker threads ${settings.server_worker_threads}` : ''),
+    (settings.server_worker_threads ? `  server worker threads ${settings.server_worker_threads}` : '') +
+    (settings.sync_delay_us ? `  server syncs +${settings.sync_delay_us} us (SYNC_DELAY_US)` : ''),
 );
 tableLines.push(line(cols.map((c) => c[0])));
 tableLines.push(line(cols.map((c) => '-'.repeat(c[1]))));

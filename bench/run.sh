@@ -35,6 +35,10 @@
 #   PASS_TIMEOUT [900]   seconds one loadgen run may take before it is killed
 #   STARTUP_TIMEOUT [60] seconds mailgate may take to answer its health check
 #   KEEP_TMP [0]         1: keep the work directory (logs, per-pass JSON) after the run
+#   SYNC_DELAY_US [0]    >0: a slower disk for the mailgate server: every fsync/fdatasync it
+#                        makes (SQLite's) takes this many microseconds longer
+#                        (bench/slow_sync.c, built with cc and loaded with LD_PRELOAD; a
+#                        PostgreSQL server's syncs are not slowed)
 set -euo pipefail
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -77,6 +81,7 @@ BENCH_LOG_LEVEL=${BENCH_LOG_LEVEL:-info}
 PASS_TIMEOUT=${PASS_TIMEOUT:-900}
 STARTUP_TIMEOUT=${STARTUP_TIMEOUT:-60}
 KEEP_TMP=${KEEP_TMP:-0}
+SYNC_DELAY_US=${SYNC_DELAY_US:-0}
 
 # smtp-sink and smtp-source live in /usr/sbin, which a non-root PATH often lacks.
 export PATH="$PATH:/usr/sbin:/sbin"
@@ -91,6 +96,7 @@ for v in N C SIZE RATE RATE_N REF_RUNS REPEAT PASS_TIMEOUT STARTUP_TIMEOUT; do
   is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
 case "$REF_CLOSE" in 0|1) ;; *) die "REF_CLOSE must be 0 or 1 (got '$REF_CLOSE')" ;; esac
+[[ "$SYNC_DELAY_US" =~ ^[0-9]+$ ]] || die "SYNC_DELAY_US must be a whole number of microseconds (got '$SYNC_DELAY_US')"
 for db in $PASSES; do
   case "$db" in sqlite|postgres) ;; *) die "PASSES may contain only 'sqlite' and 'postgres' (got '$db')" ;; esac
 done
@@ -469,6 +475,16 @@ done
 # RSS and CPU belong to that pass alone.
 FAILED_PASSES=0
 
+# SYNC_DELAY_US: the server starts through `env LD_PRELOAD=slow_sync.so` (bench/slow_sync.c).
+SLOW_SYNC=()
+if [ "$SYNC_DELAY_US" -gt 0 ] && [ "$REFERENCES_ONLY" != 1 ]; then
+  command -v cc >/dev/null 2>&1 || die "SYNC_DELAY_US needs a C compiler (cc) to build bench/slow_sync.c"
+  cc -shared -fPIC -O2 -o "$WORK/slow_sync.so" "$ROOT/bench/slow_sync.c" -ldl \
+    || die "building bench/slow_sync.c failed"
+  SLOW_SYNC=(env LD_PRELOAD="$WORK/slow_sync.so" SYNC_DELAY_US="$SYNC_DELAY_US")
+  log "every fsync and fdatasync of the mailgate server takes ${SYNC_DELAY_US} us longer (SYNC_DELAY_US)"
+fi
+
 stop_server() {
   stop_pid "$SERVER_PID"
   SERVER_PID=""
@@ -517,7 +533,7 @@ run_pass() {
   MAILGATE_LOG__FORMAT=json \
   MAILGATE_ENCRYPTION__KEY="$ENC_KEY" \
   MAILGATE_ENCRYPTION__KEY_ID=bench \
-    "$SERVER_BIN" serve >"$dir/server.log" 2>&1 &
+    "${SLOW_SYNC[@]}" "$SERVER_BIN" serve >"$dir/server.log" 2>&1 &
   SERVER_PID=$!
 
   local ready=0 deadline=$(( $(date +%s) + STARTUP_TIMEOUT ))
@@ -629,6 +645,7 @@ BENCH_NPROC="$(nproc)" BENCH_LOADAVG_START="$LOADAVG_START" BENCH_LOADAVG_END="$
 BENCH_NODEMAILER_DIR="$NPM_DIR" BENCH_MAILGATE_BIN="${SERVER_BIN:-}" \
 BENCH_POSTFIX_VERSION="$(postconf -d -h mail_version 2>/dev/null || echo unknown)" \
 BENCH_PG_URL="$PG_URL" BENCH_LOG_LEVEL="$BENCH_LOG_LEVEL" BENCH_SINK_COUNT="$SINK_COUNT" \
+BENCH_SYNC_DELAY_US="$SYNC_DELAY_US" \
   node "$ROOT/bench/report.js" "$WORK" "$OUT"
 log "results written to $OUT"
 
