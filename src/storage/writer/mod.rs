@@ -361,9 +361,9 @@ async fn linger(rx: &mut mpsc::Receiver<Op>, ops: &mut Vec<Op>) -> bool {
 /// A group gives its place at the thread back once it is committed: its callers then wait
 /// for the sync of the WAL on another thread (`sqlite::syncs`), and the group after next is
 /// gathered meanwhile. Held until the answers, the places ran out while a sync was under
-/// way, and the thread waited with them: with every sync made 2 ms slower (a slow disk,
-/// emulated) SendEmail on SQLite delivered 8 % less, on this machine's disk 0-10 % less
-/// (docs/benchmarks.md, 2026-12-07, fifth session).
+/// way, and the thread waited with them: with every sync made 2 ms slower (a slower disk,
+/// emulated) SendEmail on SQLite delivered 8 % less (docs/benchmarks.md, 2026-12-07, fifth
+/// session).
 async fn run_sqlite(
     pool: AnyPool,
     rx: std::sync::Arc<tokio::sync::Mutex<mpsc::Receiver<Op>>>,
