@@ -96,7 +96,7 @@ for v in N C SIZE RATE RATE_N REF_RUNS REPEAT PASS_TIMEOUT STARTUP_TIMEOUT; do
   is_uint "${!v}" || die "$v must be a positive integer (got '${!v}')"
 done
 case "$REF_CLOSE" in 0|1) ;; *) die "REF_CLOSE must be 0 or 1 (got '$REF_CLOSE')" ;; esac
-[[ "$SYNC_DELAY_US" =~ ^[0-9]+$ ]] || die "SYNC_DELAY_US must be a whole number of microseconds (got '$SYNC_DELAY_US')"
+[[ "$SYNC_DELAY_US" =~ ^[0-9]{1,9}$ ]] || die "SYNC_DELAY_US must be a whole number of microseconds, at most 9 digits (got '$SYNC_DELAY_US')"
 for db in $PASSES; do
   case "$db" in sqlite|postgres) ;; *) die "PASSES may contain only 'sqlite' and 'postgres' (got '$db')" ;; esac
 done
@@ -483,6 +483,8 @@ if [ "$SYNC_DELAY_US" -gt 0 ] && [ "$REFERENCES_ONLY" != 1 ]; then
     || die "building bench/slow_sync.c failed"
   SLOW_SYNC=(env LD_PRELOAD="$WORK/slow_sync.so" SYNC_DELAY_US="$SYNC_DELAY_US")
   log "every fsync and fdatasync of the mailgate server takes ${SYNC_DELAY_US} us longer (SYNC_DELAY_US)"
+else
+  SYNC_DELAY_US=0  # no server runs: the report says none was slowed
 fi
 
 stop_server() {
@@ -533,7 +535,7 @@ run_pass() {
   MAILGATE_LOG__FORMAT=json \
   MAILGATE_ENCRYPTION__KEY="$ENC_KEY" \
   MAILGATE_ENCRYPTION__KEY_ID=bench \
-    "${SLOW_SYNC[@]}" "$SERVER_BIN" serve >"$dir/server.log" 2>&1 &
+    ${SLOW_SYNC[@]+"${SLOW_SYNC[@]}"} "$SERVER_BIN" serve >"$dir/server.log" 2>&1 &
   SERVER_PID=$!
 
   local ready=0 deadline=$(( $(date +%s) + STARTUP_TIMEOUT ))

@@ -12,14 +12,29 @@
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 
-static void wait_more(void) {
+static int (*real_fsync)(int);
+static int (*real_fdatasync)(int);
+static long delay_us;
+
+/* Resolved once, when the library is loaded, before any thread of the process runs. */
+__attribute__((constructor)) static void init(void) {
+    real_fsync = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    real_fdatasync = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    if (!real_fsync || !real_fdatasync) {
+        fprintf(stderr, "slow_sync: fsync or fdatasync not found in the C library\n");
+        abort();
+    }
     const char *env = getenv("SYNC_DELAY_US");
-    long us = env ? atol(env) : 0;
-    if (us <= 0) return;
-    struct timespec t = {us / 1000000, (us % 1000000) * 1000};
+    delay_us = env ? atol(env) : 0;
+}
+
+static void wait_more(void) {
+    if (delay_us <= 0) return;
+    struct timespec t = {delay_us / 1000000, (delay_us % 1000000) * 1000};
     int saved = errno;
     while (nanosleep(&t, &t) == -1 && errno == EINTR) {
     }
@@ -27,17 +42,13 @@ static void wait_more(void) {
 }
 
 int fsync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    int rc = real(fd);
+    int rc = real_fsync(fd);
     wait_more();
     return rc;
 }
 
 int fdatasync(int fd) {
-    static int (*real)(int);
-    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    int rc = real(fd);
+    int rc = real_fdatasync(fd);
     wait_more();
     return rc;
 }

@@ -24,10 +24,10 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         mpsc::{self, Receiver},
-        LazyLock,
+        Arc, LazyLock,
     },
     time::Duration,
 };
@@ -162,14 +162,14 @@ impl SqliteWriter {
         let (nudge, nudged) = mpsc::sync_channel(1);
         let (committed, to_sync) = mpsc::channel();
         let checkpointed = path.clone();
-        let mut wal = WalFile::of(&path);
+        let mut wal = WalFile::default();
         // Names of at most 15 bytes: the kernel keeps no more (ps, top and perf show them).
         std::thread::Builder::new()
             .name("sqlite-checkpt".to_owned())
             .spawn(move || checkpoints(&checkpointed, &nudged))?;
         std::thread::Builder::new()
             .name("sqlite-sync".to_owned())
-            .spawn(move || syncs(&to_sync, || wal.sync()))?;
+            .spawn(move || syncs(&to_sync, |path| wal.sync(path)))?;
         std::thread::Builder::new()
             .name("sqlite-writer".to_owned())
             .spawn(move || serve(&path, &rx, &nudge, &committed))?;
@@ -252,42 +252,71 @@ fn checkpoint(conn: &Connection) -> Result<(i64, i64), StoreError> {
     .map_err(sqlite_error)
 }
 
-/// A committed group's answer, sent once the WAL holding its commit is on disk.
-type Committed = (oneshot::Sender<Applied>, Applied);
+/// A group's answer, sent once the WAL that holds its commit is on disk, and that WAL's path.
+type Committed = (oneshot::Sender<Applied>, Applied, Arc<Path>);
 
 fn serve(
-    path: &std::path::Path,
+    path: &Path,
     jobs: &Receiver<Job>,
     nudge: &mpsc::SyncSender<()>,
     committed: &mpsc::Sender<Committed>,
 ) {
-    let mut conn: Option<Connection> = None;
+    let mut conn: Option<(Connection, Arc<Path>)> = None;
     while let Ok(job) = jobs.recv() {
-        let result = match conn.take().map_or_else(|| open(path), Ok) {
-            Ok(mut c) => {
+        let opened = conn.take().map_or_else(
+            || {
+                open(path).map(|c| {
+                    let wal = wal_path(&c, path);
+                    (c, wal)
+                })
+            },
+            Ok,
+        );
+        let (result, wal) = match opened {
+            Ok((mut c, wal)) => {
                 let result = apply(&mut c, &job.inserts, &job.finished, &job.claims);
                 // A failed group's transaction is rolled back when it is dropped; a
                 // connection still inside one is not used again.
                 if result.is_ok() || c.is_autocommit() {
-                    conn = Some(c);
+                    conn = Some((c, wal.clone()));
                 }
-                result
+                (result, Some(wal))
             }
-            Err(e) => Err(e),
+            Err(e) => (Err(e), None),
         };
         drop(job.place);
+        let committed_now = result.is_ok();
         let applied = (job.inserts, job.finished, result);
-        if applied.2.is_err() {
-            // Nothing was written: no sync to wait for.
-            let _ = job.reply.send(applied);
-            continue;
+        match wal {
+            // The syncing thread answers once the WAL is on disk, while this thread goes on
+            // with the next group; it only stops after this thread has. A failed group's
+            // answer goes the same way, in order: its error may rest on what an earlier
+            // group committed and a power loss could still undo.
+            Some(wal) => {
+                let _ = committed.send((job.reply, applied, wal));
+            }
+            // No connection: nothing was read or written.
+            None => {
+                let _ = job.reply.send(applied);
+            }
         }
-        // The syncing thread answers once the commit is on disk, while this thread goes on
-        // with the next group. It only stops after this thread has.
-        let _ = committed.send((job.reply, applied));
-        // Full: a checkpoint is due already.
-        let _ = nudge.try_send(());
+        if committed_now {
+            // Full: a checkpoint is due already.
+            let _ = nudge.try_send(());
+        }
     }
+}
+
+/// The WAL of the writer's connection: the database's path as SQLite resolved it when it
+/// opened the file (symbolic links followed), with `-wal`.
+fn wal_path(conn: &Connection, configured: &Path) -> Arc<Path> {
+    let database = conn.path().filter(|p| !p.is_empty()).map_or_else(
+        || configured.as_os_str().to_owned(),
+        std::ffi::OsString::from,
+    );
+    let mut wal = database;
+    wal.push("-wal");
+    Arc::from(PathBuf::from(wal))
 }
 
 /// Makes committed groups durable before they are answered, while the writer's thread
@@ -303,59 +332,85 @@ fn serve(
 /// recovery at the last whole commit); what a power loss can take is only what was not
 /// answered yet.
 ///
-/// If the sync fails, the groups it was for are answered with an error: their commit may not
-/// survive a power loss. (A stored email that is not lost is still sent: an accepted email
-/// that was answered with an error may be sent.)
-fn syncs(committed: &Receiver<Committed>, mut sync: impl FnMut() -> std::io::Result<()>) {
-    let mut waiting = Vec::new();
+/// A failed sync is final. The kernel may drop the pages it could not write and report the
+/// failure only once, so a later sync that succeeds proves nothing about the frames before
+/// it, and every later commit builds on them. From then on every group is answered with the
+/// error, until mailgate restarts (SQLite then recovers the WAL from what the disk holds). A
+/// stored email that survives is still sent: an email answered with this error may be.
+fn syncs(committed: &Receiver<Committed>, mut sync: impl FnMut(&Path) -> std::io::Result<()>) {
+    let mut waiting: Vec<Committed> = Vec::new();
+    let mut failed: Option<String> = None;
     while let Ok(first) = committed.recv() {
         waiting.push(first);
         waiting.extend(committed.try_iter());
-        let synced = sync();
-        for (reply, (inserts, finished, result)) in waiting.drain(..) {
-            let result = match &synced {
-                Ok(()) => result,
-                Err(e) => Err(StoreError::Other(anyhow::anyhow!(
-                    "syncing the SQLite WAL to disk failed, the write may not survive a \
-                     power loss: {e}"
-                ))),
+        if failed.is_none() {
+            let mut synced: Vec<&Arc<Path>> = Vec::with_capacity(1);
+            for (.., wal) in &waiting {
+                if synced.contains(&wal) {
+                    continue;
+                }
+                if let Err(e) = sync(wal) {
+                    let message = format!(
+                        "syncing the SQLite WAL {} to disk failed ({e}): writes since may not \
+                         survive a power loss, so every write is refused until mailgate \
+                         restarts",
+                        wal.display()
+                    );
+                    tracing::error!("{message}");
+                    failed = Some(message);
+                    break;
+                }
+                synced.push(wal);
+            }
+        }
+        for (reply, (inserts, finished, result), _) in waiting.drain(..) {
+            let result = match &failed {
+                None => result,
+                Some(message) => Err(StoreError::Other(anyhow::anyhow!("{message}"))),
             };
             let _ = reply.send((inserts, finished, result));
         }
     }
 }
 
-/// The database's WAL file (`<database>-wal`), opened once and synced through its own
-/// descriptor (Linux syncs a file's data whatever descriptor asks). It is opened again when
-/// the path names another file (a WAL that SQLite deleted, after checkpointing all of it into
-/// the database file, and made again).
+/// The WAL file, opened once and synced through a descriptor of its own (Linux syncs a
+/// file's data whatever descriptor asks). It is opened again when its path names another
+/// file (a WAL that SQLite deleted, after checkpointing all of it into the database file,
+/// and made again); a file opened anew has its directory synced too, so that its name
+/// survives with it (SQLite syncs the directory at a WAL's first sync, which its writer no
+/// longer makes).
+#[derive(Default)]
 struct WalFile {
-    path: PathBuf,
-    open: Option<std::fs::File>,
+    open: Option<(PathBuf, std::fs::File)>,
 }
 
 impl WalFile {
-    fn of(database: &std::path::Path) -> Self {
-        let mut path = database.as_os_str().to_owned();
-        path.push("-wal");
-        Self {
-            path: PathBuf::from(path),
-            open: None,
-        }
-    }
-
-    fn sync(&mut self) -> std::io::Result<()> {
-        let current = std::fs::metadata(&self.path)?;
+    fn sync(&mut self, path: &Path) -> std::io::Result<()> {
+        let current = std::fs::metadata(path)?;
         let file = match self.open.take() {
-            Some(f) if same_file(&f.metadata()?, &current) => f,
-            _ => std::fs::File::open(&self.path)?,
+            Some((p, f)) if p == path && same_file(&f.metadata()?, &current) => f,
+            _ => {
+                let f = std::fs::OpenOptions::new().write(true).open(path)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    sync_directory(dir)?;
+                }
+                f
+            }
         };
-        let synced = file.sync_data();
-        if synced.is_ok() {
-            self.open = Some(file);
-        }
-        synced
+        file.sync_data()?;
+        self.open = Some((path.to_owned(), file));
+        Ok(())
     }
+}
+
+#[cfg(unix)]
+fn sync_directory(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(not(unix))]
+fn sync_directory(_: &Path) -> std::io::Result<()> {
+    Ok(())
 }
 
 #[cfg(unix)]
@@ -739,8 +794,8 @@ mod tests {
         let (jobs, rx) = mpsc::channel();
         let (nudge, nudged) = mpsc::sync_channel(1);
         let (committed, to_sync) = mpsc::channel();
-        let mut wal = WalFile::of(&path);
-        let syncer = std::thread::spawn(move || syncs(&to_sync, || wal.sync()));
+        let mut wal = WalFile::default();
+        let syncer = std::thread::spawn(move || syncs(&to_sync, |p| wal.sync(p)));
         let thread_path = path.clone();
         let thread = std::thread::spawn(move || serve(&thread_path, &rx, &nudge, &committed));
 
@@ -770,7 +825,8 @@ mod tests {
     fn committed() -> (Committed, oneshot::Receiver<Applied>) {
         let (reply, answer) = oneshot::channel();
         let applied = (Vec::new(), Vec::new(), Ok((Outcome::default(), Vec::new())));
-        ((reply, applied), answer)
+        let wal = Arc::from(Path::new("db.sqlite-wal"));
+        ((reply, applied, wal), answer)
     }
 
     /// A committed group is answered only once the sync that follows its commit has
@@ -781,7 +837,7 @@ mod tests {
         let (entered, entered_rx) = mpsc::channel();
         let (gate, gate_rx) = mpsc::channel::<std::io::Result<()>>();
         let thread = std::thread::spawn(move || {
-            syncs(&committed_rx, || {
+            syncs(&committed_rx, |_| {
                 entered.send(()).unwrap();
                 gate_rx.recv().unwrap()
             })
@@ -803,8 +859,18 @@ mod tests {
         entered_rx.recv().unwrap();
         gate.send(Err(std::io::Error::other("disk gone"))).unwrap();
         let error = answer.blocking_recv().unwrap().2.err().unwrap().to_string();
-        assert!(error.contains("syncing the SQLite WAL"), "{error}");
+        assert!(
+            error.contains("syncing the SQLite WAL db.sqlite-wal"),
+            "{error}"
+        );
         assert!(error.contains("disk gone"), "{error}");
+
+        // A failed sync is final: later groups are refused without another sync.
+        let (group, answer) = committed();
+        to_sync.send(group).unwrap();
+        let error = answer.blocking_recv().unwrap().2.err().unwrap().to_string();
+        assert!(error.contains("until mailgate restarts"), "{error}");
+        assert!(entered_rx.try_recv().is_err(), "no sync after the failure");
 
         drop(to_sync);
         thread.join().unwrap();
@@ -821,7 +887,7 @@ mod tests {
         let (nudge, _nudged) = mpsc::sync_channel(1);
         let (committed, to_sync) = mpsc::channel();
         let (gate, gate_rx) = mpsc::channel::<std::io::Result<()>>();
-        let syncer = std::thread::spawn(move || syncs(&to_sync, || gate_rx.recv().unwrap()));
+        let syncer = std::thread::spawn(move || syncs(&to_sync, |_| gate_rx.recv().unwrap()));
         let writer = std::thread::spawn(move || serve(&path, &rx, &nudge, &committed));
 
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -858,26 +924,50 @@ mod tests {
     fn the_wal_file_is_opened_again_when_it_is_replaced() {
         use std::os::unix::fs::MetadataExt as _;
         let dir = tempfile::tempdir().unwrap();
-        let database = dir.path().join("db.sqlite");
         let path = dir.path().join("db.sqlite-wal");
-        let mut wal = WalFile::of(&database);
-        assert_eq!(wal.path, path);
-        assert!(wal.sync().is_err(), "no WAL yet");
+        let mut wal = WalFile::default();
+        assert!(wal.sync(&path).is_err(), "no WAL yet");
+        let ino = |wal: &WalFile| wal.open.as_ref().unwrap().1.metadata().unwrap().ino();
 
         std::fs::write(&path, b"first").unwrap();
-        wal.sync().unwrap();
-        let first = wal.open.as_ref().unwrap().metadata().unwrap().ino();
-        wal.sync().unwrap();
-        assert_eq!(wal.open.as_ref().unwrap().metadata().unwrap().ino(), first);
+        wal.sync(&path).unwrap();
+        let first = ino(&wal);
+        wal.sync(&path).unwrap();
+        assert_eq!(ino(&wal), first);
 
         // Made again while the first is still open (so it cannot get the same inode).
         let kept = std::fs::File::open(&path).unwrap();
         std::fs::remove_file(&path).unwrap();
         std::fs::write(&path, b"second").unwrap();
-        wal.sync().unwrap();
-        let second = wal.open.as_ref().unwrap().metadata().unwrap().ino();
+        wal.sync(&path).unwrap();
+        let second = ino(&wal);
         assert_ne!(second, first);
         assert_eq!(second, std::fs::metadata(&path).unwrap().ino());
         drop(kept);
+    }
+
+    /// The writer syncs the WAL that SQLite opened: with the database reached through a
+    /// symbolic link, the WAL beside the file the link names.
+    #[cfg(unix)]
+    #[test]
+    fn the_wal_is_the_one_sqlite_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.sqlite");
+        drop(Connection::open(&real).unwrap());
+        let link = dir.path().join("link.sqlite");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let conn = open(&link).unwrap();
+        conn.execute_batch("CREATE TABLE t (v TEXT)").unwrap();
+        let wal = wal_path(&conn, &link);
+        assert!(
+            std::fs::symlink_metadata(&wal).is_ok(),
+            "{} does not exist",
+            wal.display()
+        );
+        assert_eq!(
+            wal.canonicalize().unwrap(),
+            dir.path().join("real.sqlite-wal").canonicalize().unwrap()
+        );
+        WalFile::default().sync(&wal).unwrap();
     }
 }
