@@ -865,7 +865,9 @@ mod tests {
         );
         assert!(error.contains("disk gone"), "{error}");
 
-        // A failed sync is final: later groups are refused without another sync.
+        // A failed sync is final: later groups are refused without another sync. (Should it
+        // sync again, the sync would pass and the group would be answered Ok.)
+        gate.send(Ok(())).unwrap();
         let (group, answer) = committed();
         to_sync.send(group).unwrap();
         let error = answer.blocking_recv().unwrap().2.err().unwrap().to_string();
