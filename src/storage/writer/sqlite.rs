@@ -263,15 +263,13 @@ fn serve(
 ) {
     let mut conn: Option<(Connection, Arc<Path>)> = None;
     while let Ok(job) = jobs.recv() {
-        let opened = conn.take().map_or_else(
-            || {
-                open(path).map(|c| {
-                    let wal = wal_path(&c, path);
-                    (c, wal)
-                })
-            },
-            Ok,
-        );
+        let opened = match conn.take() {
+            Some(kept) => Ok(kept),
+            None => open(path).map(|c| {
+                let wal = wal_path(&c, path);
+                (c, wal)
+            }),
+        };
         let (result, wal) = match opened {
             Ok((mut c, wal)) => {
                 let result = apply(&mut c, &job.inserts, &job.finished, &job.claims);
@@ -310,11 +308,10 @@ fn serve(
 /// The WAL of the writer's connection: the database's path as SQLite resolved it when it
 /// opened the file (symbolic links followed), with `-wal`.
 fn wal_path(conn: &Connection, configured: &Path) -> Arc<Path> {
-    let database = conn.path().filter(|p| !p.is_empty()).map_or_else(
+    let mut wal = conn.path().filter(|p| !p.is_empty()).map_or_else(
         || configured.as_os_str().to_owned(),
         std::ffi::OsString::from,
     );
-    let mut wal = database;
     wal.push("-wal");
     Arc::from(PathBuf::from(wal))
 }
@@ -381,24 +378,27 @@ fn syncs(committed: &Receiver<Committed>, mut sync: impl FnMut(&Path) -> std::io
 /// longer makes).
 #[derive(Default)]
 struct WalFile {
-    open: Option<(PathBuf, std::fs::File)>,
+    /// The path, the file opened there, and that file's metadata when it was opened (which
+    /// file it is).
+    open: Option<(PathBuf, std::fs::File, std::fs::Metadata)>,
 }
 
 impl WalFile {
     fn sync(&mut self, path: &Path) -> std::io::Result<()> {
         let current = std::fs::metadata(path)?;
-        let file = match self.open.take() {
-            Some((p, f)) if p == path && same_file(&f.metadata()?, &current) => f,
+        let (file, opened) = match self.open.take() {
+            Some((p, f, m)) if p == path && same_file(&m, &current) => (f, m),
             _ => {
                 let f = std::fs::OpenOptions::new().write(true).open(path)?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     sync_directory(dir)?;
                 }
-                f
+                let m = f.metadata()?;
+                (f, m)
             }
         };
         file.sync_data()?;
-        self.open = Some((path.to_owned(), file));
+        self.open = Some((path.to_owned(), file, opened));
         Ok(())
     }
 }
@@ -783,6 +783,25 @@ mod tests {
         (job, answer)
     }
 
+    /// The writer's thread on a database at `path` with the syncing thread's `sync`: where
+    /// its groups go, its nudges, and both threads (which end once the sender is dropped).
+    fn writer_threads(
+        path: &Path,
+        sync: impl FnMut(&Path) -> std::io::Result<()> + Send + 'static,
+    ) -> (
+        mpsc::Sender<Job>,
+        Receiver<()>,
+        [std::thread::JoinHandle<()>; 2],
+    ) {
+        let (jobs, rx) = mpsc::channel();
+        let (nudge, nudged) = mpsc::sync_channel(1);
+        let (committed, to_sync) = mpsc::channel();
+        let syncer = std::thread::spawn(move || syncs(&to_sync, sync));
+        let path = path.to_owned();
+        let writer = std::thread::spawn(move || serve(&path, &rx, &nudge, &committed));
+        (jobs, nudged, [writer, syncer])
+    }
+
     /// The writer's thread nudges the checkpointer after each group it commits, and not
     /// after a group that failed (nothing new in the WAL).
     #[test]
@@ -791,13 +810,8 @@ mod tests {
         let path = dir.path().join("db.sqlite");
         // A database without the schema: an empty group commits, a claim fails (no table).
         drop(Connection::open(&path).unwrap());
-        let (jobs, rx) = mpsc::channel();
-        let (nudge, nudged) = mpsc::sync_channel(1);
-        let (committed, to_sync) = mpsc::channel();
         let mut wal = WalFile::default();
-        let syncer = std::thread::spawn(move || syncs(&to_sync, |p| wal.sync(p)));
-        let thread_path = path.clone();
-        let thread = std::thread::spawn(move || serve(&thread_path, &rx, &nudge, &committed));
+        let (jobs, nudged, threads) = writer_threads(&path, move |p| wal.sync(p));
 
         let (empty, answer) = job(Vec::new());
         jobs.send(empty).unwrap();
@@ -816,8 +830,9 @@ mod tests {
         assert!(answer.blocking_recv().unwrap().2.is_err());
         // The thread ends once its handle is gone; every nudge it sent is queued by then.
         drop(jobs);
-        thread.join().unwrap();
-        syncer.join().unwrap();
+        for thread in threads {
+            thread.join().unwrap();
+        }
         assert!(nudged.try_recv().is_err(), "no nudge after a failed group");
     }
 
@@ -885,12 +900,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.sqlite");
         drop(Connection::open(&path).unwrap());
-        let (jobs, rx) = mpsc::channel();
-        let (nudge, _nudged) = mpsc::sync_channel(1);
-        let (committed, to_sync) = mpsc::channel();
         let (gate, gate_rx) = mpsc::channel::<std::io::Result<()>>();
-        let syncer = std::thread::spawn(move || syncs(&to_sync, |_| gate_rx.recv().unwrap()));
-        let writer = std::thread::spawn(move || serve(&path, &rx, &nudge, &committed));
+        let (jobs, _nudged, threads) = writer_threads(&path, move |_| gate_rx.recv().unwrap());
 
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_time()
@@ -915,8 +926,9 @@ mod tests {
         assert!(answer.blocking_recv().unwrap().2.is_ok());
 
         drop(jobs);
-        writer.join().unwrap();
-        syncer.join().unwrap();
+        for thread in threads {
+            thread.join().unwrap();
+        }
     }
 
     /// The WAL is synced through a descriptor of the file the path names now: a WAL that
