@@ -33,6 +33,20 @@ pub(super) fn list_query(
     (sql, binds)
 }
 
+/// The statement requeueing a tenant's FAILED and DEFERRED emails that match `filter`.
+pub(super) fn requeue_query(tenant_id: &str, filter: &LogFilter, now: i64) -> (String, Vec<Bind>) {
+    let mut binds = vec![Bind::Int(now), Bind::Text(tenant_id.to_owned())];
+    // `status <> 'SENT'` says nothing new; it is the status index's own term, which SQLite
+    // needs to see before it reads that partial index (see `filter_clauses`).
+    let sql = format!(
+        "UPDATE messages SET status = 'QUEUED', due_at = $1, updated_at = $1, \
+         lease_token = NULL WHERE tenant_id = $2 AND status IN ('FAILED', 'DEFERRED') \
+         AND status <> 'SENT'{}",
+        filter_clauses(filter, &mut binds, 2)
+    );
+    (sql, binds)
+}
+
 /// The statement counting a window of a tenant's log: by status, type, profile and (with
 /// `$4`) bucket, from indexes alone (PostgreSQL) or nearly (SQLite). Its rows may repeat a
 /// key; they add up.
@@ -424,10 +438,31 @@ impl SqlStore {
         Ok(plan)
     }
 
+    /// The database's plan for requeueing with `filter` (RequeueEmails), without running it.
+    pub async fn explain_requeue(
+        &self,
+        tenant_id: &str,
+        filter: &LogFilter,
+    ) -> Result<Vec<String>, StoreError> {
+        let (sql, binds) = requeue_query(tenant_id, filter, 0);
+        self.plan(&sql, &binds, false).await
+    }
+
     async fn explain(&self, sql: &str, binds: &[Bind]) -> Result<Vec<String>, StoreError> {
+        self.plan(sql, binds, true).await
+    }
+
+    /// The plan of `sql`; on PostgreSQL also run (`analyzed`) for its timings.
+    async fn plan(
+        &self,
+        sql: &str,
+        binds: &[Bind],
+        analyzed: bool,
+    ) -> Result<Vec<String>, StoreError> {
         let (prefix, column) = match self.backend {
             Backend::Sqlite => ("EXPLAIN QUERY PLAN ", 3),
-            Backend::Postgres => ("EXPLAIN (ANALYZE, BUFFERS) ", 0),
+            Backend::Postgres if analyzed => ("EXPLAIN (ANALYZE, BUFFERS) ", 0),
+            Backend::Postgres => ("EXPLAIN ", 0),
         };
         let explained = format!("{prefix}{sql}");
         let rows = bind_all(sqlx::query(&explained), binds)

@@ -16,7 +16,7 @@ use sqlx::{
 };
 
 use super::{
-    logquery::{filter_clauses, list_query},
+    logquery::{list_query, requeue_query},
     rows::{
         attempt_from_row, document_from_row, message_columns, message_from_row, profile_from_row,
         ATTEMPT_COLUMNS, DOCUMENT_COLUMNS, MESSAGE_COLUMNS, PROFILE_COLUMNS,
@@ -615,12 +615,7 @@ impl Store for SqlStore {
         filter: &LogFilter,
         now: i64,
     ) -> Result<u64, StoreError> {
-        let mut binds = vec![Bind::Int(now), Bind::Text(tenant_id.to_owned())];
-        let sql = format!(
-            "UPDATE messages SET status = 'QUEUED', due_at = $1, updated_at = $1, \
-             lease_token = NULL WHERE tenant_id = $2 AND status IN ('FAILED', 'DEFERRED'){}",
-            filter_clauses(filter, &mut binds, 2)
-        );
+        let (sql, binds) = requeue_query(tenant_id, filter, now);
         let done = bind_all(sqlx::query(&sql), &binds)
             .execute(&self.pool)
             .await

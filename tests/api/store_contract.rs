@@ -1125,14 +1125,19 @@ async fn emails_in_flight_and_sent_are_listed_and_counted_though_an_index_leaves
         store.insert_message(&m, hour + i).await.unwrap();
         ids.push(m.id);
     }
-    // The first three are claimed (they are due first): the first is sent, the second
-    // failed, the third stays in flight; the fourth and t2's stay queued.
-    let claimed = store.claim_due(hour + 10, now + HOUR, 3).await.unwrap();
+    // And one of t1 from the hour before, outside the window counted below.
+    let earlier = message("t1", None);
+    store.insert_message(&earlier, hour - 1).await.unwrap();
+    ids.push(earlier.id);
+    // The first four due are claimed: the earlier one and the next three. The first is
+    // sent, the second failed, the third and the earlier one stay in flight; the fourth and
+    // t2's stay queued.
+    let claimed = store.claim_due(hour + 10, now + HOUR, 4).await.unwrap();
     let mut taken: Vec<&str> = claimed.iter().map(|c| c.message.id.as_str()).collect();
     taken.sort_unstable();
-    let mut first_three: Vec<&str> = ids[..3].iter().map(String::as_str).collect();
-    first_three.sort_unstable();
-    assert_eq!(taken, first_three);
+    let mut first_four: Vec<&str> = [0, 1, 2, 5].iter().map(|&i| ids[i].as_str()).collect();
+    first_four.sort_unstable();
+    assert_eq!(taken, first_four);
     let failed = Completion {
         status: MessageStatus::Failed,
         last_error: "550 no such user".into(),
@@ -1190,16 +1195,16 @@ async fn emails_in_flight_and_sent_are_listed_and_counted_though_an_index_leaves
         v
     };
     assert_eq!(listed(&[MessageStatus::Sent]).await, sorted(&[0]));
-    assert_eq!(listed(&[MessageStatus::Sending]).await, sorted(&[2]));
+    assert_eq!(listed(&[MessageStatus::Sending]).await, sorted(&[2, 5]));
     assert_eq!(
         listed(&[MessageStatus::Failed, MessageStatus::Queued]).await,
         sorted(&[1, 3])
     );
     assert_eq!(
         listed(&[MessageStatus::Sent, MessageStatus::Sending]).await,
-        sorted(&[0, 2])
+        sorted(&[0, 2, 5])
     );
-    assert_eq!(listed(&[]).await, sorted(&[0, 1, 2, 3]));
+    assert_eq!(listed(&[]).await, sorted(&[0, 1, 2, 3, 5]));
 
     if !on_postgres() {
         // A filter without SENT carries the status index's own term, without which SQLite
@@ -1214,5 +1219,18 @@ async fn emails_in_flight_and_sent_are_listed_and_counted_though_an_index_leaves
                 .any(|step| step.contains("messages_tenant_status")),
             "{plan:?}"
         );
+        // So does requeueing, with a status filter or without one.
+        for statuses in [vec![], vec![MessageStatus::Failed]] {
+            let filter = LogFilter {
+                statuses,
+                ..LogFilter::default()
+            };
+            let plan = store.explain_requeue("t1", &filter).await.unwrap();
+            assert!(
+                plan.iter()
+                    .any(|step| step.contains("messages_tenant_status")),
+                "{plan:?}"
+            );
+        }
     }
 }
