@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # mailgate email-log benchmark: loads a tenant's log of ENTRIES entries (plus NOISE entries of
 # 20 other tenants) into a fresh SQLite file and a fresh PostgreSQL database, starts mailgate
-# on each, and measures ListEmailLogs (first page; a status + time filter 20 pages deep; a
-# recipient filter) and GetEmailStats (30 days, day buckets) over gRPC, with ListProviderPresets
-# as the same-run reference. Prints p50/p99/max and the query plans; writes JSON.
+# on each, and measures ListEmailLogs (first page; first page of SENT; a status + time filter
+# 20 pages deep; a recipient filter) and GetEmailStats (30 days, day buckets) over gRPC, with
+# ListProviderPresets as the same-run reference. Prints p50/p99/max and the query plans; writes JSON.
 #
 #   bash bench/log.sh
 #
