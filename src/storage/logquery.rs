@@ -36,12 +36,10 @@ pub(super) fn list_query(
 /// The statement requeueing a tenant's FAILED and DEFERRED emails that match `filter`.
 pub(super) fn requeue_query(tenant_id: &str, filter: &LogFilter, now: i64) -> (String, Vec<Bind>) {
     let mut binds = vec![Bind::Int(now), Bind::Text(tenant_id.to_owned())];
-    // `status <> 'SENT'` says nothing new; it is the status index's own term, which SQLite
-    // needs to see before it reads that partial index (see `filter_clauses`).
     let sql = format!(
         "UPDATE messages SET status = 'QUEUED', due_at = $1, updated_at = $1, \
-         lease_token = NULL WHERE tenant_id = $2 AND status IN ('FAILED', 'DEFERRED') \
-         AND status <> 'SENT'{}",
+         lease_token = NULL WHERE tenant_id = $2{}{}",
+        statuses_clause(&[MessageStatus::Failed, MessageStatus::Deferred]),
         filter_clauses(filter, &mut binds, 2)
     );
     (sql, binds)
@@ -55,12 +53,11 @@ pub(super) fn requeue_query(tenant_id: &str, filter: &LogFilter, now: i64) -> (S
 /// PostgreSQL, 0012 on SQLite), so they are counted apart, from the status index: few at any
 /// time, whatever the window.
 fn stats_query(backend: Backend, bucketed: bool) -> String {
-    let bucket = if bucketed {
-        "created_at / $4"
+    let (bucket, group_bucket) = if bucketed {
+        ("created_at / $4", ", created_at / $4")
     } else {
-        "CAST(0 AS BIGINT)"
+        ("CAST(0 AS BIGINT)", "")
     };
-    let group_bucket = if bucketed { ", created_at / $4" } else { "" };
     // SQLite's planner would take the (tenant, status) index to save the GROUP BY sort and
     // then read every row of the table; the covering index reads no row at all. It also
     // needs each partial index's own term in the query before it uses the index.
@@ -74,15 +71,15 @@ fn stats_query(backend: Backend, bucketed: bool) -> String {
     let part = |index: &str, statuses: &str| {
         format!(
             "SELECT status, email_type, COALESCE(profile_id, '') AS p, {bucket} AS b, \
-             COUNT(*) AS n FROM messages{index} WHERE tenant_id = $1 AND {statuses} \
+             COUNT(*) AS n FROM messages{index} WHERE tenant_id = $1{statuses} \
              AND created_at >= $2 AND created_at < $3 \
              GROUP BY status, email_type, COALESCE(profile_id, ''){group_bucket}"
         )
     };
     format!(
         "{} UNION ALL {}",
-        part(counts, "status <> 'SENDING'"),
-        part(in_flight, "status = 'SENDING' AND status <> 'SENT'"),
+        part(counts, " AND status <> 'SENDING'"),
+        part(in_flight, &statuses_clause(&[MessageStatus::Sending])),
     )
 }
 
@@ -475,6 +472,23 @@ impl SqlStore {
     }
 }
 
+/// ` AND status IN (...)` for `statuses` (not empty). Without SENT among them it also says
+/// `status <> 'SENT'`: the status index leaves SENT out (migration 0014 on PostgreSQL, 0012 on
+/// SQLite), and SQLite uses a partial index only for a query that carries its term.
+fn statuses_clause(statuses: &[MessageStatus]) -> String {
+    // Status names are fixed identifiers from an enum, never caller text.
+    let list = statuses
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sql = format!(" AND status IN ({list})");
+    if !statuses.contains(&MessageStatus::Sent) {
+        sql.push_str(" AND status <> 'SENT'");
+    }
+    sql
+}
+
 /// The WHERE clauses of a log filter; `tenant` is the number of the `$n` bound to the tenant.
 pub(super) fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>, tenant: usize) -> String {
     let mut sql = String::new();
@@ -483,19 +497,7 @@ pub(super) fn filter_clauses(filter: &LogFilter, binds: &mut Vec<Bind>, tenant: 
         sql.push_str(&clause.replace("$?", &format!("${}", binds.len())));
     };
     if !filter.statuses.is_empty() {
-        // Status names are fixed identifiers from an enum, never caller text.
-        let list = filter
-            .statuses
-            .iter()
-            .map(|s| format!("'{}'", s.as_str()))
-            .collect::<Vec<_>>()
-            .join(", ");
-        sql.push_str(&format!(" AND status IN ({list})"));
-        // The status index leaves SENT out (migration 0014 on PostgreSQL, 0012 on SQLite);
-        // SQLite uses a partial index only for a query that carries its term.
-        if !filter.statuses.contains(&MessageStatus::Sent) {
-            sql.push_str(" AND status <> 'SENT'");
-        }
+        sql.push_str(&statuses_clause(&filter.statuses));
     }
     let exact = [
         ("email_type", &filter.email_type),
