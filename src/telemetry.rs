@@ -322,16 +322,36 @@ pub fn init_with_otel(log: &LogConfig, prometheus: bool) -> anyhow::Result<Telem
                     .with_target("opentelemetry", LevelFilter::OFF),
             )
     });
-    let _ = tracing_subscriber::registry()
-        .with(log_layer(log))
-        .with(otel_layer)
-        .try_init();
+    let _ = dispatch(log, otel_layer).try_init();
     Ok(Telemetry {
         tracer_provider,
         meter_provider,
         prometheus: registry,
     })
 }
+
+/// The log layer, and `traces` when an exporter is configured, over tracing's registry.
+///
+/// Without an exporter the trace layer is left out, not added as `None`: an absent layer
+/// (`Option::None`) tells tracing that it wants every span, so the [`TRACE_ONLY`] spans were
+/// made for nobody, five per email through SendEmail, and the log layer's filter only kept
+/// them out of the lines (docs/benchmarks.md, 2026-12-07, eighth session).
+fn dispatch<L>(log: &LogConfig, traces: Option<L>) -> tracing::Dispatch
+where
+    L: Layer<tracing_subscriber::layer::Layered<BoxedLayer, tracing_subscriber::Registry>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let logging = tracing_subscriber::registry().with(log_layer(log));
+    match traces {
+        Some(traces) => logging.with(traces).into(),
+        None => logging.into(),
+    }
+}
+
+/// The log layer over the registry.
+type BoxedLayer = Box<dyn Layer<tracing_subscriber::Registry> + Send + Sync>;
 
 impl Telemetry {
     /// Flushes and stops the pipelines (blocking work, kept off the runtime's workers).
@@ -570,6 +590,24 @@ mod tests {
             assert_eq!(lines[0]["span"]["message_id"], "m-1");
             assert_eq!(lines[0]["spans"].as_array().map(Vec::len), Some(1));
         }
+    }
+
+    /// Without a trace exporter the trace-only spans are not made at all, with it they are;
+    /// the spans that the log shows are made either way.
+    #[test]
+    fn trace_only_spans_are_made_only_for_traces() {
+        let made = |traces: Option<tracing_subscriber::layer::Identity>| {
+            tracing::dispatcher::with_default(&dispatch(&LogConfig::default(), traces), || {
+                let trace_only = tracing::info_span!(target: TRACE_ONLY, "made only for traces");
+                let logged = tracing::info_span!("made for the log");
+                (!trace_only.is_disabled(), !logged.is_disabled())
+            })
+        };
+        assert_eq!(made(None), (false, true));
+        assert_eq!(
+            made(Some(tracing_subscriber::layer::Identity::new())),
+            (true, true)
+        );
     }
 
     /// A span whose only fields are left out, or that has none, still gives valid lines.
