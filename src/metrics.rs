@@ -147,9 +147,13 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let method = req.uri().path().trim_start_matches('/').to_owned();
+        // The RPC runs in its log context (here, to share this layer's boxed future).
+        let context = crate::telemetry::rpc_log_context(req.uri().path(), req.headers());
         let started = Instant::now();
         let fut = self.inner.call(req);
-        Box::pin(async move {
+        Box::pin(crate::telemetry::in_log_context(context, async move {
+            // Polled inside the RPC's span.
+            crate::telemetry::record_rpc_trace();
             let result = fut.await;
             if let Ok(response) = &result {
                 // Errors come as trailers-only responses, with grpc-status in the headers;
@@ -169,7 +173,7 @@ where
                 );
             }
             result
-        })
+        }))
     }
 }
 

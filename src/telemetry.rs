@@ -25,7 +25,7 @@ use opentelemetry_sdk::{
 };
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{
-    filter::{filter_fn, FilterExt, LevelFilter, Targets},
+    filter::{FilterExt, LevelFilter, Targets},
     fmt,
     layer::SubscriberExt,
     util::SubscriberInitExt,
@@ -83,17 +83,70 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
     let directives = log_directives(log);
+    let context = !context_spans_logged(&directives);
     match log.format {
         LogFormat::Json => filtered(
             fmt::layer()
                 .json()
                 .flatten_event(true)
                 .fmt_fields(AppendJsonFields)
+                .event_format(json_format(context))
                 .with_writer(std::io::stderr),
             &directives,
         ),
-        LogFormat::Pretty => filtered(fmt::layer().with_writer(std::io::stderr), &directives),
+        LogFormat::Pretty => filtered(
+            fmt::layer()
+                .event_format(WithLogContext {
+                    inner: fmt::format(),
+                    json: false,
+                    context,
+                })
+                .with_writer(std::io::stderr),
+            &directives,
+        ),
     }
+}
+
+/// The JSON lines' format, with the log context when `context`.
+fn json_format(context: bool) -> WithLogContext<fmt::format::Format<fmt::format::Json>> {
+    WithLogContext {
+        inner: fmt::format().json().flatten_event(true),
+        json: true,
+        context,
+    }
+}
+
+/// Whether the log filter's directives match spans (`[delivery]=debug`).
+fn span_directives(directives: &str) -> bool {
+    directives.contains(['[', '{'])
+}
+
+/// Whether the log shows the RPC and delivery spans themselves ([`CONTEXT_SPANS`]), and not
+/// their [`LogContext`]: for span directives, which need the spans, and when a library logs
+/// at the debug level or finer, as libraries log from threads of their own (sqlx's SQLite
+/// driver runs statements on a thread of its own, and carries the caller's span there, not
+/// its task's context). Their lines then name the RPC or delivery as before, at the spans'
+/// cost. Otherwise (`info`, the default, or `info,mailgate=debug`) the lines that such a
+/// thread writes (sqlx's slow-statement warnings on SQLite) do not name it.
+fn context_spans_logged(directives: &str) -> bool {
+    if span_directives(directives) {
+        return true;
+    }
+    let directives: Vec<&str> = directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    let Ok(targets) = directives.join(",").parse::<Targets>() else {
+        return true;
+    };
+    let ours = |target: &str| target == "mailgate" || target.starts_with("mailgate::");
+    targets
+        .default_level()
+        .is_some_and(|level| level >= LevelFilter::DEBUG)
+        || targets
+            .iter()
+            .any(|(target, level)| level >= LevelFilter::DEBUG && !ours(target))
 }
 
 /// The log filter's directives: `RUST_LOG` when it is set and valid, else `log.level`.
@@ -108,21 +161,82 @@ fn log_directives(log: &LogConfig) -> String {
 ///
 /// A span shows in a log line when an event happens inside it. The spans with this target
 /// (routing, rendering, enqueueing, each SMTP attempt) hold no event of mailgate's own: the
-/// events of a request or a delivery happen in its RPC span or its `delivery` span, whose
-/// fields (method, tenant, message, trace) the lines carry. Kept from the log layer, these
-/// spans are not made at all when no trace exporter is configured. Making them, recording
+/// events of a request or a delivery happen in its RPC or its delivery, whose fields
+/// (method, tenant, message, trace) the lines carry (see [`LogContext`]). Kept from the log
+/// layer, these spans are not made at all when no trace exporter is configured. Making them, recording
 /// their fields and entering them at every poll, with a span per RPC handler besides (now
 /// gone: the RPC's span holds the tenant), was 3.6 % of mailgate's instructions per email
 /// through SendEmail on SQLite and 4.7 % on PostgreSQL (docs/benchmarks.md). Use it as
 /// `target: TRACE_ONLY`, or as the same string in `#[instrument(target = ...)]`.
 pub(crate) const TRACE_ONLY: &str = "mailgate::trace";
 
-/// Whether the log layer sees `meta`: every event, and the spans that are not [`TRACE_ONLY`].
-fn logged(meta: &tracing::Metadata<'_>) -> bool {
-    !(meta.is_span() && meta.target() == TRACE_ONLY)
+/// The target of the spans of an RPC (`grpc.request`) and of a delivery (`delivery`).
+///
+/// Their log lines name them from the task's [`LogContext`], not from these spans: the log
+/// layer sees them only for span directives (`[delivery]=debug`), and without those, or a
+/// trace exporter, they are not made at all. Made for the log, the two spans (registered,
+/// their fields formatted and recorded, entered at every poll) were about 7 % of mailgate's
+/// instructions per email through SendEmail (docs/benchmarks.md, 2026-12-07, eighth
+/// session).
+pub(crate) const CONTEXT_SPANS: &str = "mailgate::context";
+
+/// The log layer's filter of spans: it sees every event, and the spans that are neither
+/// [`TRACE_ONLY`] nor, unless `context_spans`, [`CONTEXT_SPANS`]: decided by the callsite
+/// (its kind and target).
+#[derive(Debug, Clone, Copy)]
+struct Shown {
+    context_spans: bool,
 }
 
-/// `layer` behind a filter of `directives`, without the [`TRACE_ONLY`] spans.
+impl Shown {
+    fn shows(self, meta: &tracing::Metadata<'_>) -> bool {
+        !meta.is_span()
+            || match meta.target() {
+                TRACE_ONLY => false,
+                CONTEXT_SPANS => self.context_spans,
+                _ => true,
+            }
+    }
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for Shown {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        self.shows(meta)
+    }
+
+    // `never` for the spans it keeps out: with per-layer filters, a span whose callsite
+    // some filter finds interesting is made (then skipped by the layers that do not want
+    // it), so only `never` keeps it from being made. `sometimes` for the rest, so that
+    // `enabled` is asked every time: with `always` (paired with the directives' filter) a
+    // callsite that the directives let through skipped `enabled` in a process with one
+    // subscriber, and the layer's per-event filter state was then the last one asked's:
+    // lines went missing (seen on a server's log, not in tests, whose subscribers are
+    // scoped).
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if self.shows(meta) {
+            tracing::subscriber::Interest::sometimes()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    // With no hint of its own, the pair's hint would be none at all, and with it the
+    // process-wide maximum level: every `trace!` and `debug!` in the libraries would be
+    // looked up instead of skipped by level.
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(LevelFilter::TRACE)
+    }
+}
+
+/// `layer` behind a filter of `directives`, without the [`TRACE_ONLY`] spans (nor the
+/// [`CONTEXT_SPANS`] unless the directives match spans).
 ///
 /// Directives of targets and levels only (`info`, `mailgate=debug,info`), the usual kind,
 /// become a [`Targets`] filter; those that match spans or fields (`[delivery]=debug`) need an
@@ -136,19 +250,260 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     L: Layer<S> + Send + Sync + 'static,
 {
-    // With no hint of its own, the pair's hint would be none at all, and with it the
-    // process-wide maximum level: every `trace!` and `debug!` in the libraries would be
-    // looked up instead of skipped by level.
-    let without_trace_only = filter_fn(logged).with_max_level_hint(LevelFilter::TRACE);
+    let without_trace_only = Shown {
+        context_spans: context_spans_logged(directives),
+    };
     // `Targets` reads an empty directive (`info,`) as a bare `error`, which would override
     // the level before it; `EnvFilter` skips it.
     let static_only =
-        !directives.contains(['[', '{']) && !directives.split(',').any(|d| d.trim().is_empty());
+        !span_directives(directives) && !directives.split(',').any(|d| d.trim().is_empty());
     match directives.parse::<Targets>() {
         Ok(targets) if static_only => layer.with_filter(targets.and(without_trace_only)).boxed(),
         _ => layer
             .with_filter(EnvFilter::new(directives).and(without_trace_only))
             .boxed(),
+    }
+}
+
+/// What the log lines of one RPC or one delivery say about it: a name (`grpc.request`,
+/// `delivery`) and fields (method, tenant, message, trace, ...), kept by the task that
+/// serves it (see [`in_log_context`]) and shown in every line written while it runs, as
+/// the outermost span of the line: in JSON lines the `span` object (unless a span of
+/// tracing's is open within it) and the first of the `spans`; in human-readable lines after
+/// the fields, `name{field=value ...}`.
+///
+/// The RPC's and the delivery's spans ([`CONTEXT_SPANS`]) carry the same fields for traces.
+/// Naming the lines from a span made every RPC and delivery register it with the log layer,
+/// format its fields, and enter and leave it at every poll, whether or not a line was ever
+/// written; the context costs a few copied strings, and the formatting only when a line is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LogContext {
+    name: &'static str,
+    fields: Vec<(&'static str, LogValue)>,
+}
+
+/// A [`LogContext`] field's value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogValue {
+    Text(String),
+    Number(u64),
+}
+
+impl From<&str> for LogValue {
+    fn from(v: &str) -> Self {
+        Self::Text(v.to_owned())
+    }
+}
+
+impl From<u64> for LogValue {
+    fn from(v: u64) -> Self {
+        Self::Number(v)
+    }
+}
+
+impl LogContext {
+    /// A context named `name`, without fields yet.
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            fields: Vec::with_capacity(6),
+        }
+    }
+
+    /// With `field` set to `value`.
+    pub fn with(mut self, field: &'static str, value: impl Into<LogValue>) -> Self {
+        self.set(field, value.into());
+        self
+    }
+
+    /// Sets `field` (in place if it is already there: fields keep their first order).
+    fn set(&mut self, field: &'static str, value: LogValue) {
+        match self.fields.iter_mut().find(|(name, _)| *name == field) {
+            Some(slot) => slot.1 = value,
+            None => self.fields.push((field, value)),
+        }
+    }
+
+    /// The context as a JSON object, as tracing's JSON lines show a span.
+    fn json(&self, out: &mut String) {
+        out.push('{');
+        for (name, value) in &self.fields {
+            push_string(out, name);
+            out.push(':');
+            match value {
+                LogValue::Text(text) => push_string(out, text),
+                LogValue::Number(n) => {
+                    let _ = write!(out, "{n}");
+                }
+            }
+            out.push(',');
+        }
+        out.push_str("\"name\":");
+        push_string(out, self.name);
+        out.push('}');
+    }
+
+    /// The context as human-readable lines show a span: `name{field=value ...}`.
+    fn pretty(&self, out: &mut String) {
+        out.push_str(self.name);
+        out.push('{');
+        for (i, (name, value)) in self.fields.iter().enumerate() {
+            if i > 0 {
+                out.push(' ');
+            }
+            let _ = match value {
+                LogValue::Text(text) => write!(out, "{name}={text}"),
+                LogValue::Number(n) => write!(out, "{name}={n}"),
+            };
+        }
+        out.push('}');
+    }
+}
+
+tokio::task_local! {
+    static LOG_CONTEXT: std::cell::RefCell<LogContext>;
+}
+
+/// Runs `f` in `context`: the lines logged while it is polled carry the context.
+pub fn in_log_context<F: std::future::Future>(
+    context: LogContext,
+    f: F,
+) -> impl std::future::Future<Output = F::Output> {
+    LOG_CONTEXT.scope(std::cell::RefCell::new(context), f)
+}
+
+/// Runs `f` in a copy of the current task's log context, if it has one: for a task spawned
+/// on the current one's behalf.
+pub fn carry_log_context<F: std::future::Future>(
+    f: F,
+) -> impl std::future::Future<Output = F::Output> {
+    let context = LOG_CONTEXT
+        .try_with(|c| c.borrow().clone())
+        .unwrap_or_default();
+    in_log_context(context, f)
+}
+
+/// Whether a trace exporter is configured (the RPC and delivery spans are then made).
+static TRACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn traced() -> bool {
+    TRACES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Records a text field of the current RPC or delivery: in its log context, and in its span
+/// when traces are exported.
+pub fn record_text(field: &'static str, value: &str) {
+    if traced() {
+        tracing::Span::current().record(field, value);
+    }
+    let _ = LOG_CONTEXT.try_with(|c| c.borrow_mut().set(field, value.into()));
+}
+
+/// Records a numeric field of the current RPC or delivery, as [`record_text`] does.
+pub fn record_number(field: &'static str, value: u64) {
+    if traced() {
+        tracing::Span::current().record(field, value);
+    }
+    let _ = LOG_CONTEXT.try_with(|c| c.borrow_mut().set(field, value.into()));
+}
+
+/// The log context of an RPC to `path` (`/mailgate.v1.SendService/SendEmail`): its service,
+/// its method, and the trace id of the caller's `traceparent`, if it sent one. Run the RPC
+/// in it with [`in_log_context`], and call [`record_rpc_trace`] inside.
+pub fn rpc_log_context(path: &str, headers: &http::HeaderMap) -> LogContext {
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let mut context = LogContext::new("grpc.request")
+        .with("rpc.service", service)
+        .with("rpc.method", method);
+    if headers.contains_key("traceparent") {
+        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let trace = parent.span().span_context().trace_id();
+        if trace != opentelemetry::trace::TraceId::INVALID {
+            context.set("trace_id", trace.to_string().as_str().into());
+        }
+    }
+    context
+}
+
+/// When traces are exported, records the current RPC span's trace id (the caller's, or the
+/// new trace's) in the log context. Call it inside the RPC's span.
+pub fn record_rpc_trace() {
+    if !traced() {
+        return;
+    }
+    let own = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
+    if own.is_valid() {
+        let _ = LOG_CONTEXT.try_with(|c| {
+            c.borrow_mut()
+                .set("trace_id", own.trace_id().to_string().as_str().into())
+        });
+    }
+}
+
+/// A log line's format (`inner`) with the task's [`LogContext`] added, when `context` (the
+/// log layer does not show the RPC and delivery spans themselves).
+struct WithLogContext<F> {
+    inner: F,
+    json: bool,
+    context: bool,
+}
+
+impl<S, N, F> fmt::FormatEvent<S, N> for WithLogContext<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'w> fmt::FormatFields<'w> + 'static,
+    F: fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &fmt::FmtContext<'_, S, N>,
+        mut writer: fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut shown = String::new();
+        let found = self.context
+            && LOG_CONTEXT
+                .try_with(|c| {
+                    let c = c.borrow();
+                    if self.json {
+                        c.json(&mut shown);
+                    } else {
+                        c.pretty(&mut shown);
+                    }
+                })
+                .is_ok();
+        if !found {
+            return self.inner.format_event(ctx, writer, event);
+        }
+        // The line as the inner format writes it (without colours: the context is added in
+        // the middle), then the context.
+        let mut line = String::with_capacity(256);
+        self.inner
+            .format_event(ctx, fmt::format::Writer::new(&mut line), event)?;
+        let line = line.trim_end_matches('\n');
+        if !self.json {
+            return writeln!(writer, "{line} {shown}");
+        }
+        // tracing's JSON line ends with the open spans, outermost first, when there are any.
+        const SPANS: &str = ",\"spans\":[";
+        match line.rfind(SPANS) {
+            Some(at) => {
+                let (head, rest) = line.split_at(at + SPANS.len());
+                let comma = if rest.starts_with(']') { "" } else { "," };
+                writeln!(writer, "{head}{shown}{comma}{rest}")
+            }
+            None => {
+                let head = line.strip_suffix('}').unwrap_or(line);
+                writeln!(writer, "{head},\"span\":{shown},\"spans\":[{shown}]}}")
+            }
+        }
     }
 }
 
@@ -307,6 +662,10 @@ pub fn init_with_otel(log: &LogConfig, prometheus: bool) -> anyhow::Result<Telem
     } else {
         None
     };
+    TRACES.store(
+        tracer_provider.is_some(),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let otel_layer = tracer_provider.as_ref().map(|tp| {
         global::set_tracer_provider(tp.clone());
         tracing_opentelemetry::layer()
@@ -380,9 +739,11 @@ impl Extractor for HeaderExtractor<'_> {
 }
 
 /// The span of one RPC, a child of the caller's trace context when the request carries one.
-/// Used as the server's `trace_fn`: the handler runs inside it, and the log lines of the
-/// RPC carry its fields. The authentication layer records the caller's `tenant_id`;
-/// SendEmail records the `message_id` it accepted, SendBatch the number of `recipients`.
+/// Used as the server's `trace_fn`: the handler runs inside it. Made for traces, and for the
+/// log only with span directives (see [`CONTEXT_SPANS`]); the log lines of the RPC carry its
+/// [`rpc_log_context`]. The authentication layer records the caller's `tenant_id`;
+/// SendEmail records the `message_id` it accepted, SendBatch the number of `recipients`
+/// ([`record_text`], [`record_number`]).
 pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
     let (service, method) = path
@@ -390,6 +751,7 @@ pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
         .split_once('/')
         .unwrap_or((path, ""));
     let span = tracing::info_span!(
+        target: CONTEXT_SPANS,
         "grpc.request",
         otel.name = %path.trim_start_matches('/'),
         otel.kind = "server",
@@ -401,12 +763,16 @@ pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
         message_id = tracing::field::Empty,
         recipients = tracing::field::Empty,
     );
+    if span.is_disabled() {
+        return span;
+    }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
     let parent_trace = parent.span().span_context().trace_id();
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
-    // Log lines inside the RPC carry the trace id (the caller's, or the new trace's).
+    // The lines that show the span (span directives) carry the trace id (the caller's, or
+    // the new trace's).
     let own = span.context().span().span_context().clone();
     if own.is_valid() {
         span.record("trace_id", own.trace_id().to_string());
@@ -448,6 +814,8 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
 mod tests {
     use std::sync::{Arc, Mutex};
 
+    use tracing_subscriber::layer::Identity;
+
     use super::*;
 
     /// Log lines written through the JSON layer while `f` runs.
@@ -458,12 +826,15 @@ mod tests {
     /// Log lines written through the JSON layer, behind a filter of `directives` if given,
     /// while `f` runs.
     fn filtered_lines(directives: Option<&str>, f: impl FnOnce()) -> Vec<serde_json::Value> {
+        let _one = one_subscriber();
         let buf = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&buf);
+        let context = directives.is_none_or(|d| !context_spans_logged(d));
         let layer = fmt::layer()
             .json()
             .flatten_event(true)
             .fmt_fields(AppendJsonFields)
+            .event_format(json_format(context))
             .with_writer(move || Sink(Arc::clone(&sink)));
         let layer = match directives {
             Some(directives) => filtered(layer, directives),
@@ -592,11 +963,20 @@ mod tests {
         }
     }
 
+    /// Held by every test that installs a subscriber: which callsites tracing asks a
+    /// subscriber about, and how, depends on every subscriber alive at the time.
+    static SUBSCRIBERS: Mutex<()> = Mutex::new(());
+
+    fn one_subscriber() -> std::sync::MutexGuard<'static, ()> {
+        SUBSCRIBERS.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Without a trace exporter the trace-only spans are not made at all, with it they are;
     /// the spans that the log shows are made either way.
     #[test]
     fn trace_only_spans_are_made_only_for_traces() {
-        let made = |traces: Option<tracing_subscriber::layer::Identity>| {
+        let _one = one_subscriber();
+        let made = |traces: Option<Identity>| {
             tracing::dispatcher::with_default(&dispatch(&LogConfig::default(), traces), || {
                 let trace_only = tracing::info_span!(target: TRACE_ONLY, "made only for traces");
                 let logged = tracing::info_span!("made for the log");
@@ -604,10 +984,178 @@ mod tests {
             })
         };
         assert_eq!(made(None), (false, true));
-        assert_eq!(
-            made(Some(tracing_subscriber::layer::Identity::new())),
-            (true, true)
+        assert_eq!(made(Some(Identity::new())), (true, true));
+    }
+
+    /// `f` run to its end on a runtime of its own.
+    fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    /// An RPC's context, as the server makes one.
+    fn rpc_context() -> LogContext {
+        rpc_log_context(
+            "/mailgate.v1.SendService/SendEmail",
+            &http::HeaderMap::new(),
+        )
+    }
+
+    /// A line written in a log context carries it as its span, with the fields recorded
+    /// after it started, escaped; a line outside carries none.
+    #[test]
+    fn lines_carry_their_log_context() {
+        let tricky = "acme \" \\ \n ✓";
+        let lines = json_lines(|| {
+            block_on(in_log_context(rpc_context(), async {
+                record_text("tenant_id", tricky);
+                record_number("recipients", 3);
+                record_text("tenant_id", "acme");
+                tracing::warn!(code = 7, "inside");
+            }));
+            tracing::warn!("outside");
+        });
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        let span = &lines[0]["span"];
+        assert_eq!(span["name"], "grpc.request", "{}", lines[0]);
+        assert_eq!(span["rpc.service"], "mailgate.v1.SendService");
+        assert_eq!(span["rpc.method"], "SendEmail");
+        assert_eq!(span["tenant_id"], "acme", "recorded again, replaced");
+        assert_eq!(span["recipients"], 3);
+        assert_eq!(lines[0]["spans"], serde_json::json!([span]));
+        assert_eq!(lines[0]["code"], 7);
+        assert_eq!(lines[0]["message"], "inside");
+        assert!(lines[1].get("span").is_none(), "{}", lines[1]);
+        let lines = json_lines(|| {
+            block_on(in_log_context(
+                LogContext::new("delivery").with("message_id", tricky),
+                async { tracing::warn!("inside") },
+            ));
+        });
+        assert_eq!(lines[0]["span"]["message_id"], tricky);
+    }
+
+    /// Inside a span that the log shows, the context is the outermost of the line's spans.
+    #[test]
+    fn the_log_context_is_the_outermost_span() {
+        let lines = json_lines(|| {
+            block_on(in_log_context(rpc_context(), async {
+                tracing::info_span!("inner", n = 1u64).in_scope(|| tracing::warn!("inside"));
+            }));
+        });
+        assert_eq!(lines[0]["span"]["name"], "inner", "{}", lines[0]);
+        assert_eq!(lines[0]["spans"][0]["name"], "grpc.request");
+        assert_eq!(lines[0]["spans"][1]["name"], "inner");
+        assert_eq!(lines[0]["spans"].as_array().map(Vec::len), Some(2));
+    }
+
+    /// A task spawned with the context carried logs in it.
+    #[test]
+    fn a_carried_log_context_reaches_a_spawned_task() {
+        let lines = json_lines(|| {
+            block_on(in_log_context(rpc_context(), async {
+                tokio::spawn(carry_log_context(async { tracing::warn!("carried") }))
+                    .await
+                    .unwrap();
+                tokio::spawn(async { tracing::warn!("not carried") })
+                    .await
+                    .unwrap();
+            }));
+        });
+        assert_eq!(lines[0]["span"]["rpc.method"], "SendEmail", "{}", lines[0]);
+        assert!(lines[1].get("span").is_none(), "{}", lines[1]);
+    }
+
+    /// Human-readable lines end with the context, as a span is shown.
+    #[test]
+    fn pretty_lines_carry_their_log_context() {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        let layer = fmt::layer()
+            .event_format(WithLogContext {
+                inner: fmt::format(),
+                json: false,
+                context: true,
+            })
+            .with_writer(move || Sink(Arc::clone(&sink)));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let _one = one_subscriber();
+        tracing::subscriber::with_default(subscriber, || {
+            block_on(in_log_context(rpc_context(), async {
+                record_text("tenant_id", "acme");
+                tracing::warn!("inside");
+            }));
+        });
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.ends_with(
+                "inside grpc.request{rpc.service=mailgate.v1.SendService rpc.method=SendEmail tenant_id=acme}\n"
+            ),
+            "{text}"
         );
+    }
+
+    /// With span directives, or at the debug level, the log shows the RPC and delivery
+    /// spans themselves, and no context beside them; otherwise those spans are not made (no
+    /// trace exporter here).
+    #[test]
+    fn span_directives_show_the_context_spans_instead() {
+        let lines = filtered_lines(Some("info,[delivery]=debug"), || {
+            block_on(in_log_context(LogContext::new("delivery"), async {
+                tracing::info_span!(target: CONTEXT_SPANS, "delivery", message_id = "m-1")
+                    .in_scope(|| tracing::debug!(target: "h2::codec", "debug in delivery"));
+            }));
+        });
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        assert_eq!(lines[0]["span"]["message_id"], "m-1", "{}", lines[0]);
+        assert_eq!(lines[0]["spans"].as_array().map(Vec::len), Some(1));
+        let _one = one_subscriber();
+        let made = |level: &str| {
+            let log = LogConfig {
+                level: level.to_owned(),
+                ..LogConfig::default()
+            };
+            tracing::dispatcher::with_default(&dispatch(&log, None::<Identity>), || {
+                !tracing::info_span!(target: CONTEXT_SPANS, "delivery").is_disabled()
+            })
+        };
+        assert!(!made("info"));
+        assert!(!made("warn,mailgate=info"));
+        assert!(!made("info,mailgate=debug"));
+        assert!(!made("mailgate::delivery=trace,warn,"));
+        assert!(made("info,[delivery]=debug"));
+        assert!(made("debug"));
+        assert!(made("info,sqlx=debug"));
+        assert!(made("trace"));
+    }
+
+    /// Every event the directives let through is written, whatever the spans and events
+    /// the filter kept out just before it on the same thread (with this scoped subscriber;
+    /// the server's own, the process's only one, is checked by the tests that read its log).
+    #[test]
+    fn events_pass_beside_spans_kept_out() {
+        for directives in ["info,mailgate=debug", "info", "info,[delivery]=debug"] {
+            let lines = filtered_lines(Some(directives), || {
+                for _ in 0..2 {
+                    let _ = tracing::info_span!(target: TRACE_ONLY, "kept out").entered();
+                    let _ = tracing::info_span!(target: CONTEXT_SPANS, "delivery").entered();
+                    tracing::debug!(target: "h2::codec", "kept out by level");
+                    tracing::warn!(target: "mailgate::app", "warned");
+                    tracing::info!(target: "mailgate::delivery::engine", "told");
+                }
+            });
+            let messages: Vec<&str> = lines
+                .iter()
+                .map(|l| l["message"].as_str().unwrap_or_default())
+                .collect();
+            assert_eq!(
+                messages,
+                ["warned", "told", "warned", "told"],
+                "{directives}"
+            );
+        }
     }
 
     /// A span whose only fields are left out, or that has none, still gives valid lines.

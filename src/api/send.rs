@@ -470,7 +470,7 @@ impl SendService for SendApi {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let mut message = self.build(&caller, &req, None).await?;
-        tracing::Span::current().record("message_id", message.id.as_str());
+        crate::telemetry::record_text("message_id", message.id.as_str());
         let now = now_micros();
         // Due now and the engine has room: store it leased to this process and deliver it
         // straight away, instead of queueing it for a claim.
@@ -506,15 +506,16 @@ impl SendService for SendApi {
                 InsertOutcome::Replayed { id, status } => (id, status, true),
             })
         };
-        // A trace-only span (not made without a trace exporter): the task then runs in the
-        // RPC's span, so what it logs still names the RPC and its tenant.
+        // A trace-only span (not made without a trace exporter); the task runs in the RPC's
+        // log context, so what it logs still names the RPC and its tenant.
         let span = tracing::info_span!(target: crate::telemetry::TRACE_ONLY, "enqueue");
         let span = if span.is_disabled() {
             tracing::Span::current()
         } else {
             span
         };
-        let (id, status, replayed) = tokio::spawn(accept.instrument(span))
+        let accept = crate::telemetry::carry_log_context(accept.instrument(span));
+        let (id, status, replayed) = tokio::spawn(accept)
             .await
             .map_err(|e| Status::internal(format!("accepting the email failed: {e}")))?
             .map_err(ApiError::from)?;
@@ -531,7 +532,7 @@ impl SendService for SendApi {
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        tracing::Span::current().record("recipients", req.recipients.len());
+        crate::telemetry::record_number("recipients", req.recipients.len() as u64);
         let base = req
             .message
             .ok_or_else(|| ApiError::invalid("message", "is required"))?;

@@ -95,9 +95,9 @@ where
                 let max = self.max_request_bytes;
                 let fut = self.inner.call(req);
                 Box::pin(async move {
-                    // Polled inside the RPC's span (`call` is not): the handler's log lines,
-                    // and the RPC's trace span, name the tenant.
-                    tracing::Span::current().record("tenant_id", tenant_id.as_str());
+                    // Polled inside the RPC's span and log context (`call` is not): the
+                    // handler's log lines, and the RPC's trace span, name the tenant.
+                    crate::telemetry::record_text("tenant_id", tenant_id.as_str());
                     let mut response = fut.await?;
                     too_large_is_resource_exhausted(&mut response, max);
                     Ok(response)

@@ -380,6 +380,9 @@ async fn grpcurl_walkthrough_against_the_binary() {
             "MAILGATE_SMTP__EXTRA_ROOTS_FILE",
             ca_file.display().to_string(),
         ),
+        // mailgate's own debug lines, the libraries' at info: the lines name their RPC or
+        // delivery from its log context, not from spans.
+        ("MAILGATE_LOG__LEVEL", "info,mailgate=debug".into()),
     ]);
     let addr = server.addr.clone();
     let health = Binary::command()
@@ -516,4 +519,16 @@ async fn grpcurl_walkthrough_against_the_binary() {
     assert!(status.success(), "exit status after SIGTERM: {status:?}");
     assert!(log.contains("mailgate stopped"), "{log}");
     assert!(!log.contains(PASSWORD), "the password appeared in the log");
+    // The delivery's line names it: tenant, message, attempt, outcome.
+    let finished = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "attempt finished" && l["span"]["message_id"] == message_id)
+        .unwrap_or_else(|| panic!("no line of the delivery of {message_id}:\n{log}"));
+    let span = &finished["span"];
+    assert_eq!(span["name"], "delivery", "{finished}");
+    assert_eq!(span["tenant_id"], "acme", "{finished}");
+    assert_eq!(span["attempt"], 1, "{finished}");
+    assert_eq!(span["mailgate.status"], "SENT", "{finished}");
+    assert_eq!(finished["spans"], serde_json::json!([span]), "{finished}");
 }

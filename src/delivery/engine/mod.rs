@@ -32,6 +32,7 @@ use crate::{
     crypto::SecretBox,
     domain::{AttemptRecord, FallbackPolicy, Lease, Mailbox, MessageStatus, SmtpProfile},
     storage::{Claimed, Completion, Store, StoreError},
+    telemetry::{in_log_context, LogContext},
 };
 
 /// A change of a message's status, for live watchers and tests.
@@ -645,6 +646,7 @@ impl Engine {
     async fn deliver(&self, claimed: Claimed, until: i64, permit: Option<OwnedSemaphorePermit>) {
         let message = &claimed.message;
         let span = tracing::info_span!(
+            target: crate::telemetry::CONTEXT_SPANS,
             "delivery",
             tenant_id = message.tenant_id.as_str(),
             message_id = message.id.as_str(),
@@ -656,9 +658,18 @@ impl Engine {
             span.record("trace_id", message.trace_id.as_str());
         }
         crate::telemetry::continue_trace(&span, &message.traceparent);
-        self.deliver_traced(claimed, until, permit)
-            .instrument(span)
-            .await;
+        let mut context = LogContext::new("delivery")
+            .with("tenant_id", message.tenant_id.as_str())
+            .with("message_id", message.id.as_str())
+            .with("attempt", u64::from(message.attempt_count) + 1);
+        if !message.trace_id.is_empty() {
+            context = context.with("trace_id", message.trace_id.as_str());
+        }
+        in_log_context(
+            context,
+            self.deliver_traced(claimed, until, permit).instrument(span),
+        )
+        .await;
     }
 
     async fn deliver_traced(
@@ -697,7 +708,7 @@ impl Engine {
         let ended = std::time::Instant::now();
         let _recording = self.recording.acquire().await.ok();
         drop(permit);
-        tracing::Span::current().record("mailgate.status", completion.status.as_str());
+        crate::telemetry::record_text("mailgate.status", completion.status.as_str());
         record_metrics(&claimed.message.tenant_id, &attempts);
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
         let status = completion.status;
