@@ -74,17 +74,17 @@ fn resource() -> Resource {
 /// Logging only (for commands that do not serve).
 pub fn init(log: &LogConfig) {
     let _ = tracing_subscriber::registry()
-        .with(log_layer(log))
+        .with(log_layer(log.format, &log_directives(log)))
         .try_init();
 }
 
-fn log_layer<S>(log: &LogConfig) -> Box<dyn Layer<S> + Send + Sync>
+/// The log layer: lines in `format`, filtered by `directives`.
+fn log_layer<S>(format: LogFormat, directives: &str) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let directives = log_directives(log);
-    let context = !context_spans_logged(&directives);
-    match log.format {
+    let context = !context_spans_logged(directives);
+    match format {
         LogFormat::Json => filtered(
             fmt::layer()
                 .json()
@@ -92,7 +92,7 @@ where
                 .fmt_fields(AppendJsonFields)
                 .event_format(json_format(context))
                 .with_writer(std::io::stderr),
-            &directives,
+            directives,
         ),
         LogFormat::Pretty => filtered(
             fmt::layer()
@@ -102,7 +102,7 @@ where
                     context,
                 })
                 .with_writer(std::io::stderr),
-            &directives,
+            directives,
         ),
     }
 }
@@ -121,6 +121,21 @@ fn span_directives(directives: &str) -> bool {
     directives.contains(['[', '{'])
 }
 
+/// Directives of targets and levels only, each trimmed, without empty ones (`Targets` reads
+/// an empty directive, `info,`, as a bare `error`, and `" sqlx"` as a target with a space);
+/// None for span directives.
+fn static_directives(directives: &str) -> Option<String> {
+    if span_directives(directives) {
+        return None;
+    }
+    let parts: Vec<&str> = directives
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    Some(parts.join(","))
+}
+
 /// Whether the log shows the RPC and delivery spans themselves ([`CONTEXT_SPANS`]), and not
 /// their [`LogContext`]: for span directives, which need the spans, and when a library logs
 /// at the debug level or finer, as libraries log from threads of their own (sqlx's SQLite
@@ -129,15 +144,7 @@ fn span_directives(directives: &str) -> bool {
 /// cost. Otherwise (`info`, the default, or `info,mailgate=debug`) the lines that such a
 /// thread writes (sqlx's slow-statement warnings on SQLite) do not name it.
 fn context_spans_logged(directives: &str) -> bool {
-    if span_directives(directives) {
-        return true;
-    }
-    let directives: Vec<&str> = directives
-        .split(',')
-        .map(str::trim)
-        .filter(|d| !d.is_empty())
-        .collect();
-    let Ok(targets) = directives.join(",").parse::<Targets>() else {
+    let Some(Ok(targets)) = static_directives(directives).map(|d| d.parse::<Targets>()) else {
         return true;
     };
     let ours = |target: &str| target == "mailgate" || target.starts_with("mailgate::");
@@ -164,8 +171,8 @@ fn log_directives(log: &LogConfig) -> String {
 /// events of a request or a delivery happen in its RPC or its delivery, whose fields
 /// (method, tenant, message, trace) the lines carry (see [`LogContext`]). Kept from the log
 /// layer, these spans are not made at all when no trace exporter is configured. Making them, recording
-/// their fields and entering them at every poll, with a span per RPC handler besides (now
-/// gone: the RPC's span holds the tenant), was 3.6 % of mailgate's instructions per email
+/// their fields and entering them at every poll, with a span per RPC handler besides (since
+/// gone), was 3.6 % of mailgate's instructions per email
 /// through SendEmail on SQLite and 4.7 % on PostgreSQL (docs/benchmarks.md). Use it as
 /// `target: TRACE_ONLY`, or as the same string in `#[instrument(target = ...)]`.
 pub(crate) const TRACE_ONLY: &str = "mailgate::trace";
@@ -173,8 +180,8 @@ pub(crate) const TRACE_ONLY: &str = "mailgate::trace";
 /// The target of the spans of an RPC (`grpc.request`) and of a delivery (`delivery`).
 ///
 /// Their log lines name them from the task's [`LogContext`], not from these spans: the log
-/// layer sees them only for span directives (`[delivery]=debug`), and without those, or a
-/// trace exporter, they are not made at all. Made for the log, the two spans (registered,
+/// layer sees them only when [`context_spans_logged`] (span directives, or a library at
+/// debug), and without that, or a trace exporter, they are not made at all. Made for the log, the two spans (registered,
 /// their fields formatted and recorded, entered at every poll) were about 7 % of mailgate's
 /// instructions per email through SendEmail (docs/benchmarks.md, 2026-12-07, eighth
 /// session).
@@ -236,7 +243,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for Shown {
 }
 
 /// `layer` behind a filter of `directives`, without the [`TRACE_ONLY`] spans (nor the
-/// [`CONTEXT_SPANS`] unless the directives match spans).
+/// [`CONTEXT_SPANS`] unless [`context_spans_logged`]).
 ///
 /// Directives of targets and levels only (`info`, `mailgate=debug,info`), the usual kind,
 /// become a [`Targets`] filter; those that match spans or fields (`[delivery]=debug`) need an
@@ -250,15 +257,13 @@ where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     L: Layer<S> + Send + Sync + 'static,
 {
-    let without_trace_only = Shown {
-        context_spans: context_spans_logged(directives),
-    };
-    // `Targets` reads an empty directive (`info,`) as a bare `error`, which would override
-    // the level before it; `EnvFilter` skips it.
-    let static_only =
-        !span_directives(directives) && !directives.split(',').any(|d| d.trim().is_empty());
-    match directives.parse::<Targets>() {
-        Ok(targets) if static_only => layer.with_filter(targets.and(without_trace_only)).boxed(),
+    let context_spans = context_spans_logged(directives);
+    if context_spans {
+        LOG_SPANS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let without_trace_only = Shown { context_spans };
+    match static_directives(directives).map(|d| d.parse::<Targets>()) {
+        Some(Ok(targets)) => layer.with_filter(targets.and(without_trace_only)).boxed(),
         _ => layer
             .with_filter(EnvFilter::new(directives).and(without_trace_only))
             .boxed(),
@@ -372,8 +377,8 @@ pub fn in_log_context<F: std::future::Future>(
     LOG_CONTEXT.scope(std::cell::RefCell::new(context), f)
 }
 
-/// Runs `f` in a copy of the current task's log context, if it has one: for a task spawned
-/// on the current one's behalf.
+/// Runs `f` in a copy of the current task's log context, if it has one (else in an empty
+/// one, which lines do not show): for a task spawned on the current one's behalf.
 pub fn carry_log_context<F: std::future::Future>(
     f: F,
 ) -> impl std::future::Future<Output = F::Output> {
@@ -390,10 +395,18 @@ fn traced() -> bool {
     TRACES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Whether a log layer shows the RPC and delivery spans (see [`context_spans_logged`]).
+static LOG_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the RPC and delivery spans are made, for traces or for the log.
+fn spans_made() -> bool {
+    traced() || LOG_SPANS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Records a text field of the current RPC or delivery: in its log context, and in its span
-/// when traces are exported.
+/// when the span is made (for traces, or for the log).
 pub fn record_text(field: &'static str, value: &str) {
-    if traced() {
+    if spans_made() {
         tracing::Span::current().record(field, value);
     }
     let _ = LOG_CONTEXT.try_with(|c| c.borrow_mut().set(field, value.into()));
@@ -401,7 +414,7 @@ pub fn record_text(field: &'static str, value: &str) {
 
 /// Records a numeric field of the current RPC or delivery, as [`record_text`] does.
 pub fn record_number(field: &'static str, value: u64) {
-    if traced() {
+    if spans_made() {
         tracing::Span::current().record(field, value);
     }
     let _ = LOG_CONTEXT.try_with(|c| c.borrow_mut().set(field, value.into()));
@@ -472,13 +485,17 @@ where
             && LOG_CONTEXT
                 .try_with(|c| {
                     let c = c.borrow();
+                    if c.name.is_empty() {
+                        return false;
+                    }
                     if self.json {
                         c.json(&mut shown);
                     } else {
                         c.pretty(&mut shown);
                     }
+                    true
                 })
-                .is_ok();
+                .unwrap_or(false);
         if !found {
             return self.inner.format_event(ctx, writer, event);
         }
@@ -510,8 +527,8 @@ where
 /// Span fields as a JSON object, for the JSON log lines of events inside the span.
 ///
 /// tracing-subscriber's own `JsonFields` parses the span's JSON back into a map and writes
-/// it anew every time a field is recorded after the span starts; mailgate's RPC, delivery
-/// and attempt spans record fields as they go, for every email. Here a recorded field is
+/// it anew every time a field is recorded after the span starts; mailgate's RPC and
+/// delivery spans, when the log shows them, record fields as they go. Here a recorded field is
 /// appended to the object instead (a field recorded twice appears twice; a JSON reader keeps
 /// the last).
 #[derive(Debug, Clone, Copy, Default)]
@@ -681,7 +698,7 @@ pub fn init_with_otel(log: &LogConfig, prometheus: bool) -> anyhow::Result<Telem
                     .with_target("opentelemetry", LevelFilter::OFF),
             )
     });
-    let _ = dispatch(log, otel_layer).try_init();
+    let _ = dispatch(log.format, &log_directives(log), otel_layer).try_init();
     Ok(Telemetry {
         tracer_provider,
         meter_provider,
@@ -689,20 +706,21 @@ pub fn init_with_otel(log: &LogConfig, prometheus: bool) -> anyhow::Result<Telem
     })
 }
 
-/// The log layer, and `traces` when an exporter is configured, over tracing's registry.
+/// The log layer (lines in `format`, filtered by `directives`), and `traces` when an exporter
+/// is configured, over tracing's registry.
 ///
 /// Without an exporter the trace layer is left out, not added as `None`: an absent layer
 /// (`Option::None`) tells tracing that it wants every span, so the [`TRACE_ONLY`] spans were
 /// made for nobody, five per email through SendEmail, and the log layer's filter only kept
 /// them out of the lines (docs/benchmarks.md, 2026-12-07, eighth session).
-fn dispatch<L>(log: &LogConfig, traces: Option<L>) -> tracing::Dispatch
+fn dispatch<L>(format: LogFormat, directives: &str, traces: Option<L>) -> tracing::Dispatch
 where
     L: Layer<tracing_subscriber::layer::Layered<BoxedLayer, tracing_subscriber::Registry>>
         + Send
         + Sync
         + 'static,
 {
-    let logging = tracing_subscriber::registry().with(log_layer(log));
+    let logging = tracing_subscriber::registry().with(log_layer(format, directives));
     match traces {
         Some(traces) => logging.with(traces).into(),
         None => logging.into(),
@@ -740,8 +758,8 @@ impl Extractor for HeaderExtractor<'_> {
 
 /// The span of one RPC, a child of the caller's trace context when the request carries one.
 /// Used as the server's `trace_fn`: the handler runs inside it. Made for traces, and for the
-/// log only with span directives (see [`CONTEXT_SPANS`]); the log lines of the RPC carry its
-/// [`rpc_log_context`]. The authentication layer records the caller's `tenant_id`;
+/// log only when [`context_spans_logged`] (see [`CONTEXT_SPANS`]); otherwise the log lines
+/// of the RPC carry its [`rpc_log_context`]. The authentication layer records the caller's `tenant_id`;
 /// SendEmail records the `message_id` it accepted, SendBatch the number of `recipients`
 /// ([`record_text`], [`record_number`]).
 pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
@@ -977,7 +995,7 @@ mod tests {
     fn trace_only_spans_are_made_only_for_traces() {
         let _one = one_subscriber();
         let made = |traces: Option<Identity>| {
-            tracing::dispatcher::with_default(&dispatch(&LogConfig::default(), traces), || {
+            tracing::dispatcher::with_default(&dispatch(LogFormat::Json, "info", traces), || {
                 let trace_only = tracing::info_span!(target: TRACE_ONLY, "made only for traces");
                 let logged = tracing::info_span!("made for the log");
                 (!trace_only.is_disabled(), !logged.is_disabled())
@@ -1066,6 +1084,15 @@ mod tests {
         });
         assert_eq!(lines[0]["span"]["rpc.method"], "SendEmail", "{}", lines[0]);
         assert!(lines[1].get("span").is_none(), "{}", lines[1]);
+        // Carried from outside any context: nothing to show.
+        let lines = json_lines(|| {
+            block_on(async {
+                tokio::spawn(carry_log_context(async { tracing::warn!("from nowhere") }))
+                    .await
+                    .unwrap();
+            });
+        });
+        assert!(lines[0].get("span").is_none(), "{}", lines[0]);
     }
 
     /// Human-readable lines end with the context, as a span is shown.
@@ -1111,13 +1138,25 @@ mod tests {
         assert_eq!(lines.len(), 1, "{lines:?}");
         assert_eq!(lines[0]["span"]["message_id"], "m-1", "{}", lines[0]);
         assert_eq!(lines[0]["spans"].as_array().map(Vec::len), Some(1));
+        // What the RPC or delivery records reaches the span the log shows.
+        let lines = filtered_lines(Some("info,[delivery]=debug"), || {
+            block_on(in_log_context(LogContext::new("delivery"), async {
+                let span = tracing::info_span!(
+                    target: CONTEXT_SPANS,
+                    "delivery",
+                    mailgate.status = tracing::field::Empty
+                );
+                span.in_scope(|| {
+                    record_text("mailgate.status", "SENT");
+                    tracing::info!("finished");
+                });
+            }));
+        });
+        assert_eq!(lines[0]["span"]["mailgate.status"], "SENT", "{}", lines[0]);
         let _one = one_subscriber();
-        let made = |level: &str| {
-            let log = LogConfig {
-                level: level.to_owned(),
-                ..LogConfig::default()
-            };
-            tracing::dispatcher::with_default(&dispatch(&log, None::<Identity>), || {
+        let made = |directives: &str| {
+            let dispatch = dispatch(LogFormat::Json, directives, None::<Identity>);
+            tracing::dispatcher::with_default(&dispatch, || {
                 !tracing::info_span!(target: CONTEXT_SPANS, "delivery").is_disabled()
             })
         };
@@ -1125,9 +1164,11 @@ mod tests {
         assert!(!made("warn,mailgate=info"));
         assert!(!made("info,mailgate=debug"));
         assert!(!made("mailgate::delivery=trace,warn,"));
+        assert!(!made(" info , mailgate=debug "));
         assert!(made("info,[delivery]=debug"));
         assert!(made("debug"));
         assert!(made("info,sqlx=debug"));
+        assert!(made("info, sqlx=debug"));
         assert!(made("trace"));
     }
 

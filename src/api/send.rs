@@ -659,7 +659,8 @@ impl SendService for SendApi {
             }
             Ok::<_, StoreError>((accepted, outcomes))
         };
-        let (accepted, outcomes) = tokio::spawn(store_all.in_current_span())
+        let store_all = crate::telemetry::carry_log_context(store_all.in_current_span());
+        let (accepted, outcomes) = tokio::spawn(store_all)
             .await
             .map_err(|e| Status::internal(format!("accepting the batch failed: {e}")))?
             .map_err(ApiError::from)?;

@@ -367,9 +367,9 @@ impl Binary {
     /// The binary's command line, without the suite's own settings in its environment.
     pub fn command() -> std::process::Command {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mailgate"));
-        for (key, _) in
-            std::env::vars().filter(|(k, _)| k.starts_with("MAILGATE_") || k.starts_with("OTEL_"))
-        {
+        for (key, _) in std::env::vars().filter(|(k, _)| {
+            k.starts_with("MAILGATE_") || k.starts_with("OTEL_") || k == "RUST_LOG"
+        }) {
             command.env_remove(key);
         }
         command
