@@ -290,7 +290,9 @@ pub struct LogContext {
 /// A [`LogContext`] field's value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LogValue {
+    /// A text, shown as a JSON string (escaped) or as it is in human-readable lines.
     Text(String),
+    /// A count or a number, shown as a JSON number.
     Number(u64),
 }
 
