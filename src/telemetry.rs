@@ -83,7 +83,8 @@ fn log_layer<S>(format: LogFormat, directives: &str) -> Box<dyn Layer<S> + Send 
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    let context = !context_spans_logged(directives);
+    let context_spans = show_context_spans(directives);
+    let context = !context_spans;
     match format {
         LogFormat::Json => filtered(
             fmt::layer()
@@ -93,6 +94,7 @@ where
                 .event_format(json_format(context))
                 .with_writer(std::io::stderr),
             directives,
+            context_spans,
         ),
         LogFormat::Pretty => filtered(
             fmt::layer()
@@ -103,6 +105,7 @@ where
                 })
                 .with_writer(std::io::stderr),
             directives,
+            context_spans,
         ),
     }
 }
@@ -154,6 +157,16 @@ fn context_spans_logged(directives: &str) -> bool {
         || targets
             .iter()
             .any(|(target, level)| level >= LevelFilter::DEBUG && !ours(target))
+}
+
+/// [`context_spans_logged`] for a log layer being made: when it shows the spans, [`record`]
+/// records into them too.
+fn show_context_spans(directives: &str) -> bool {
+    let shown = context_spans_logged(directives);
+    if shown {
+        LOG_SPANS.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    shown
 }
 
 /// The log filter's directives: `RUST_LOG` when it is set and valid, else `log.level`.
@@ -243,7 +256,7 @@ impl<S> tracing_subscriber::layer::Filter<S> for Shown {
 }
 
 /// `layer` behind a filter of `directives`, without the [`TRACE_ONLY`] spans (nor the
-/// [`CONTEXT_SPANS`] unless [`context_spans_logged`]).
+/// [`CONTEXT_SPANS`] unless `context_spans`, which [`context_spans_logged`] decides).
 ///
 /// Directives of targets and levels only (`info`, `mailgate=debug,info`), the usual kind,
 /// become a [`Targets`] filter; those that match spans or fields (`[delivery]=debug`) need an
@@ -252,15 +265,15 @@ impl<S> tracing_subscriber::layer::Filter<S> for Shown {
 /// directives; each email had about six spans then (RPC, handler, routing, enqueue,
 /// delivery, attempt), and with a `Targets` filter mailgate used about 2 % less CPU per
 /// email (docs/benchmarks.md).
-fn filtered<S, L>(layer: L, directives: &str) -> Box<dyn Layer<S> + Send + Sync>
+fn filtered<S, L>(
+    layer: L,
+    directives: &str,
+    context_spans: bool,
+) -> Box<dyn Layer<S> + Send + Sync>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     L: Layer<S> + Send + Sync + 'static,
 {
-    let context_spans = context_spans_logged(directives);
-    if context_spans {
-        LOG_SPANS.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
     let without_trace_only = Shown { context_spans };
     match static_directives(directives).map(|d| d.parse::<Targets>()) {
         Some(Ok(targets)) => layer.with_filter(targets.and(without_trace_only)).boxed(),
@@ -405,17 +418,12 @@ fn spans_made() -> bool {
     traced() || LOG_SPANS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Records a text field of the current RPC or delivery: in its log context, and in its span
-/// when the span is made (for traces, or for the log).
-pub fn record_text(field: &'static str, value: &str) {
-    if spans_made() {
-        tracing::Span::current().record(field, value);
-    }
-    let _ = LOG_CONTEXT.try_with(|c| c.borrow_mut().set(field, value.into()));
-}
-
-/// Records a numeric field of the current RPC or delivery, as [`record_text`] does.
-pub fn record_number(field: &'static str, value: u64) {
+/// Records a field (a text or a number) of the current RPC or delivery: in its log context,
+/// and in its span when the span is made (for traces, or for the log).
+pub fn record<V>(field: &'static str, value: V)
+where
+    V: Into<LogValue> + tracing::Value + Copy,
+{
     if spans_made() {
         tracing::Span::current().record(field, value);
     }
@@ -426,10 +434,7 @@ pub fn record_number(field: &'static str, value: u64) {
 /// its method, and the trace id of the caller's `traceparent`, if it sent one. Run the RPC
 /// in it with [`in_log_context`], and call [`record_rpc_trace`] inside.
 pub fn rpc_log_context(path: &str, headers: &http::HeaderMap) -> LogContext {
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
+    let (service, method) = rpc_names(path);
     let mut context = LogContext::new("grpc.request")
         .with("rpc.service", service)
         .with("rpc.method", method);
@@ -443,23 +448,40 @@ pub fn rpc_log_context(path: &str, headers: &http::HeaderMap) -> LogContext {
     context
 }
 
-/// When traces are exported, records the current RPC span's trace id (the caller's, or the
-/// new trace's) in the log context. Call it inside the RPC's span.
+/// The service and the method of an RPC to `path` (`/mailgate.v1.SendService/SendEmail`).
+fn rpc_names(path: &str) -> (&str, &str) {
+    path.trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""))
+}
+
+/// Records the RPC's trace id, when its span is made: the span's own (the caller's trace,
+/// or a new one, when traces are exported) in the span and the log context, else the
+/// caller's (in the context since [`rpc_log_context`]) in the span. Call it inside the RPC's
+/// span.
 pub fn record_rpc_trace() {
-    if !traced() {
+    if !spans_made() {
         return;
     }
     let own = tracing::Span::current()
         .context()
         .span()
         .span_context()
-        .clone();
-    if own.is_valid() {
-        let _ = LOG_CONTEXT.try_with(|c| {
-            c.borrow_mut()
-                .set("trace_id", own.trace_id().to_string().as_str().into())
-        });
+        .trace_id();
+    if own != opentelemetry::trace::TraceId::INVALID {
+        record("trace_id", own.to_string().as_str());
+        return;
     }
+    let _ = LOG_CONTEXT.try_with(|c| {
+        if let Some((_, LogValue::Text(caller))) = c
+            .borrow()
+            .fields
+            .iter()
+            .find(|(name, _)| *name == "trace_id")
+        {
+            tracing::Span::current().record("trace_id", caller.as_str());
+        }
+    });
 }
 
 /// A log line's format (`inner`) with the task's [`LogContext`] added, when `context` (the
@@ -763,13 +785,10 @@ impl Extractor for HeaderExtractor<'_> {
 /// log only when [`context_spans_logged`] (see [`CONTEXT_SPANS`]); otherwise the log lines
 /// of the RPC carry its [`rpc_log_context`]. The authentication layer records the caller's `tenant_id`;
 /// SendEmail records the `message_id` it accepted, SendBatch the number of `recipients`
-/// ([`record_text`], [`record_number`]).
+/// ([`record`]).
 pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
     let path = req.uri().path();
-    let (service, method) = path
-        .trim_start_matches('/')
-        .split_once('/')
-        .unwrap_or((path, ""));
+    let (service, method) = rpc_names(path);
     let span = tracing::info_span!(
         target: CONTEXT_SPANS,
         "grpc.request",
@@ -787,18 +806,11 @@ pub fn grpc_server_span(req: &http::Request<()>) -> tracing::Span {
         return span;
     }
     let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-    let parent_trace = parent.span().span_context().trace_id();
     if parent.span().span_context().is_valid() {
         let _ = span.set_parent(parent);
     }
-    // The lines that show the span (span directives) carry the trace id (the caller's, or
-    // the new trace's).
-    let own = span.context().span().span_context().clone();
-    if own.is_valid() {
-        span.record("trace_id", own.trace_id().to_string());
-    } else if parent_trace != opentelemetry::trace::TraceId::INVALID {
-        span.record("trace_id", parent_trace.to_string());
-    }
+    // Its `trace_id` field (for the lines that show the span) is recorded inside it, with the
+    // log context's ([`record_rpc_trace`]).
     span
 }
 
@@ -849,7 +861,7 @@ mod tests {
         let _one = one_subscriber();
         let buf = Arc::new(Mutex::new(Vec::new()));
         let sink = Arc::clone(&buf);
-        let context = directives.is_none_or(|d| !context_spans_logged(d));
+        let context = directives.is_none_or(|d| !show_context_spans(d));
         let layer = fmt::layer()
             .json()
             .flatten_event(true)
@@ -857,7 +869,7 @@ mod tests {
             .event_format(json_format(context))
             .with_writer(move || Sink(Arc::clone(&sink)));
         let layer = match directives {
-            Some(directives) => filtered(layer, directives),
+            Some(directives) => filtered(layer, directives, !context),
             None => layer.boxed(),
         };
         let subscriber = tracing_subscriber::registry().with(layer);
@@ -1030,9 +1042,9 @@ mod tests {
         let tricky = "acme \" \\ \n ✓";
         let lines = json_lines(|| {
             block_on(in_log_context(rpc_context(), async {
-                record_text("tenant_id", tricky);
-                record_number("recipients", 3);
-                record_text("tenant_id", "acme");
+                record("tenant_id", tricky);
+                record("recipients", 3);
+                record("tenant_id", "acme");
                 tracing::warn!(code = 7, "inside");
             }));
             tracing::warn!("outside");
@@ -1113,7 +1125,7 @@ mod tests {
         let _one = one_subscriber();
         tracing::subscriber::with_default(subscriber, || {
             block_on(in_log_context(rpc_context(), async {
-                record_text("tenant_id", "acme");
+                record("tenant_id", "acme");
                 tracing::warn!("inside");
             }));
         });
@@ -1149,12 +1161,39 @@ mod tests {
                     mailgate.status = tracing::field::Empty
                 );
                 span.in_scope(|| {
-                    record_text("mailgate.status", "SENT");
+                    record("mailgate.status", "SENT");
                     tracing::info!("finished");
                 });
             }));
         });
         assert_eq!(lines[0]["span"]["mailgate.status"], "SENT", "{}", lines[0]);
+        // Without an exporter, the caller's trace id reaches the RPC's span the log shows.
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+                .parse()
+                .unwrap(),
+        );
+        let lines = filtered_lines(Some("info,[grpc.request]=debug"), || {
+            let context = rpc_log_context("/mailgate.v1.SendService/SendEmail", &headers);
+            block_on(in_log_context(context, async {
+                let span = tracing::info_span!(
+                    target: CONTEXT_SPANS,
+                    "grpc.request",
+                    trace_id = tracing::field::Empty
+                );
+                span.in_scope(|| {
+                    record_rpc_trace();
+                    tracing::info!("handled");
+                });
+            }));
+        });
+        assert_eq!(
+            lines[0]["span"]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+            "{}",
+            lines[0]
+        );
         let _one = one_subscriber();
         let made = |directives: &str| {
             let dispatch = dispatch(LogFormat::Json, directives, None::<Identity>);

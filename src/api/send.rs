@@ -470,7 +470,7 @@ impl SendService for SendApi {
         let caller = caller(&request)?;
         let req = request.into_inner();
         let mut message = self.build(&caller, &req, None).await?;
-        crate::telemetry::record_text("message_id", message.id.as_str());
+        crate::telemetry::record("message_id", message.id.as_str());
         let now = now_micros();
         // Due now and the engine has room: store it leased to this process and deliver it
         // straight away, instead of queueing it for a claim.
@@ -532,7 +532,7 @@ impl SendService for SendApi {
     ) -> Result<Response<pb::SendBatchResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        crate::telemetry::record_number("recipients", req.recipients.len() as u64);
+        crate::telemetry::record("recipients", req.recipients.len() as u64);
         let base = req
             .message
             .ok_or_else(|| ApiError::invalid("message", "is required"))?;

@@ -97,7 +97,7 @@ where
                 Box::pin(async move {
                     // Polled inside the RPC's span and log context (`call` is not): the
                     // handler's log lines, and the RPC's trace span, name the tenant.
-                    crate::telemetry::record_text("tenant_id", tenant_id.as_str());
+                    crate::telemetry::record("tenant_id", tenant_id.as_str());
                     let mut response = fut.await?;
                     too_large_is_resource_exhausted(&mut response, max);
                     Ok(response)

@@ -708,7 +708,7 @@ impl Engine {
         let ended = std::time::Instant::now();
         let _recording = self.recording.acquire().await.ok();
         drop(permit);
-        crate::telemetry::record_text("mailgate.status", completion.status.as_str());
+        crate::telemetry::record("mailgate.status", completion.status.as_str());
         record_metrics(&claimed.message.tenant_id, &attempts);
         tracing::debug!(status = ?completion.status, attempts = attempts.len(), "attempt finished");
         let status = completion.status;
