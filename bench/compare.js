@@ -8,6 +8,7 @@
 
 const fs = require('fs');
 const path = require('path');
+const { num, median, mean, ratio, round } = require('./stats');
 
 const [out, beforeLabel, afterLabel, ...entries] = process.argv.slice(2);
 if (!out || !beforeLabel || !afterLabel || !entries.length) {
@@ -15,19 +16,6 @@ if (!out || !beforeLabel || !afterLabel || !entries.length) {
   process.exit(2);
 }
 
-const num = (x) => (typeof x === 'number' && isFinite(x) ? x : null);
-const median = (xs) => {
-  const s = xs.filter((x) => num(x) !== null).sort((a, b) => a - b);
-  if (!s.length) return null;
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-const mean = (xs) => {
-  const s = xs.filter((x) => num(x) !== null);
-  return s.length ? s.reduce((a, b) => a + b, 0) / s.length : null;
-};
-const ratio = (a, b) => (num(a) !== null && num(b) ? a / b : null);
-const round = (x, d) => (num(x) === null ? null : Number(x.toFixed(d)));
 const pct = (r) => (num(r) === null ? '-' : `${r >= 1 ? '+' : ''}${((r - 1) * 100).toFixed(1)} %`);
 
 // runs[label][round] = [{ key, value, serverUs, dbUs }] and the references of each file.

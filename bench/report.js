@@ -8,6 +8,7 @@ const fs = require('fs');
 const os = require('os');
 const path = require('path');
 const { execFileSync } = require('child_process');
+const { num, median, ratio, round } = require('./stats');
 
 const [work, out] = process.argv.slice(2);
 if (!work || !out) {
@@ -36,14 +37,6 @@ const tryRun = (cmd, args) => {
 // A reference that moved more than this between its runs before and after the passes
 // marks the run as unfit for comparison.
 const DRIFT_WARNING = 0.1;
-const median = (xs) => {
-  const s = xs.filter((x) => typeof x === 'number' && isFinite(x)).sort((a, b) => a - b);
-  if (!s.length) return null;
-  const m = Math.floor(s.length / 2);
-  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
-};
-const num = (x) => (typeof x === 'number' && isFinite(x) ? x : null);
-const round = (x, d) => (num(x) === null ? null : Number(x.toFixed(d)));
 
 // ---- references
 function loadRuns(prefix) {
@@ -129,7 +122,6 @@ for (const p of passes) {
 for (const p of passes) p.median_run = repeated ? medianPasses.has(p) : undefined;
 
 // ---- ratios and targets
-const ratio = (a, b) => (num(a) !== null && num(b) ? a / b : null);
 const ratios = {};
 const targets = [];
 const dbs = [...new Set(passes.map((p) => p.database))];
