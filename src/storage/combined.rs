@@ -142,14 +142,26 @@ static WRITE: LazyLock<Statements> = LazyLock::new(|| {
     // index of keys holds only the emails that have one (migration 0013), and a target
     // without the predicate would match no index. It also matched the older unique
     // constraint, so replicas from before 0013 kept accepting during the upgrade to it.
+    //
+    // Only the emails with a key go through ON CONFLICT. PostgreSQL inserts every row of an
+    // INSERT ... ON CONFLICT speculatively, whether or not it could conflict: it searches
+    // the arbiter index first, takes a lock in the lock manager for the row, and writes a
+    // second WAL record to confirm it. An email without a key cannot conflict (its id is
+    // new), and neither can its recipients (`recipient_rows` lists each once per email, and
+    // only for emails this statement stored), so those are plain inserts: PostgreSQL's
+    // instructions per SendEmail email -4 % (docs/benchmarks.md, 2026-12-08).
     let accepts = format!(
         "m AS (SELECT * FROM {}), \
-         ins AS (INSERT INTO messages ({STORED_COLUMNS}) SELECT * FROM m \
+         keyed AS (INSERT INTO messages ({STORED_COLUMNS}) \
+           SELECT * FROM m WHERE m.idempotency_key IS NOT NULL \
            ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL \
            DO NOTHING RETURNING id), \
+         unkeyed AS (INSERT INTO messages ({STORED_COLUMNS}) \
+           SELECT * FROM m WHERE m.idempotency_key IS NULL RETURNING id), \
+         ins AS (SELECT id FROM keyed UNION ALL SELECT id FROM unkeyed), \
          rcpt AS (INSERT INTO message_recipients (tenant_id, email, message_id) \
            SELECT r.tenant_id, r.email, r.message_id FROM {} \
-           JOIN ins ON ins.id = r.message_id ON CONFLICT DO NOTHING)",
+           JOIN ins ON ins.id = r.message_id)",
         unnest(1, "r", &MESSAGE_ARRAYS),
         unnest(1 + MESSAGE_ARRAYS.len(), "r", &RECIPIENT_ARRAYS),
     );
