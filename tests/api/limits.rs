@@ -381,20 +381,23 @@ async fn an_email_whose_lease_runs_short_before_its_turn_is_given_back_unsent() 
     let smtp = TestSmtpServer::start(Behavior::default()).await;
     let app = TestApp::spawn_with(|c| {
         c.delivery.concurrency = 1;
-        // Each send takes 3 s; an attempt needs 2 s of lease left (half the lease, shorter
-        // than the attempt's deadline), so the email behind the first, which has about 1 s
-        // left when its turn comes, goes back to the queue. A second either way to spare.
-        c.delivery.lease = Duration::from_secs(4);
+        // Each send takes 5 s; an attempt needs 4 s of lease left (half the lease, shorter
+        // than the attempt's deadline), so the email behind the first, which has about 3 s
+        // left when its turn comes, goes back to the queue. A loaded machine only makes its
+        // turn come later; the first email's completion has 3 s of its lease to spare (with
+        // a 4 s lease and 3 s sends it had 1 s, and a suite run beside other heavy work
+        // once saw that email's lease run out and the email sent twice).
+        c.delivery.lease = Duration::from_secs(8);
         c.delivery.attempt_timeout = Duration::from_secs(60);
     })
     .await;
-    let profile_id = answering_after(&app, &smtp, Duration::from_secs(3)).await;
+    let profile_id = answering_after(&app, &smtp, Duration::from_secs(5)).await;
     let ids = send_many(&app, &profile_id, 2).await;
-    // After the accepts, which announce QUEUED too; the first send takes 3 s.
+    // After the accepts, which announce QUEUED too; the first send takes 5 s.
     let mut events = app.events();
     let mut given_back = false;
     let mut sent: Vec<String> = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
+    tokio::time::timeout(Duration::from_secs(60), async {
         while sent.len() < ids.len() {
             let e = events.recv().await.expect("event stream");
             match e.status {
