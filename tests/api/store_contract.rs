@@ -636,7 +636,7 @@ async fn the_writer_gets_a_new_connection_after_the_database_dropped_its_own() {
 
 #[tokio::test]
 async fn one_group_answers_created_replayed_and_conflicting_emails_apart() {
-    let (store, _db) = store().await;
+    let (store, db) = store().await;
     let now = now_micros();
     let first = message("t1", Some("k"));
     store.insert_message(&first, now).await.unwrap();
@@ -644,31 +644,54 @@ async fn one_group_answers_created_replayed_and_conflicting_emails_apart() {
     let replay = message("t1", Some("k"));
     let mut conflict = message("t1", Some("k"));
     conflict.request_hash = "other".into();
+    // Emails without a key in the same group, before and after those with one (PostgreSQL
+    // stores the two kinds with two INSERTs of one statement).
+    let (plain, plain_too) = (message("t1", None), message("t2", None));
     let results = store
-        .insert_messages(vec![new.clone(), replay.clone(), conflict.clone()], now)
+        .insert_messages(
+            vec![
+                plain.clone(),
+                new.clone(),
+                replay.clone(),
+                conflict.clone(),
+                plain_too.clone(),
+            ],
+            now,
+        )
         .await
         .unwrap();
-    assert_eq!(results.len(), 3);
-    assert_eq!(results[0].as_ref().unwrap(), &InsertOutcome::Created);
+    assert_eq!(results.len(), 5);
+    for i in [0, 1, 4] {
+        assert_eq!(results[i].as_ref().unwrap(), &InsertOutcome::Created, "{i}");
+    }
     assert!(
-        matches!(&results[1], Ok(InsertOutcome::Replayed { id, .. }) if *id == first.id),
+        matches!(&results[2], Ok(InsertOutcome::Replayed { id, .. }) if *id == first.id),
         "{:?}",
-        results[1]
+        results[2]
     );
-    assert!(results[2].is_err(), "{:?}", results[2]);
+    assert!(results[3].is_err(), "{:?}", results[3]);
     // Only the stored emails have rows; the replayed ones did not add any.
-    assert_eq!(
-        store.get_message("t1", &new.id).await.unwrap().status,
-        MessageStatus::Queued
-    );
+    for (tenant, id) in [("t1", &new.id), ("t1", &plain.id), ("t2", &plain_too.id)] {
+        assert_eq!(
+            store.get_message(tenant, id).await.unwrap().status,
+            MessageStatus::Queued
+        );
+    }
     for id in [&replay.id, &conflict.id] {
         assert!(store.get_message("t1", id).await.is_err());
     }
+    // Each stored email has its recipient row, once; the others none.
+    sqlx::any::install_default_drivers();
+    let raw = sqlx::AnyPool::connect(&db.url).await.unwrap();
+    let stored = [&first, &new, &plain, &plain_too].map(|m| m.id.clone());
+    assert_eq!(child_rows(&raw, "message_recipients", &stored).await, 4);
+    let refused = [&replay, &conflict].map(|m| m.id.clone());
+    assert_eq!(child_rows(&raw, "message_recipients", &refused).await, 0);
     let claimed = store
         .claim_due(now + 1, now + 60_000_000, 10)
         .await
         .unwrap();
-    assert_eq!(claimed.len(), 2, "the first email and the new one");
+    assert_eq!(claimed.len(), 4, "the first email and the three new ones");
 }
 
 #[tokio::test]
